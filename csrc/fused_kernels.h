@@ -1,0 +1,48 @@
+// The fused elementwise and reduction kernels around the GEMMs and the 3x3
+// convolution of an update unit. Every matrix is 2-D [rows, channels] with
+// unit column stride and any row stride: rows = batch * height * width, so
+// a channels_last activation and a column block of the layer's state are
+// both such matrices.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace gunn_ext {
+
+// BN parameters of a run of channels: 1-D tensors in the statistics dtype
+// (float32, or float64 for float64 inputs), all of the same length, and the
+// norm's eps (meaningful when the run lies within one norm).
+struct Norm {
+  at::Tensor mean, var, weight, bias;
+  double eps = 0.0;
+  Norm slice(int64_t start, int64_t length) const;
+};
+
+struct FusedKernels {
+  // mean and biased variance of every column of x.
+  void (*column_stats)(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var);
+  // out = relu(bn(x)).
+  void (*bn_relu)(const at::Tensor& x, const Norm& norm, const at::Tensor& out);
+  // out = (accumulate ? out : 0) + bn1(x1) [+ bn2(x2)], bn2 absent = identity.
+  void (*bn_add)(const at::Tensor& out, bool accumulate, const at::Tensor& x1, const Norm& norm1,
+                 const at::Tensor& x2, const Norm* norm2);
+  // sum_dy = sum(dy'), sum_dy_xhat = sum(dy' * xhat), dy' = dy masked by the ReLU
+  // after bn(x) when has_relu.
+  void (*bn_backward_reduce)(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
+                             bool has_relu, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat);
+  // dx from dy' and the sums above (see bn_math.h).
+  void (*bn_backward_apply)(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
+                            bool has_relu, bool training, const at::Tensor& sum_dy,
+                            const at::Tensor& sum_dy_xhat, const at::Tensor& dx);
+};
+
+const FusedKernels& fused_kernels(c10::DeviceType device);
+void register_fused_kernels(c10::DeviceType device, const FusedKernels& kernels);
+
+struct FusedKernelsRegistration {
+  FusedKernelsRegistration(c10::DeviceType device, const FusedKernels& kernels) {
+    register_fused_kernels(device, kernels);
+  }
+};
+
+}  // namespace gunn_ext

@@ -1,0 +1,58 @@
+// Op schemas of the gunn_ext namespace and the module that loads them.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <array>
+
+#include "fused_kernels.h"
+
+extern "C" {
+// `import gunn_ext._C` loads this library, whose static initialisers
+// register the ops with the dispatcher; there are no Python bindings.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+}
+
+namespace gunn_ext {
+
+Norm Norm::slice(int64_t start, int64_t length) const {
+  return {mean.narrow(0, start, length), var.narrow(0, start, length),
+          weight.narrow(0, start, length), bias.narrow(0, start, length), eps};
+}
+
+namespace {
+std::array<const FusedKernels*, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>&
+kernel_table() {
+  static std::array<const FusedKernels*,
+                    static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>
+      table{};
+  return table;
+}
+}  // namespace
+
+void register_fused_kernels(c10::DeviceType device, const FusedKernels& kernels) {
+  kernel_table()[static_cast<size_t>(device)] = new FusedKernels(kernels);
+}
+
+const FusedKernels& fused_kernels(c10::DeviceType device) {
+  const FusedKernels* k = kernel_table()[static_cast<size_t>(device)];
+  TORCH_CHECK(k != nullptr, "gunn_ext: no fused kernels were compiled for device type ",
+              c10::DeviceTypeName(device), "; rebuild with that backend available");
+  return *k;
+}
+
+TORCH_LIBRARY(gunn_ext, m) {
+  m.def(
+      "gradual_update(Tensor x, Tensor[] conv_weights, Tensor[] bn_weights, Tensor[] bn_biases, "
+      "Tensor[] running_means, Tensor[] running_vars, int[] segments, int units, bool shortcut, "
+      "bool sequential, bool training, float[] eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "gradual_update_backward(Tensor grad_y, Tensor x, Tensor y, Tensor[] conv_weights, "
+      "Tensor[] bn_weights, Tensor[] bn_biases, Tensor mean, Tensor var, int[] segments, "
+      "int units, bool shortcut, bool sequential, bool training, float[] eps) "
+      "-> (Tensor, Tensor[], Tensor[], Tensor[])");
+}
+
+}  // namespace gunn_ext

@@ -1,0 +1,108 @@
+"""Backend registry: which implementations of the layer exist in this install.
+
+``reference``  the naive PyTorch loop (always available; the test oracle)
+``native``     the compiled ``torch.ops.gunn_ext`` op (C++ CPU kernel, CUDA kernel)
+``triton``     Triton kernels (needs the optional ``triton`` package and a GPU,
+               or ``TRITON_INTERPRET=1`` for CPU tensors)
+``auto``       the fastest available for the input's device
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+NAMES = ("reference", "native", "triton")
+_AUTO_ORDER = {"cuda": ("native", "triton", "reference"), "cpu": ("native", "reference")}
+_warned: set[str] = set()
+
+
+def check_name(name: str) -> str:
+    if name != "auto" and name not in NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {name!r}")
+    return name
+
+
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _why_unavailable(name: str, device: torch.device | None = None) -> str | None:
+    """None if ``name`` runs here (on ``device`` if given), else the reason."""
+    if name == "reference":
+        return None
+    if name == "native":
+        from . import ops
+        reason = ops.load_error()
+        if reason is None and device is not None and device.type == "cuda" and not ops.has_cuda_kernels():
+            reason = ("the compiled extension was built without CUDA kernels; rebuild with "
+                      "CUDA available: pip install --no-build-isolation .")
+        return reason
+    if name == "triton":
+        if not _triton_importable():
+            return "triton is not installed: pip install .[triton]"
+        if device is not None and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "triton runs CPU tensors only under TRITON_INTERPRET=1"
+        if device is None and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            return "triton needs a CUDA GPU, or TRITON_INTERPRET=1 for CPU tensors"
+        return None
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Backends that work in this install (for ``device``, if given)."""
+    device = None if device is None else torch.device(device)
+    return [n for n in NAMES if _why_unavailable(n, device) is None]
+
+
+def _implementation(name: str) -> Callable:
+    if name == "reference":
+        from .reference import gradual_update_reference
+        return gradual_update_reference
+    if name == "native":
+        from .ops import gradual_update_native
+        return gradual_update_native
+    from .triton_backend import gradual_update_triton
+    return gradual_update_triton
+
+
+def get(name: str, device: torch.device) -> Callable:
+    """The implementation ``fn(layer, x)`` for backend ``name`` on ``device``."""
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+            reason = _why_unavailable(candidate, device)
+            if reason is None:
+                return _implementation(candidate)
+            if candidate == "native" and reason not in _warned:
+                _warned.add(reason)
+                warnings.warn(f"gunn_ext: native backend unavailable ({reason}); falling back",
+                              RuntimeWarning, stacklevel=3)
+        raise AssertionError("unreachable: reference is always available")
+    reason = _why_unavailable(name, device)
+    if reason is not None:
+        raise ValueError(f"backend {name!r} is not available on {device.type}: {reason}. "
+                         f"Available: {available_backends(device)}")
+    return _implementation(name)
+
+
+def check_input(layer, x) -> None:
+    """Errors that name the argument, the expectation and what came."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"input must be 4-D (batch, channels={layer.channels}, height, width), "
+                         f"got shape {tuple(x.shape)}")
+    if x.shape[1] != layer.channels:
+        raise ValueError(f"input must have channels={layer.channels} (dim 1), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
+    weight = layer.units[0].bottlenecks[0].conv1.weight
+    if weight.device != x.device:
+        raise ValueError(f"input is on {x.device} but the layer's parameters are on {weight.device}; "
+                         f"move one of them (layer.to({str(x.device)!r}))")
+    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"input has dtype {x.dtype} but the layer's parameters have dtype {weight.dtype}; "
+                        f"use layer.to({x.dtype}) or torch.autocast")

@@ -1,0 +1,179 @@
+"""The compiled ``torch.ops.gunn_ext`` ops: loading, fake kernels, autograd.
+
+``gradual_update`` runs the whole layer (all segments, all units) in one op
+and returns ``(y, mean, var)``: the output and the per-channel statistics
+every BatchNorm normalised with (batch statistics in training, the running
+ones in eval), packed in the order of :meth:`layer.norms`.
+
+Its backward is ``gradual_update_backward``: Algorithm 1 of the paper with
+the merged residual (Eq. 6). It needs only ``x``, ``y`` and the statistics;
+the state before update ``i`` is ``y`` on the segments before ``c_i`` and
+``x`` from ``c_i`` on, and one gradient buffer ``g = dL/dy`` is updated in
+place, segment ``P`` down to ``1``::
+
+    g += J_{U_i}(s_{i-1})^T g[:, c_i]
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+_NS = "gunn_ext"
+
+
+@functools.cache
+def load_error() -> str | None:
+    """None when the compiled extension is importable and matches this torch."""
+    try:
+        build = importlib.import_module("gunn_ext._build_info")
+    except ImportError:
+        return ("the compiled extension gunn_ext._C is not built; install with "
+                "`pip install .` (or `pip install --no-build-isolation .` against this torch)")
+    if build.TORCH_VERSION != torch.__version__:
+        return (f"gunn_ext._C was built against torch {build.TORCH_VERSION} but torch "
+                f"{torch.__version__} is running; rebuild: pip install --no-build-isolation .")
+    try:
+        importlib.import_module("gunn_ext._C")
+    except (ImportError, OSError) as exc:
+        return f"gunn_ext._C failed to load ({exc}); rebuild: pip install --no-build-isolation ."
+    return None
+
+
+def has_cuda_kernels() -> bool:
+    if load_error() is not None:
+        return False
+    return bool(importlib.import_module("gunn_ext._build_info").WITH_CUDA)
+
+
+def _require_extension() -> None:
+    reason = load_error()
+    if reason is not None:
+        raise RuntimeError(reason)
+
+
+def _output_like(x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor shaped like ``x`` in the layout the kernels return."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register() -> None:
+    lib = f"{_NS}::gradual_update"
+
+    @torch.library.register_fake(lib)
+    def _(x, conv_weights, bn_weights, bn_biases, running_means, running_vars,
+          segments, units, shortcut, sequential, training, eps):
+        total = sum(w.shape[0] for w in bn_weights)
+        stats = x.new_empty((total,), dtype=stats_dtype(x.dtype))
+        return _output_like(x), stats, stats.clone()
+
+    @torch.library.register_fake(f"{_NS}::gradual_update_backward")
+    def _(grad_y, x, y, conv_weights, bn_weights, bn_biases, mean, var,
+          segments, units, shortcut, sequential, training, eps):
+        return (_output_like(x), [torch.empty_like(w) for w in conv_weights],
+                [torch.empty_like(w) for w in bn_weights], [torch.empty_like(b) for b in bn_biases])
+
+    def setup_context(ctx, inputs, output):
+        (x, conv_weights, bn_weights, bn_biases, running_means, running_vars,
+         segments, units, shortcut, sequential, training, eps) = inputs
+        y, mean, var = output
+        ctx.save_for_backward(x, y, mean, var, *conv_weights, *bn_weights, *bn_biases)
+        ctx.counts = (len(conv_weights), len(bn_weights), len(running_means))
+        ctx.config = (segments, units, shortcut, sequential, training, eps)
+        ctx.mark_non_differentiable(mean, var)
+
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, y, mean, var, *params = ctx.saved_tensors
+        n_conv, n_bn, n_running = ctx.counts
+        conv_weights = params[:n_conv]
+        bn_weights = params[n_conv:n_conv + n_bn]
+        bn_biases = params[n_conv + n_bn:]
+        grad_x, grad_w, grad_g, grad_b = torch.ops.gunn_ext.gradual_update_backward(
+            grad_y, x, y, conv_weights, bn_weights, bn_biases, mean, var, *ctx.config)
+        no_grad = [None] * n_running
+        return (grad_x, grad_w, grad_g, grad_b, no_grad, no_grad,
+                None, None, None, None, None, None)
+
+    torch.library.register_autograd(lib, backward, setup_context=setup_context)
+
+
+@functools.cache
+def _registered() -> bool:
+    _require_extension()
+    _register()
+    return True
+
+
+def gradual_update(x, conv_weights, bn_weights, bn_biases, running_means, running_vars,
+                   segments, units, shortcut, sequential, training, eps):
+    """``torch.ops.gunn_ext.gradual_update`` with its Python registrations in place."""
+    _registered()
+    return torch.ops.gunn_ext.gradual_update(
+        x, conv_weights, bn_weights, bn_biases, running_means, running_vars,
+        segments, units, shortcut, sequential, training, eps)
+
+
+def update_running_stats(norms, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """``nn.BatchNorm2d``'s running-statistics update, for all norms at once.
+
+    ``running = (1 - m) running + m batch``, with the unbiased batch variance
+    ``var * count / (count - 1)``; ``m = 1 / num_batches_tracked`` when the
+    norm's momentum is None (cumulative average).
+    """
+    tracked = [bn for bn in norms if bn.track_running_stats and bn.running_mean is not None]
+    if not tracked:
+        return
+    sizes = [bn.num_features for bn in norms]
+    with torch.no_grad():
+        means = torch.split(mean, sizes)
+        unbiased = torch.split(var * (count / max(count - 1, 1)), sizes)
+        torch._foreach_add_([bn.num_batches_tracked for bn in tracked], 1)
+        groups: dict[float, list[int]] = {}
+        for k, bn in enumerate(norms):
+            if bn in tracked:
+                m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+                groups.setdefault(m, []).append(k)
+        for momentum, ks in groups.items():
+            torch._foreach_lerp_([norms[k].running_mean for k in ks],
+                                 [means[k].to(norms[k].running_mean.dtype) for k in ks], momentum)
+            torch._foreach_lerp_([norms[k].running_var for k in ks],
+                                 [unbiased[k].to(norms[k].running_var.dtype) for k in ks], momentum)
+
+
+def layer_arguments(layer, x: torch.Tensor, training: bool):
+    """The op's arguments for ``layer`` (conv weights in ``x``'s dtype under autocast)."""
+    convs, norms = layer.convs(), layer.norms()
+    weights = [c.weight for c in convs]
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dtype)
+        weights = [w.to(dtype) for w in weights]
+    if training:
+        running_means = running_vars = []
+    else:
+        running_means = [n.running_mean for n in norms]
+        running_vars = [n.running_var for n in norms]
+    return (x, weights, [n.weight for n in norms], [n.bias for n in norms],
+            running_means, running_vars, list(layer.segments), layer.num_units,
+            layer.shortcut, layer.sequential, training, [float(n.eps) for n in norms])
+
+
+def uses_batch_stats(layer) -> bool:
+    """As ``nn.BatchNorm2d``: batch statistics in training or without running stats."""
+    return layer.training or any(n.running_mean is None for n in layer.norms())
+
+
+def gradual_update_native(layer, x: torch.Tensor) -> torch.Tensor:
+    training = uses_batch_stats(layer)
+    args = layer_arguments(layer, x, training)
+    y, mean, var = gradual_update(*args)
+    if layer.training:
+        update_running_stats(layer.norms(), mean, var, x.shape[0] * x.shape[2] * x.shape[3])
+    return y

@@ -1,0 +1,101 @@
+"""Builds gunn_ext._C against the torch that is installed (and will run it).
+
+Environment switches:
+  GUNN_EXT_CUDA=1 / 0    force / skip the CUDA kernels (default: build them when
+                         torch has CUDA and nvcc is found, even with no GPU)
+  TORCH_CUDA_ARCH_LIST   GPU architectures (default with no GPU visible: 8.0;9.0)
+  GUNN_EXT_DEBUG=1       -O0 -g
+"""
+import glob
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).parent
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def find_cuda_home():
+    """The CUDA toolkit root: CUDA_HOME, else the folder of the real nvcc."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return cpp_extension.CUDA_HOME
+    candidates = [Path(nvcc).resolve().parent.parent]
+    text = Path(nvcc).read_text(errors="ignore") if Path(nvcc).stat().st_size < 4096 else ""
+    candidates += [Path(tok).parent.parent for tok in text.split() if tok.endswith("/bin/nvcc")]
+    for root in candidates:
+        if (root / "bin" / "nvcc").exists() and list(root.glob("lib*/libcudart.so*")):
+            return str(root)
+    return cpp_extension.CUDA_HOME
+
+
+def want_cuda():
+    switch = os.environ.get("GUNN_EXT_CUDA", "auto").lower()
+    if switch in ("0", "false", "off", "no"):
+        return False, "skipped (GUNN_EXT_CUDA=0)"
+    if torch.version.cuda is None:
+        if switch in ("1", "true", "on", "yes"):
+            raise RuntimeError("GUNN_EXT_CUDA=1 but this torch has no CUDA support")
+        return False, "torch has no CUDA support"
+    cuda_home = find_cuda_home()
+    if cuda_home is None or not Path(cuda_home, "bin", "nvcc").exists():
+        if switch in ("1", "true", "on", "yes"):
+            raise RuntimeError("GUNN_EXT_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+        return False, "nvcc not found (set CUDA_HOME)"
+    os.environ["CUDA_HOME"] = cuda_home
+    cpp_extension.CUDA_HOME = cuda_home
+    return True, f"CUDA {torch.version.cuda}, toolkit {cuda_home}"
+
+
+def extra_include_dirs():
+    """Headers torch's CUDA headers need that some toolkits lack (cusparse.h)."""
+    found = []
+    for site in {Path(p).parent.parent for p in torch.__path__}:
+        found += glob.glob(str(site / "nvidia" / "*" / "include"))
+        found += glob.glob(str(site / "nvidia" / "*" / "*" / "include"))
+    return [d for d in found if Path(d, "cusparse.h").exists()][:1]
+
+
+def extension():
+    with_cuda, why = want_cuda()
+    debug = os.environ.get("GUNN_EXT_DEBUG") == "1"
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    extra = {"cxx": cxx}
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+        sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+        extra["cxx"] += ["-DGUNN_WITH_CUDA"]
+        extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]) + [
+            "-DGUNN_WITH_CUDA", "--expt-relaxed-constexpr"]
+        ext_cls = cpp_extension.CUDAExtension
+        kwargs = {"include_dirs": extra_include_dirs()}
+    else:
+        ext_cls = cpp_extension.CppExtension
+        kwargs = {}
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
+    print(f"gunn_ext: building against torch {torch.__version__}; CUDA kernels: "
+          f"{'yes' if with_cuda else 'no'} ({why}){'; archs ' + archs if archs else ''}")
+    write_build_info(with_cuda, archs)
+    return ext_cls("gunn_ext._C", sources, extra_compile_args=extra, **kwargs)
+
+
+def write_build_info(with_cuda, archs):
+    (ROOT / "gunn_ext" / "_build_info.py").write_text(
+        '"""Written by setup.py: what gunn_ext._C was built against."""\n'
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"WITH_CUDA = {with_cuda!r}\n"
+        f"CUDA_ARCH_LIST = {archs!r}\n")
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
