@@ -31,13 +31,16 @@ GUNN_HD acc_t bn_invstd(acc_t var, acc_t eps) {
 #endif
 }
 
-// Per-channel affine form of an inference-style BN: bn(x) = x * scale + shift.
+// One channel of a BN with the statistics it normalises with.
 template <typename acc_t>
 struct BNChannel {
   acc_t mean, invstd, weight, bias;
 
   GUNN_HD acc_t xhat(acc_t x) const { return (x - mean) * invstd; }
   GUNN_HD acc_t apply(acc_t x) const { return xhat(x) * weight + bias; }
+  // bn(x) = x * scale() + shift()
+  GUNN_HD acc_t scale() const { return weight * invstd; }
+  GUNN_HD acc_t shift() const { return bias - mean * weight * invstd; }
 };
 
 template <typename acc_t>

@@ -1,7 +1,11 @@
-// CPU implementations of fused_kernels.h. Reductions run over a fixed number
-// of row chunks, combined in chunk order, so results do not depend on the
-// number of threads.
+// CPU implementations of fused_kernels.h.
+//
+// Per-channel constants are folded once per call so that the row loops are
+// plain multiply-adds over contiguous channels, which the compiler vectorises.
+// Reductions accumulate in double over a fixed number of row chunks combined
+// in chunk order, so results do not depend on the number of threads.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
@@ -19,75 +23,103 @@ constexpr int64_t kRowGrain = 256;
 template <typename stat_t>
 std::vector<BNChannel<double>> channels_of(const Norm& norm) {
   const int64_t c = norm.mean.numel();
-  const stat_t* mean = norm.mean.data_ptr<stat_t>();
-  const stat_t* var = norm.var.data_ptr<stat_t>();
-  const stat_t* weight = norm.weight.data_ptr<stat_t>();
-  const stat_t* bias = norm.bias.data_ptr<stat_t>();
+  const stat_t* mean = norm.mean.const_data_ptr<stat_t>();
+  const stat_t* var = norm.var.const_data_ptr<stat_t>();
+  const stat_t* weight = norm.weight.const_data_ptr<stat_t>();
+  const stat_t* bias = norm.bias.const_data_ptr<stat_t>();
   std::vector<BNChannel<double>> out(c);
   for (int64_t j = 0; j < c; ++j) {
-    // The statistics' own precision decides invstd, as on the GPU.
+    // invstd in the statistics' own precision, as on the GPU.
     const stat_t invstd = bn_invstd<stat_t>(var[j], static_cast<stat_t>(norm.eps));
     out[j] = {double(mean[j]), double(invstd), double(weight[j]), double(bias[j])};
   }
   return out;
 }
 
-// Sums f(row, col) over rows for every column, in double, deterministically.
+std::vector<BNChannel<double>> norm_channels(const Norm& norm) {
+  return norm.mean.scalar_type() == at::kDouble ? channels_of<double>(norm)
+                                                : channels_of<float>(norm);
+}
+
+// bn(x) = x * scale + shift, per channel, in the arithmetic type.
+template <typename acc_t>
+struct Affine {
+  std::vector<acc_t> scale, shift;
+  explicit Affine(const std::vector<BNChannel<double>>& ch) : scale(ch.size()), shift(ch.size()) {
+    for (size_t j = 0; j < ch.size(); ++j) {
+      scale[j] = acc_t(ch[j].scale());
+      shift[j] = acc_t(ch[j].shift());
+    }
+  }
+};
+
+// Sums, for every column j, f(row pointer, acc) over all rows, in double.
 template <typename F>
-std::vector<double> column_sums(int64_t rows, int64_t cols, int n_out, F f) {
+std::vector<double> column_sums(int64_t rows, int64_t width, F f) {
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, rows / kRowGrain));
   const int64_t per_chunk = (rows + chunks - 1) / chunks;
-  std::vector<double> partial(chunks * n_out * cols, 0.0);
+  std::vector<double> partial(chunks * width, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      double* acc = partial.data() + k * n_out * cols;
       const int64_t r1 = std::min(rows, (k + 1) * per_chunk);
-      for (int64_t r = k * per_chunk; r < r1; ++r) f(r, acc);
+      for (int64_t r = k * per_chunk; r < r1; ++r) f(r, partial.data() + k * width);
     }
   });
-  std::vector<double> total(n_out * cols, 0.0);
+  std::vector<double> total(width, 0.0);
   for (int64_t k = 0; k < chunks; ++k)
-    for (int64_t j = 0; j < n_out * cols; ++j) total[j] += partial[k * n_out * cols + j];
+    for (int64_t j = 0; j < width; ++j) total[j] += partial[k * width + j];
   return total;
+}
+
+template <typename T>
+void store(const at::Tensor& out, const std::vector<double>& values, int64_t offset = 0) {
+  T* p = out.data_ptr<T>();
+  for (int64_t j = 0; j < out.numel(); ++j) p[j] = T(values[offset + j]);
+}
+
+void store_stats(const at::Tensor& out, const std::vector<double>& values, int64_t offset = 0) {
+  if (out.scalar_type() == at::kDouble) store<double>(out, values, offset);
+  else store<float>(out, values, offset);
 }
 
 void column_stats_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var) {
   const int64_t rows = x.size(0), cols = x.size(1), ld = x.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "column_stats", [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
-    auto sums = column_sums(rows, cols, 1, [&](int64_t r, double* acc) {
-      for (int64_t j = 0; j < cols; ++j) acc[j] += double(px[r * ld + j]);
+    auto mu = column_sums(rows, cols, [&](int64_t r, double* acc) {
+      const scalar_t* row = px + r * ld;
+      for (int64_t j = 0; j < cols; ++j) acc[j] += double(row[j]);
     });
-    for (auto& s : sums) s /= double(rows);
-    auto sq = column_sums(rows, cols, 1, [&](int64_t r, double* acc) {
+    for (auto& m : mu) m /= double(rows);
+    auto sq = column_sums(rows, cols, [&](int64_t r, double* acc) {
+      const scalar_t* row = px + r * ld;
       for (int64_t j = 0; j < cols; ++j) {
-        const double d = double(px[r * ld + j]) - sums[j];
+        const double d = double(row[j]) - mu[j];
         acc[j] += d * d;
       }
     });
-    AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "column_stats_out", [&] {
-      for (int64_t j = 0; j < cols; ++j) {
-        mean.data_ptr<scalar_t>()[j] = scalar_t(sums[j]);
-        var.data_ptr<scalar_t>()[j] = scalar_t(sq[j] / double(rows));
-      }
-    });
+    for (auto& s : sq) s /= double(rows);
+    store_stats(mean, mu);
+    store_stats(var, sq);
   });
-}
-
-std::vector<BNChannel<double>> norm_channels(const Norm& norm) {
-  return norm.mean.scalar_type() == at::kDouble ? channels_of<double>(norm) : channels_of<float>(norm);
 }
 
 void bn_relu_cpu(const at::Tensor& x, const Norm& norm, const at::Tensor& out) {
   const int64_t rows = x.size(0), cols = x.size(1), ldx = x.stride(0), ldo = out.stride(0);
   const auto ch = norm_channels(norm);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Affine<acc_t> bn(ch);
+    const acc_t* sc = bn.scale.data();
+    const acc_t* sh = bn.shift.data();
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        for (int64_t j = 0; j < cols; ++j)
-          po[r * ldo + j] = scalar_t(relu(ch[j].apply(double(px[r * ldx + j]))));
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* xr = px + r * ldx;
+        scalar_t* o = po + r * ldo;
+        for (int64_t j = 0; j < cols; ++j) o[j] = scalar_t(relu(acc_t(xr[j]) * sc[j] + sh[j]));
+      }
     });
   });
 }
@@ -97,47 +129,60 @@ void bn_add_cpu(const at::Tensor& out, bool accumulate, const at::Tensor& x1, co
   const int64_t rows = out.size(0), cols = out.size(1);
   const int64_t ldo = out.stride(0), ld1 = x1.stride(0), ld2 = x2.defined() ? x2.stride(0) : 0;
   const auto ch1 = norm_channels(norm1);
-  const auto ch2 = norm2 ? norm_channels(*norm2) : std::vector<BNChannel<double>>();
+  // The second term is bn2(x2), or x2 itself (scale 1, shift 0).
+  std::vector<BNChannel<double>> ch2(cols, BNChannel<double>{0.0, 1.0, 1.0, 0.0});
+  if (norm2) ch2 = norm_channels(*norm2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "bn_add", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Affine<acc_t> bn1(ch1), bn2(ch2);
+    const acc_t *sc1 = bn1.scale.data(), *sh1 = bn1.shift.data();
+    const acc_t *sc2 = bn2.scale.data(), *sh2 = bn2.shift.data();
     scalar_t* po = out.data_ptr<scalar_t>();
     const scalar_t* p1 = x1.const_data_ptr<scalar_t>();
     const scalar_t* p2 = x2.defined() ? x2.const_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        for (int64_t j = 0; j < cols; ++j) {
-          double v = accumulate ? double(po[r * ldo + j]) : 0.0;
-          v += ch1[j].apply(double(p1[r * ld1 + j]));
-          if (p2) {
-            const double t = double(p2[r * ld2 + j]);
-            v += norm2 ? ch2[j].apply(t) : t;
-          }
-          po[r * ldo + j] = scalar_t(v);
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* o = po + r * ldo;
+        const scalar_t* a = p1 + r * ld1;
+        if (p2) {
+          const scalar_t* b = p2 + r * ld2;
+          for (int64_t j = 0; j < cols; ++j)
+            o[j] = scalar_t((accumulate ? acc_t(o[j]) : acc_t(0)) + (acc_t(a[j]) * sc1[j] + sh1[j]) +
+                            (acc_t(b[j]) * sc2[j] + sh2[j]));
+        } else {
+          for (int64_t j = 0; j < cols; ++j)
+            o[j] = scalar_t((accumulate ? acc_t(o[j]) : acc_t(0)) + (acc_t(a[j]) * sc1[j] + sh1[j]));
         }
+      }
     });
   });
 }
 
 void bn_backward_reduce_cpu(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
-                            bool has_relu, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat) {
+                            bool has_relu, const at::Tensor& sum_dy,
+                            const at::Tensor& sum_dy_xhat) {
   const int64_t rows = x.size(0), cols = x.size(1), ldx = x.stride(0), ldd = dy.stride(0);
   const auto ch = norm_channels(norm);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_backward_reduce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Affine<acc_t> bn(ch);
+    const acc_t *sc = bn.scale.data(), *sh = bn.shift.data();
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* pd = dy.const_data_ptr<scalar_t>();
-    auto sums = column_sums(rows, cols, 2, [&](int64_t r, double* acc) {
+    // sum(dy' * xhat) = invstd * (sum(dy' * x) - mean * sum(dy')), accumulated in double.
+    auto sums = column_sums(rows, 2 * cols, [&](int64_t r, double* acc) {
+      const scalar_t* xr = px + r * ldx;
+      const scalar_t* dr = pd + r * ldd;
       for (int64_t j = 0; j < cols; ++j) {
-        const double xv = double(px[r * ldx + j]);
-        const double g = relu_backward(double(pd[r * ldd + j]), ch[j].apply(xv), has_relu);
+        const acc_t xv = acc_t(xr[j]);
+        const double g = double(relu_backward(acc_t(dr[j]), xv * sc[j] + sh[j], has_relu));
         acc[j] += g;
-        acc[cols + j] += g * ch[j].xhat(xv);
+        acc[cols + j] += g * (double(xv) - ch[j].mean);
       }
     });
-    AT_DISPATCH_FLOATING_TYPES(sum_dy.scalar_type(), "bn_backward_reduce_out", [&] {
-      for (int64_t j = 0; j < cols; ++j) {
-        sum_dy.data_ptr<scalar_t>()[j] = scalar_t(sums[j]);
-        sum_dy_xhat.data_ptr<scalar_t>()[j] = scalar_t(sums[cols + j]);
-      }
-    });
+    for (int64_t j = 0; j < cols; ++j) sums[cols + j] *= ch[j].invstd;
+    store_stats(sum_dy, sums);
+    store_stats(sum_dy_xhat, sums, cols);
   });
 }
 
@@ -148,22 +193,35 @@ void bn_backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const Norm
   const int64_t ldx = x.stride(0), ldd = dy.stride(0), ldo = dx.stride(0);
   const auto ch = norm_channels(norm);
   const auto s_dy = sum_dy.to(at::kDouble), s_dyx = sum_dy_xhat.to(at::kDouble);
-  std::vector<double> mean_dy(cols), mean_dy_xhat(cols);
+  // dx = scale * (dy' - mean_dy - xhat * mean_dy_xhat) = a * dy' + b * x + c.
+  std::vector<double> a(cols), b(cols), c(cols);
   for (int64_t j = 0; j < cols; ++j) {
-    mean_dy[j] = s_dy.data_ptr<double>()[j] / double(rows);
-    mean_dy_xhat[j] = s_dyx.data_ptr<double>()[j] / double(rows);
+    const double mean_dy = training ? s_dy.const_data_ptr<double>()[j] / double(rows) : 0.0;
+    const double mean_dy_xhat = training ? s_dyx.const_data_ptr<double>()[j] / double(rows) : 0.0;
+    const double k = ch[j].invstd * mean_dy_xhat;
+    a[j] = ch[j].scale();
+    b[j] = -a[j] * k;
+    c[j] = a[j] * (ch[j].mean * k - mean_dy);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_backward_apply", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Affine<acc_t> bn(ch);
+    const acc_t *sc = bn.scale.data(), *sh = bn.shift.data();
+    const std::vector<acc_t> ka(a.begin(), a.end()), kb(b.begin(), b.end()), kc(c.begin(), c.end());
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* pd = dy.const_data_ptr<scalar_t>();
     scalar_t* po = dx.data_ptr<scalar_t>();
     at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* xr = px + r * ldx;
+        const scalar_t* dr = pd + r * ldd;
+        scalar_t* o = po + r * ldo;
         for (int64_t j = 0; j < cols; ++j) {
-          const double xv = double(px[r * ldx + j]);
-          const double g = relu_backward(double(pd[r * ldd + j]), ch[j].apply(xv), has_relu);
-          po[r * ldo + j] = scalar_t(bn_input_grad(ch[j], g, xv, training, mean_dy[j], mean_dy_xhat[j]));
+          const acc_t xv = acc_t(xr[j]);
+          const acc_t g = relu_backward(acc_t(dr[j]), xv * sc[j] + sh[j], has_relu);
+          o[j] = scalar_t(ka[j] * g + kb[j] * xv + kc[j]);
         }
+      }
     });
   });
 }
