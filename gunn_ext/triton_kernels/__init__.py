@@ -1,0 +1,1 @@
+"""Triton kernels of the ``triton`` backend (importing this package imports triton)."""

@@ -1,0 +1,263 @@
+"""Host-side launchers: block sizes, grids, workspaces and operand descriptions.
+
+Block sizes are fixed by the problem (channel dims padded to a power of two
+>= 16, row tiles of ``BLOCK_M``); only warps and pipeline stages are tuned,
+so workspaces sized by the row tiling are known before a launch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .gemm import eval_bottleneck_tail_kernel, fused_gemm_kernel
+from .norm import bn_add_kernel, bn_grad_partials_kernel, finalize_grad_kernel, finalize_stats_kernel
+from .wgrad import weight_grad_kernel
+
+BLOCK_M = 64
+WGRAD_PROGRAMS = 512  # target number of weight-gradient programs (all chunks, taps, tiles)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def channel_block(c: int, cap: int = 128) -> int:
+    return min(cap, max(16, triton.next_power_of_2(c)))
+
+
+def k_block(k: int) -> int:
+    return 16 if k <= 16 else 32
+
+
+def warps(block_elements: int) -> int:
+    return 4 if INTERPRETED or block_elements <= 64 * 64 else 8
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 GEMMs follow ``torch.set_float32_matmul_precision`` (TF32 unless "highest")."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+@dataclass(frozen=True)
+class Image:
+    """Spatial size of the ``[rows, C]`` matrices: ``rows = batch * height * width``."""
+    rows: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Operand ``B[tap, k, n]`` of a GEMM, as strides into a conv weight."""
+    tensor: torch.Tensor
+    stride_tap: int
+    stride_k: int
+    stride_n: int
+    k: int
+    n: int
+    taps: int
+
+    @staticmethod
+    def linear(w: torch.Tensor) -> Weights:
+        """``B = W^T`` of a 1x1 conv ``[out, in, 1, 1]``: ``in -> out``."""
+        out, inp = w.shape[0], w.shape[1]
+        return Weights(w, 0, 1, inp, inp, out, 1)
+
+    @staticmethod
+    def linear_transposed(w: torch.Tensor) -> Weights:
+        """``B = W`` of a 1x1 conv: ``out -> in`` (input gradient)."""
+        out, inp = w.shape[0], w.shape[1]
+        return Weights(w, 0, inp, 1, out, inp, 1)
+
+    @staticmethod
+    def conv3x3(w: torch.Tensor) -> Weights:
+        """``B[t, ci, co] = W[co, ci, t]``."""
+        co, ci = w.shape[0], w.shape[1]
+        return Weights(w, 1, 9, 9 * ci, ci, co, 9)
+
+    @staticmethod
+    def conv3x3_transposed(w: torch.Tensor) -> Weights:
+        """``B[t, co, ci] = W[co, ci, 8 - t]``: the input gradient as a 3x3 conv."""
+        co, ci = w.shape[0], w.shape[1]
+        return Weights(w.view(-1)[8:], -1, 9 * ci, 9, co, ci, 9)
+
+
+@dataclass
+class NormVectors:
+    """Per-channel fp32 vectors of a run of BN channels (all norms packed, or a slice)."""
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: torch.Tensor
+    mean: torch.Tensor
+    var: torch.Tensor
+    invstd: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    alpha: torch.Tensor | None = None
+    beta: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
+    grad_weight: torch.Tensor | None = None
+    grad_bias: torch.Tensor | None = None
+
+    def slice(self, start: int, length: int) -> NormVectors:
+        return NormVectors(**{f.name: None if getattr(self, f.name) is None
+                              else getattr(self, f.name).narrow(0, start, length)
+                              for f in dataclasses.fields(self)})
+
+    def with_gradients(self) -> NormVectors:
+        empty = [torch.empty_like(self.mean) for _ in range(5)]
+        return dataclasses.replace(self, alpha=empty[0], beta=empty[1], delta=empty[2],
+                                   grad_weight=empty[3], grad_bias=empty[4])
+
+
+@dataclass(frozen=True)
+class BNRelu:
+    """Prologue ``relu(A * scale + shift)``."""
+    norm: NormVectors
+
+
+@dataclass(frozen=True)
+class BNBackward:
+    """Prologue ``alpha * A + beta * (x - mean) + delta``: BN backward of ``A = dL/dbn(x)``."""
+    x: torch.Tensor
+    norm: NormVectors
+
+
+def _prologue_args(prologue, fallback: torch.Tensor):
+    if isinstance(prologue, BNRelu):
+        n = prologue.norm
+        return fallback, (n.scale, n.shift, n.scale, n.scale), True, False
+    if isinstance(prologue, BNBackward):
+        n = prologue.norm
+        return prologue.x, (n.alpha, n.beta, n.mean, n.delta), False, True
+    return fallback, (fallback,) * 4, False, False
+
+
+def row_tiles(rows: int) -> int:
+    return triton.cdiv(rows, BLOCK_M)
+
+
+def stats_workspace(rows: int, channels: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    ws = torch.empty((2, row_tiles(rows), channels), dtype=torch.float32, device=device)
+    return ws[0], ws[1]
+
+
+def gemm(a: torch.Tensor, b: Weights, out: torch.Tensor, image: Image, *, prologue=None,
+         bias: torch.Tensor | None = None, relu_from: int | None = None, accumulate: bool = False,
+         stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+         masked_grad: tuple[torch.Tensor, NormVectors, tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """``out (+)= epilogue(prologue(a) (*) b)``; see :mod:`gemm` for the fused work.
+
+    ``stats``: workspaces for the forward BN statistics of ``out``;
+    ``masked_grad``: ``(x, norm, workspaces)``, ``out`` being dL/d relu(bn(x)).
+    """
+    x, (p0, p1, p2, p3), bn_relu, bn_backward = _prologue_args(prologue, a)
+    if masked_grad is not None:
+        e_x, e_norm, (ws0, ws1) = masked_grad
+        e = (e_x, e_x.stride(0), e_norm.mean, e_norm.invstd, e_norm.scale, e_norm.shift)
+    else:
+        e = (out, 0, out, out, out, out)
+        ws0, ws1 = stats if stats is not None else (out, out)
+    block_n, block_k = channel_block(b.n), k_block(b.k)
+    grid = (row_tiles(image.rows), triton.cdiv(b.n, block_n))
+    fused_gemm_kernel[grid](
+        a, a.stride(0), x, x.stride(0),
+        b.tensor, b.stride_tap, b.stride_k, b.stride_n,
+        out, out.stride(0),
+        p0, p1, p2, p3,
+        bias if bias is not None else out, relu_from or 0,
+        *e, ws0, ws1,
+        image.rows, b.k, b.n, image.height, image.width,
+        TAPS=b.taps, BN_RELU=bn_relu, BN_BACKWARD=bn_backward,
+        HAS_BIAS=bias is not None, RELU=relu_from is not None, ACCUMULATE=accumulate,
+        STATS=stats is not None, MASKED_GRAD=masked_grad is not None,
+        DOT_PRECISION=dot_precision(a.dtype),
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps(BLOCK_M * block_n))
+
+
+def finalize_stats(ws: tuple[torch.Tensor, torch.Tensor], rows: int, norm: NormVectors) -> None:
+    """Merge per-tile partials into ``norm.mean/var/invstd/scale/shift``."""
+    channels = norm.mean.numel()
+    block = channel_block(channels)
+    finalize_stats_kernel[(triton.cdiv(channels, block),)](
+        ws[0], ws[1], ws[0].shape[0], channels, rows, BLOCK_M,
+        norm.weight, norm.bias, norm.eps, norm.mean, norm.var, norm.invstd, norm.scale, norm.shift,
+        BLOCK_C=block)
+
+
+def finalize_grad(ws: tuple[torch.Tensor, torch.Tensor], rows: int, norm: NormVectors,
+                  training: bool) -> None:
+    """Parameter gradients and the BN-backward coefficients of ``norm``."""
+    channels = norm.mean.numel()
+    block = channel_block(channels)
+    finalize_grad_kernel[(triton.cdiv(channels, block),)](
+        ws[0], ws[1], ws[0].shape[0], channels, rows,
+        norm.weight, norm.invstd, norm.grad_weight, norm.grad_bias, norm.alpha, norm.beta, norm.delta,
+        TRAINING=training, BLOCK_C=block)
+
+
+def bn_grad_partials(dy: torch.Tensor, x: torch.Tensor, norm: NormVectors):
+    channels = x.shape[1]
+    ws = stats_workspace(x.shape[0], channels, x.device)
+    bn_grad_partials_kernel[(row_tiles(x.shape[0]),)](
+        dy, dy.stride(0), x, x.stride(0), norm.mean, norm.invstd, ws[0], ws[1], x.shape[0], channels,
+        BLOCK_M=BLOCK_M, BLOCK_C=channel_block(channels, cap=1024))
+    return ws
+
+
+def bn_add(out: torch.Tensor, x1: torch.Tensor, norm1: NormVectors, *, accumulate: bool,
+           x2: torch.Tensor | None = None, norm2: NormVectors | None = None) -> None:
+    """``out = (out if accumulate) + bn1(x1) [+ bn2(x2) | + x2]``."""
+    rows, channels = out.shape
+    n2 = norm2 if norm2 is not None else norm1
+    bn_add_kernel[(row_tiles(rows),)](
+        out, out.stride(0), x1, x1.stride(0), norm1.scale, norm1.shift,
+        x2 if x2 is not None else x1, (x2 if x2 is not None else x1).stride(0), n2.scale, n2.shift,
+        rows, channels, ACCUMULATE=accumulate, HAS_X2=x2 is not None, NORM_X2=norm2 is not None,
+        BLOCK_M=BLOCK_M, BLOCK_C=channel_block(channels, cap=1024))
+
+
+def weight_grad(d: BNBackward, d_rows: torch.Tensor, a: torch.Tensor, a_prologue: BNRelu | None,
+                image: Image, taps: int) -> torch.Tensor:
+    """``sum_r A'[r + off_t]^T D'[r]`` as fp32 ``[taps, D, A]``."""
+    nd, ka = d_rows.shape[1], a.shape[1]
+    block_d, block_a = channel_block(nd, cap=64), channel_block(ka, cap=64)
+    tiles = triton.cdiv(nd, block_d) * triton.cdiv(ka, block_a)
+    chunks = max(1, min(row_tiles(image.rows), WGRAD_PROGRAMS // (taps * tiles)))
+    rows_per_chunk = BLOCK_M * triton.cdiv(row_tiles(image.rows), chunks)
+    chunks = triton.cdiv(image.rows, rows_per_chunk)
+    ws = torch.empty((chunks, taps, nd, ka), dtype=torch.float32, device=a.device)
+    n = d.norm
+    a_norm = a_prologue.norm if a_prologue is not None else None
+    weight_grad_kernel[(chunks, taps, tiles)](
+        d_rows, d_rows.stride(0), d.x, d.x.stride(0), n.alpha, n.beta, n.mean, n.delta,
+        a, a.stride(0), a_norm.scale if a_norm else a, a_norm.shift if a_norm else a,
+        ws, image.rows, nd, ka, image.height, image.width, rows_per_chunk,
+        TAPS=taps, A_BN_RELU=a_prologue is not None, DOT_PRECISION=dot_precision(a.dtype),
+        BLOCK_M=BLOCK_M, BLOCK_D=block_d, BLOCK_A=block_a, num_warps=warps(block_d * block_a))
+    return ws.sum(0)
+
+
+def eval_bottleneck_tail(act1: torch.Tensor, w2: torch.Tensor, bias2: torch.Tensor,
+                         w3: torch.Tensor, bias3: torch.Tensor, out: torch.Tensor, image: Image, *,
+                         residual: torch.Tensor | None, accumulate: bool) -> None:
+    """``out (+)= residual + relu(conv3x3(act1, w2) + bias2) @ w3^T + bias3`` (BN folded)."""
+    mid, n = w2.shape[0], w3.shape[0]
+    b2, b3 = Weights.conv3x3(w2), Weights.linear(w3)
+    block_mid = channel_block(mid, cap=256)
+    if mid > block_mid:
+        raise ValueError(f"the eval kernel holds all K*n={mid} mid channels in one tile; "
+                         f"at most {block_mid} are supported")
+    res = residual if residual is not None else out
+    eval_bottleneck_tail_kernel[(row_tiles(image.rows),)](
+        act1, act1.stride(0), b2.tensor, b2.stride_tap, b2.stride_k, b2.stride_n, bias2,
+        b3.tensor, b3.stride_k, b3.stride_n, bias3, res, res.stride(0), out, out.stride(0),
+        image.rows, mid, n, image.height, image.width,
+        HAS_RESIDUAL=residual is not None, ACCUMULATE=accumulate,
+        DOT_PRECISION=dot_precision(act1.dtype),
+        BLOCK_M=BLOCK_M, BLOCK_MID=block_mid, BLOCK_K=k_block(mid), BLOCK_N=channel_block(n, cap=256),
+        num_warps=warps(BLOCK_M * block_mid))

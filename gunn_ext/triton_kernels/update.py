@@ -1,0 +1,335 @@
+"""The gradual update of a whole layer with the Triton kernels, forward and backward.
+
+The state is a ``[rows, N]`` row-major matrix (rows = B*H*W, channels_last);
+segment ``c_i`` is a column block updated in place. Per bottleneck, training::
+
+    pre1 = state @ [Ws; W1]^T               (+ BN statistics in the epilogue)
+    pre2 = conv3x3(relu(bn1(pre1)))          (BN + ReLU in the prologue, statistics)
+    pre3 = relu(bn2(pre2)) @ W3^T            (same)
+    state[:, c_i] += bn3(pre3) + bn_s(pre1_s)
+
+Eval folds every BN into its convolution (``W' = W * scale``, bias ``shift``)
+and runs a bottleneck as two kernels: the merged 1x1 GEMM (+ bias, ReLU),
+then the 3x3 conv, its ReLU, the last 1x1 GEMM and the residual, fused.
+
+Backward is Algorithm 1 with the merged residual (Eq. 6): walking segments
+``P .. 1``, the state before update ``i`` is ``y`` with ``c_i..c_P`` restored
+from ``x``; the unit's activations are recomputed from it and the saved
+statistics, and ``dL/dstate`` is accumulated into one buffer ``g``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import launch
+from .launch import BNBackward, BNRelu, Image, NormVectors, Weights
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The layer's structure, decoded from the op's arguments."""
+    segments: tuple[int, ...]
+    units: int
+    shortcut: bool
+    sequential: bool
+    training: bool
+
+    @property
+    def starts(self) -> list[int]:
+        out, start = [], 0
+        for n in self.segments:
+            out.append(start)
+            start += n
+        return out
+
+    @property
+    def per_unit(self) -> int:
+        return int(self.shortcut) + 3 * self.units
+
+    def first(self, i: int, m: int) -> int:
+        """Index of bottleneck ``m``'s conv1 / bn1 in the flat lists of unit ``i``."""
+        return i * self.per_unit + int(self.shortcut) + 3 * m
+
+    def first_gemm(self, i: int, m: int) -> int:
+        """Index of the first conv / norm of the merged first GEMM (the shortcut's, if any)."""
+        return i * self.per_unit if self.has_shortcut(m) else self.first(i, m)
+
+    def has_shortcut(self, m: int) -> bool:
+        return m == 0 and self.shortcut
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B*H*W, C]`` row-major (a view for channels_last)."""
+    return t.permute(0, 2, 3, 1).contiguous().view(-1, t.shape[1])
+
+
+def as_output(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[rows, C]`` back to the image layout of ``like`` (channels_last stays a view)."""
+    b, c, h, w = like.shape
+    image = rows.view(b, h, w, c).permute(0, 3, 1, 2)
+    channels_last = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+    return image if channels_last else image.contiguous()
+
+
+class Norms:
+    """All BN parameters packed into fp32 vectors in the order of ``layer.norms()``."""
+
+    def __init__(self, bn_weights, bn_biases, eps, mean=None, var=None):
+        self.offsets = [0]
+        for w in bn_weights:
+            self.offsets.append(self.offsets[-1] + w.shape[0])
+        device = bn_weights[0].device
+        f32 = dict(dtype=torch.float32, device=device)
+        total = self.offsets[-1]
+        weight = torch.cat([w.detach().float() for w in bn_weights])
+        bias = torch.cat([b.detach().float() for b in bn_biases])
+        eps_vec = torch.cat([torch.full((w.shape[0],), e, **f32) for w, e in zip(bn_weights, eps)])
+        if mean is None:
+            empty = torch.empty((5, total), **f32)
+            self.all = NormVectors(weight, bias, eps_vec, *empty)
+        else:
+            mean, var = mean.float(), var.float()
+            invstd = torch.rsqrt(var + eps_vec)
+            scale = weight * invstd
+            self.all = NormVectors(weight, bias, eps_vec, mean, var, invstd, scale, bias - mean * scale)
+
+    def at(self, k: int, count: int = 1) -> NormVectors:
+        start = self.offsets[k]
+        return self.all.slice(start, self.offsets[k + count] - start)
+
+
+def _check(x, conv_weights, layout: Layout) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the triton backend supports float32, float16 and bfloat16 inputs, got "
+                        f"{x.dtype}; use backend='native' or 'reference'")
+    expected = len(layout.segments) * layout.per_unit
+    if len(conv_weights) != expected:
+        raise ValueError(f"conv_weights must hold {expected} tensors, got {len(conv_weights)}")
+    if layout.training and x.shape[0] * x.shape[2] * x.shape[3] < 2:
+        raise ValueError(f"expected more than 1 value per channel when training, got input of shape "
+                         f"{tuple(x.shape)}")
+
+
+def _matrix(w: torch.Tensor) -> torch.Tensor:
+    return w.reshape(w.shape[0], -1)
+
+
+class Unit:
+    """One update unit ``U_i``: its weights and its kernels."""
+
+    def __init__(self, layout: Layout, convs, norms: Norms, image: Image, i: int):
+        self.layout, self.convs, self.norms, self.image, self.i = layout, convs, norms, image, i
+        self.n = layout.segments[i]
+        self.start = layout.starts[i]
+
+    def skip(self, m: int) -> int:
+        return self.n if self.layout.has_shortcut(m) else 0
+
+    def first_weight(self, m: int) -> torch.Tensor:
+        """The merged first GEMM's weight ``[Ws; W1]`` of bottleneck ``m``, 4-D."""
+        w1 = self.convs[self.layout.first(self.i, m)]
+        if self.layout.has_shortcut(m):
+            return torch.cat([self.convs[self.layout.first_gemm(self.i, m)], w1])
+        return w1
+
+    def first_norm(self, m: int) -> NormVectors:
+        return self.norms.at(self.layout.first_gemm(self.i, m), 2 if self.layout.has_shortcut(m) else 1)
+
+    def norm(self, m: int, j: int) -> NormVectors:
+        """bn1 / bn2 / bn3 (j = 0, 1, 2) of bottleneck m."""
+        return self.norms.at(self.layout.first(self.i, m) + j)
+
+    def shortcut_norm(self) -> NormVectors:
+        return self.norms.at(self.layout.first_gemm(self.i, 0))
+
+    def bottleneck(self, m: int, source: torch.Tensor, stats: bool) -> dict:
+        """pre1, pre2, pre3 of bottleneck ``m`` on ``source`` (statistics computed if ``stats``)."""
+        image, rows = self.image, self.image.rows
+        k = self.layout.first(self.i, m)
+        w1 = self.first_weight(m)
+        skip, mid = self.skip(m), self.convs[k].shape[0]
+        pre1 = source.new_empty((rows, skip + mid))
+        pre2 = source.new_empty((rows, mid))
+        pre3 = source.new_empty((rows, self.n))
+        steps = ((source, Weights.linear(w1), pre1, None, self.first_norm(m)),
+                 (pre1[:, skip:], Weights.conv3x3(self.convs[k + 1]), pre2, BNRelu(self.norm(m, 0)),
+                  self.norm(m, 1)),
+                 (pre2, Weights.linear(self.convs[k + 2]), pre3, BNRelu(self.norm(m, 1)),
+                  self.norm(m, 2)))
+        for a, b, out, prologue, out_norm in steps:
+            ws = launch.stats_workspace(rows, out.shape[1], out.device) if stats else None
+            launch.gemm(a, b, out, image, prologue=prologue, stats=ws)
+            if stats:
+                launch.finalize_stats(ws, rows, out_norm)
+        return dict(input=source, pre1=pre1, pre2=pre2, pre3=pre3)
+
+    def combine(self, m: int, tape: dict, out: torch.Tensor, accumulate: bool,
+                h: torch.Tensor | None) -> None:
+        """``out (+)= bn3(pre3) + (bn_s(pre1_s) | h)``."""
+        if self.layout.has_shortcut(m):
+            launch.bn_add(out, tape["pre3"], self.norm(m, 2), accumulate=accumulate,
+                          x2=tape["pre1"][:, :self.n], norm2=self.shortcut_norm())
+        else:
+            launch.bn_add(out, tape["pre3"], self.norm(m, 2), accumulate=accumulate, x2=h)
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor | None, stats: bool) -> list[dict]:
+        """``target += U(source)``; returns the activations of every bottleneck.
+
+        Without ``target`` (recomputation for backward) the last sum is skipped.
+        """
+        tapes, h = [], None
+        for m in range(self.layout.units):
+            tape = self.bottleneck(m, source if m == 0 else h, stats)
+            tapes.append(tape)
+            last = m + 1 == self.layout.units
+            if last and target is None:
+                break
+            out = target if last else source.new_empty((self.image.rows, self.n))
+            self.combine(m, tape, out, accumulate=last, h=h)
+            h = out
+        return tapes
+
+    def forward_folded(self, source: torch.Tensor, target: torch.Tensor, folded, bias) -> None:
+        """Eval: ``target += U(source)`` with BN folded into ``folded`` weights and ``bias``."""
+        h = None
+        for m in range(self.layout.units):
+            k = self.layout.first(self.i, m)
+            first = self.layout.first_gemm(self.i, m)
+            skip = self.skip(m)
+            w1 = torch.cat([folded[first], folded[k]]) if skip else folded[k]
+            pre1 = source.new_empty((self.image.rows, w1.shape[0]))
+            start = self.norms.offsets[first]
+            launch.gemm(source if m == 0 else h, Weights.linear(w1), pre1, self.image,
+                        bias=bias[start:start + w1.shape[0]], relu_from=skip)
+            last = m + 1 == self.layout.units
+            out = target if last else source.new_empty((self.image.rows, self.n))
+            residual = pre1[:, :skip] if skip else h
+            o2, o3 = self.norms.offsets[k + 1], self.norms.offsets[k + 2]
+            launch.eval_bottleneck_tail(pre1[:, skip:], folded[k + 1], bias[o2:o3], folded[k + 2],
+                                        bias[o3:o3 + self.n], out, self.image,
+                                        residual=residual, accumulate=last)
+            h = out
+
+    def backward(self, tapes: list[dict], grad_unit: torch.Tensor, grad_state: torch.Tensor,
+                 grad_convs: list) -> None:
+        """Backpropagate ``grad_unit = dL/dU`` through the unit; add ``dL/dsource`` into ``grad_state``."""
+        image, rows, training = self.image, self.image.rows, self.layout.training
+        for m in reversed(range(self.layout.units)):
+            t = tapes[m]
+            k = self.layout.first(self.i, m)
+            skip, mid = self.skip(m), self.convs[k].shape[0]
+            bn1, bn2, bn3 = self.norm(m, 0), self.norm(m, 1), self.norm(m, 2)
+            launch.finalize_grad(launch.bn_grad_partials(grad_unit, t["pre3"], bn3), rows, bn3, training)
+            if skip:
+                sc = self.shortcut_norm()
+                launch.finalize_grad(launch.bn_grad_partials(grad_unit, t["pre1"][:, :skip], sc),
+                                     rows, sc, training)
+            d3 = BNBackward(t["pre3"], bn3)
+            w3 = self.convs[k + 2]
+            grad2 = t["pre2"].new_empty((rows, mid))
+            ws = launch.stats_workspace(rows, mid, grad2.device)
+            launch.gemm(grad_unit, Weights.linear_transposed(w3), grad2, image, prologue=d3,
+                        masked_grad=(t["pre2"], bn2, ws))
+            launch.finalize_grad(ws, rows, bn2, training)
+            grad_convs[k + 2] = launch.weight_grad(d3, grad_unit, t["pre2"], BNRelu(bn2), image,
+                                                  1).view(w3.shape)
+
+            d2 = BNBackward(t["pre2"], bn2)
+            w2 = self.convs[k + 1]
+            grad1 = t["pre1"].new_empty((rows, skip + mid))
+            ws = launch.stats_workspace(rows, mid, grad1.device)
+            launch.gemm(grad2, Weights.conv3x3_transposed(w2), grad1[:, skip:], image, prologue=d2,
+                        masked_grad=(t["pre1"][:, skip:], bn1, ws))
+            launch.finalize_grad(ws, rows, bn1, training)
+            dw2 = launch.weight_grad(d2, grad2, t["pre1"][:, skip:], BNRelu(bn1), image, 9)
+            grad_convs[k + 1] = dw2.permute(1, 2, 0).reshape(w2.shape)
+
+            if skip:
+                grad1[:, :skip].copy_(grad_unit)
+            d1 = BNBackward(t["pre1"], self.first_norm(m))
+            w1 = self.first_weight(m)
+            dw1 = launch.weight_grad(d1, grad1, t["input"], None, image, 1)[0].view(w1.shape)
+            grad_convs[k] = dw1[skip:]
+            if skip:
+                grad_convs[self.layout.first_gemm(self.i, m)] = dw1[:skip]
+            if m == 0:
+                launch.gemm(grad1, Weights.linear_transposed(w1), grad_state, image, prologue=d1,
+                            accumulate=True)
+            else:  # h_m = h_{m-1} + B_m(h_{m-1})
+                grad_prev = grad_unit.clone()
+                launch.gemm(grad1, Weights.linear_transposed(w1), grad_prev, image, prologue=d1,
+                            accumulate=True)
+                grad_unit = grad_prev
+
+
+def _image(x: torch.Tensor) -> Image:
+    return Image(x.shape[0] * x.shape[2] * x.shape[3], x.shape[2], x.shape[3])
+
+
+def _contiguous(tensors) -> list[torch.Tensor]:
+    return [t.detach().contiguous() for t in tensors]
+
+
+def _fold(convs, norms: Norms) -> list[torch.Tensor]:
+    """``W' = W * scale`` per output channel: eval BN folded into its convolution."""
+    scales = [norms.all.scale[norms.offsets[k]:norms.offsets[k + 1]].view(-1, 1, 1, 1)
+              for k in range(len(convs))]
+    return [w.to(s.dtype).mul(s).to(w.dtype) for w, s in zip(convs, scales)]
+
+
+def gradual_update_forward(x, conv_weights, bn_weights, bn_biases, running_means, running_vars,
+                           segments, units, shortcut, sequential, training, eps):
+    """``(y, mean, var)`` as ``torch.ops.gunn_ext.gradual_update``."""
+    layout = Layout(tuple(segments), units, shortcut, sequential, training)
+    _check(x, conv_weights, layout)
+    image = _image(x)
+    convs = _contiguous(conv_weights)
+    if training:
+        norms = Norms(bn_weights, bn_biases, eps)
+    else:
+        norms = Norms(bn_weights, bn_biases, eps, torch.cat(list(running_means)),
+                      torch.cat(list(running_vars)))
+    source = as_rows(x.detach())
+    state = source.clone()
+    folded = None if training else _fold(convs, norms)
+    for i, (start, n) in enumerate(zip(layout.starts, layout.segments)):
+        unit = Unit(layout, convs, norms, image, i)
+        read = state if sequential else source
+        target = state[:, start:start + n]
+        if training:
+            unit.forward(read, target, stats=True)
+        else:
+            unit.forward_folded(read, target, folded, norms.all.shift)
+    return as_output(state, x), norms.all.mean.clone(), norms.all.var.clone()
+
+
+def gradual_update_backward(grad_y, x, y, conv_weights, bn_weights, bn_biases, mean, var,
+                            segments, units, shortcut, sequential, training, eps):
+    """``(dx, d conv_weights, d bn_weights, d bn_biases)`` by Algorithm 1."""
+    layout = Layout(tuple(segments), units, shortcut, sequential, training)
+    _check(x, conv_weights, layout)
+    image = _image(x)
+    convs = _contiguous(conv_weights)
+    norms = Norms(bn_weights, bn_biases, eps, mean, var)
+    norms.all = norms.all.with_gradients()
+    original = as_rows(x.detach())
+    incoming = as_rows(grad_y.to(x.dtype))
+    grad = incoming.clone()
+    read_from = grad if sequential else incoming
+    state = as_rows(y.detach()).clone() if sequential else original
+    grad_convs: list = [None] * len(convs)
+    for i in reversed(range(len(layout.segments))):
+        start, n = layout.starts[i], layout.segments[i]
+        if sequential:
+            state[:, start:start + n] = original[:, start:start + n]
+        unit = Unit(layout, convs, norms, image, i)
+        tapes = unit.forward(state, None, stats=False)
+        unit.backward(tapes, read_from[:, start:start + n], grad, grad_convs)
+    grad_convs = [g.to(w.dtype, copy=True) for g, w in zip(grad_convs, conv_weights)]
+    grad_w = [norms.at(k).grad_weight.to(w.dtype, copy=True) for k, w in enumerate(bn_weights)]
+    grad_b = [norms.at(k).grad_bias.to(b.dtype, copy=True) for k, b in enumerate(bn_biases)]
+    return as_output(grad, x), grad_convs, grad_w, grad_b
