@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from . import ops, reference
+
 NAMES = ("reference", "native", "triton")
 _AUTO_ORDER = {"cuda": ("native", "triton", "reference"), "cpu": ("native", "reference")}
 _warned: set[str] = set()
@@ -35,7 +37,6 @@ def _why_unavailable(name: str, device: torch.device | None = None) -> str | Non
     if name == "reference":
         return None
     if name == "native":
-        from . import ops
         reason = ops.load_error()
         if reason is None and device is not None and device.type == "cuda" and not ops.has_cuda_kernels():
             reason = ("the compiled extension was built without CUDA kernels; rebuild with "
@@ -60,32 +61,37 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 
 def _implementation(name: str) -> Callable:
     if name == "reference":
-        from .reference import gradual_update_reference
-        return gradual_update_reference
+        return reference.gradual_update_reference
     if name == "native":
-        from .ops import gradual_update_native
-        return gradual_update_native
-    from .triton_backend import gradual_update_triton
-    return gradual_update_triton
+        return ops.gradual_update_native
+    from . import triton_backend  # imports triton itself only when first run
+    return triton_backend.gradual_update_triton
+
+
+@torch.compiler.assume_constant_result
+def resolve(name: str, device_type: str) -> str:
+    """The backend that runs ``name`` on ``device_type`` (``auto`` picks the fastest)."""
+    device = torch.device(device_type)
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device_type, ("reference",)):
+            reason = _why_unavailable(candidate, device)
+            if reason is None:
+                return candidate
+            if candidate == "native" and reason not in _warned:
+                _warned.add(reason)
+                warnings.warn(f"gunn_ext: native backend unavailable ({reason}); falling back",
+                              RuntimeWarning, stacklevel=4)
+        return "reference"
+    reason = _why_unavailable(name, device)
+    if reason is not None:
+        raise ValueError(f"backend {name!r} is not available on {device_type}: {reason}. "
+                         f"Available: {available_backends(device)}")
+    return name
 
 
 def get(name: str, device: torch.device) -> Callable:
     """The implementation ``fn(layer, x)`` for backend ``name`` on ``device``."""
-    if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            reason = _why_unavailable(candidate, device)
-            if reason is None:
-                return _implementation(candidate)
-            if candidate == "native" and reason not in _warned:
-                _warned.add(reason)
-                warnings.warn(f"gunn_ext: native backend unavailable ({reason}); falling back",
-                              RuntimeWarning, stacklevel=3)
-        raise AssertionError("unreachable: reference is always available")
-    reason = _why_unavailable(name, device)
-    if reason is not None:
-        raise ValueError(f"backend {name!r} is not available on {device.type}: {reason}. "
-                         f"Available: {available_backends(device)}")
-    return _implementation(name)
+    return _implementation(resolve(name, device.type))
 
 
 def check_input(layer, x) -> None:

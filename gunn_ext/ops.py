@@ -47,12 +47,6 @@ def has_cuda_kernels() -> bool:
     return bool(importlib.import_module("gunn_ext._build_info").WITH_CUDA)
 
 
-def _require_extension() -> None:
-    reason = load_error()
-    if reason is not None:
-        raise RuntimeError(reason)
-
-
 def _output_like(x: torch.Tensor) -> torch.Tensor:
     """An empty tensor shaped like ``x`` in the layout the kernels return."""
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -104,17 +98,16 @@ def _register() -> None:
     torch.library.register_autograd(lib, backward, setup_context=setup_context)
 
 
-@functools.cache
-def _registered() -> bool:
-    _require_extension()
+_LOAD_ERROR = load_error()
+if _LOAD_ERROR is None:
     _register()
-    return True
 
 
 def gradual_update(x, conv_weights, bn_weights, bn_biases, running_means, running_vars,
                    segments, units, shortcut, sequential, training, eps):
-    """``torch.ops.gunn_ext.gradual_update`` with its Python registrations in place."""
-    _registered()
+    """``torch.ops.gunn_ext.gradual_update``, or a clear error when it is not built."""
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(_LOAD_ERROR)
     return torch.ops.gunn_ext.gradual_update(
         x, conv_weights, bn_weights, bn_biases, running_means, running_vars,
         segments, units, shortcut, sequential, training, eps)
@@ -127,19 +120,20 @@ def update_running_stats(norms, mean: torch.Tensor, var: torch.Tensor, count: in
     ``var * count / (count - 1)``; ``m = 1 / num_batches_tracked`` when the
     norm's momentum is None (cumulative average).
     """
-    tracked = [bn for bn in norms if bn.track_running_stats and bn.running_mean is not None]
+    tracked = [k for k, bn in enumerate(norms)
+               if bn.track_running_stats and bn.running_mean is not None]
     if not tracked:
         return
     sizes = [bn.num_features for bn in norms]
     with torch.no_grad():
         means = torch.split(mean, sizes)
         unbiased = torch.split(var * (count / max(count - 1, 1)), sizes)
-        torch._foreach_add_([bn.num_batches_tracked for bn in tracked], 1)
+        torch._foreach_add_([norms[k].num_batches_tracked for k in tracked], 1)
         groups: dict[float, list[int]] = {}
-        for k, bn in enumerate(norms):
-            if bn in tracked:
-                m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-                groups.setdefault(m, []).append(k)
+        for k in tracked:
+            bn = norms[k]
+            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            groups.setdefault(m, []).append(k)
         for momentum, ks in groups.items():
             torch._foreach_lerp_([norms[k].running_mean for k in ks],
                                  [means[k].to(norms[k].running_mean.dtype) for k in ks], momentum)

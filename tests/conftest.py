@@ -1,0 +1,89 @@
+import copy
+
+import pytest
+import torch
+
+from gunn_ext import GUNNLayer, SUNNLayer
+
+CUDA = pytest.param("cuda", marks=pytest.mark.cuda)
+DEVICES = ["cpu", CUDA]
+
+# Tolerances per dtype on max |a - b| / max(max |b|, 1): relative for large
+# values, absolute for values near zero (e.g. BN-cancelled gradients).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Full float32 matmuls, so float32 tolerances mean what they say."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def make_layer(kind="gunn", channels=12, segments=3, expansion=2, units=1, shortcut=True,
+               backend="reference", dtype=torch.float64, device="cpu", seed=0):
+    """A layer with random (not initial) BN parameters and running statistics."""
+    torch.manual_seed(seed)
+    cls = GUNNLayer if kind == "gunn" else SUNNLayer
+    layer = cls(channels, segments, expansion, units, shortcut, backend=backend)
+    with torch.no_grad():
+        for bn in layer.norms():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 1.5)
+    return layer.to(device=device, dtype=dtype)
+
+
+def twin(layer, backend):
+    other = copy.deepcopy(layer)
+    other.backend = backend
+    return other
+
+
+def relative_error(actual, expected):
+    scale = expected.detach().abs().max().clamp_min(1.0)
+    return ((actual.detach() - expected.detach()).abs().max() / scale).item()
+
+
+def assert_close(actual, expected, dtype, what):
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all() == torch.isfinite(expected).all(), f"{what}: non-finite values"
+    err = relative_error(actual.double(), expected.double())
+    assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3g} > {TOLERANCE[dtype]:.3g}"
+
+
+def run_and_compare(reference, candidate, x, *, train=True, steps=1):
+    """Compare outputs, input and parameter gradients and buffers, over ``steps`` steps."""
+    dtype = x.dtype
+    reference.train(train)
+    candidate.train(train)
+    for step in range(steps):
+        xr = x.detach().clone().requires_grad_()
+        xc = x.detach().clone().requires_grad_()
+        for p in (*reference.parameters(), *candidate.parameters()):
+            p.grad = None
+        yr, yc = reference(xr), candidate(xc)
+        assert_close(yc, yr, dtype, f"step {step}: output")
+        grad = torch.randn_like(yr)
+        yr.backward(grad)
+        yc.backward(grad)
+        assert_close(xc.grad, xr.grad, dtype, f"step {step}: input gradient")
+        for (name, pr), pc in zip(reference.named_parameters(), candidate.parameters()):
+            assert_close(pc.grad, pr.grad, dtype, f"step {step}: gradient of {name}")
+        for (name, br), bc in zip(reference.named_buffers(), candidate.buffers()):
+            if br.is_floating_point():
+                assert_close(bc, br, dtype, f"step {step}: buffer {name}")
+            else:
+                assert torch.equal(bc, br), f"step {step}: buffer {name}"

@@ -1,0 +1,163 @@
+"""The compiled ``native`` backend against the pure-PyTorch reference."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import DEVICES, assert_close, make_layer, run_and_compare, twin
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+CASES = {
+    "P=1": dict(channels=6, segments=1),
+    "P=N": dict(channels=5, segments=5),
+    "uneven": dict(channels=10, segments=[3, 1, 6]),
+    "units=2": dict(channels=8, segments=2, units=2),
+    "expansion=3": dict(channels=6, segments=[2, 4], expansion=3),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["gunn", "sunn"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("shortcut", [True, False], ids=["shortcut", "plain"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_matches_reference_float64(device, kind, case, shortcut, train):
+    layer = make_layer(kind, shortcut=shortcut, device=device, **CASES[case])
+    x = torch.randn(2, layer.channels, 7, 5, dtype=torch.float64, device=device)
+    run_and_compare(layer, twin(layer, "native"), x, train=train, steps=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["gunn", "sunn"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_matches_reference_float32(device, kind, train):
+    layer = make_layer(kind, channels=24, segments=[8, 4, 12], dtype=torch.float32, device=device)
+    x = torch.randn(3, 24, 6, 9, device=device)
+    run_and_compare(layer, twin(layer, "native"), x, train=train, steps=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last", "strided", "batch_1", "1x1"])
+def test_layouts_and_odd_shapes(device, layout):
+    layer = make_layer(channels=9, segments=[4, 5], device=device)
+    if layout == "channels_last":
+        x = torch.randn(2, 9, 5, 3, dtype=torch.float64, device=device).to(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(4, 18, 7, 10, dtype=torch.float64, device=device)[::2, 1::2, :, ::2]
+        assert not x.is_contiguous()
+    elif layout == "batch_1":
+        x = torch.randn(1, 9, 3, 7, dtype=torch.float64, device=device)
+    else:
+        x = torch.randn(5, 9, 1, 1, dtype=torch.float64, device=device)
+    native = twin(layer, "native")
+    run_and_compare(layer, native, x, train=True)
+    run_and_compare(layer, native, x, train=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_output_layout_follows_input(device):
+    layer = make_layer(channels=6, segments=2, backend="native", device=device)
+    x = torch.randn(2, 6, 4, 4, dtype=torch.float64, device=device)
+    assert layer(x).is_contiguous()
+    y = layer(x.to(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_layers_match_reference(data):
+    channels = data.draw(st.integers(1, 10), label="channels")
+    sizes, left = [], channels
+    while left:
+        sizes.append(data.draw(st.integers(1, left), label="segment"))
+        left -= sizes[-1]
+    layer = make_layer(
+        data.draw(st.sampled_from(["gunn", "sunn"]), label="kind"),
+        channels=channels, segments=sizes,
+        expansion=data.draw(st.integers(1, 3), label="expansion"),
+        units=data.draw(st.integers(1, 2), label="units"),
+        shortcut=data.draw(st.booleans(), label="shortcut"),
+        seed=data.draw(st.integers(0, 2**16), label="seed"))
+    batch = data.draw(st.integers(1, 3), label="batch")
+    h, w = data.draw(st.integers(1, 6), label="h"), data.draw(st.integers(1, 6), label="w")
+    train = data.draw(st.booleans(), label="train") and batch * h * w > 1
+    x = torch.randn(batch, channels, h, w, dtype=torch.float64)
+    run_and_compare(layer, twin(layer, "native"), x, train=train)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_gradcheck(train):
+    layer = make_layer(channels=4, segments=[1, 3], units=2, backend="native").train(train)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    params = tuple(layer.parameters())
+
+    def fn(x, *ps):
+        # Functional in the parameters: swap them in for the call.
+        originals = [p.data for p in params]
+        for p, q in zip(params, ps):
+            p.data = q
+        try:
+            return torch.func.functional_call(layer, dict(zip(
+                [n for n, _ in layer.named_parameters()], ps)), (x,))
+        finally:
+            for p, o in zip(params, originals):
+                p.data = o
+
+    inputs = (x,) + tuple(p.detach().clone().requires_grad_() for p in params)
+    # Running statistics change in training; gradcheck only reads the output.
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _sample_op_args(training):
+    layer = make_layer(channels=6, segments=[2, 4], units=2)
+    from gunn_ext import ops
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
+    return ops.layer_arguments(layer, x, training)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck(training):
+    from gunn_ext import ops
+    args = _sample_op_args(training)
+    ops.gradual_update(*args)  # registers the Python parts
+    for tensors in args[1:4]:
+        for t in tensors:
+            t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.gunn_ext.gradual_update.default, args)
+
+
+def test_torch_compile_fullgraph():
+    layer = make_layer(channels=6, segments=3, backend="native", dtype=torch.float32)
+    reference = twin(layer, "reference")
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 6, 5, 5)
+    run_and_compare(reference, compiled, x, train=True)
+
+
+def test_input_is_not_modified():
+    layer = make_layer(channels=6, segments=3, backend="native")
+    for x in (torch.randn(2, 6, 3, 3, dtype=torch.float64),
+              torch.randn(2, 6, 3, 3, dtype=torch.float64).to(memory_format=torch.channels_last)):
+        before = x.clone()
+        y = layer(x)
+        y.sum().backward()
+        assert torch.equal(x, before)
+        assert y.data_ptr() != x.data_ptr()
+
+
+def test_nan_propagates():
+    layer = make_layer(channels=4, segments=2, backend="native").eval()
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    x[0, 0, 1, 1] = float("nan")
+    y = layer(x)
+    assert torch.isnan(y).any()
+    assert torch.isnan(make_layer(channels=4, segments=2).eval()(x)).any()
+
+
+@pytest.mark.parametrize("kind", ["gunn", "sunn"])
+def test_running_stats_momentum_none_and_num_batches(kind):
+    layer = make_layer(kind, channels=6, segments=2)
+    for bn in layer.norms():
+        bn.momentum = None
+    run_and_compare(layer, twin(layer, "native"), torch.randn(3, 6, 4, 4, dtype=torch.float64), steps=3)
