@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
     console = Console(width=None if sys.stdout.isatty() else 160)
     info = machine_info(args.device)
     busy = info["load_average_1m_at_start"]
-    if busy is not None and busy > 0.5:
+    if busy is not None and busy > 0.25 * (os.cpu_count() or 1):
         progress.print(f"[yellow]load average {busy:.2f}: other processes share the CPU; "
                        "times may be inflated[/]")
     layer = make_layer(args).to(args.device, DTYPES[args.dtype])
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for i, name in enumerate(args.backends, 1):
         progress.print(f"[{i}/{len(args.backends)}] {name}"
-                       + (" (torch.compile takes minutes on a CPU)" if name == COMPILE else ""))
+                       + (" (compiling takes minutes)" if name == COMPILE else ""))
         context = cold_inductor_cache() if name == COMPILE else contextlib.nullcontext()
         with context:
             results.append(benchmark_backend(name, layer, work, args))
