@@ -75,10 +75,10 @@ void check_arguments(const Tensor& x, at::TensorList conv_weights, at::TensorLis
   const int64_t channels = x.size(1);
   int64_t total = 0;
   for (int64_t n : layout.segments) {
-    TORCH_CHECK(n >= 1, "gunn_ext: segments must be >= 1, got ", layout.segments);
+    TORCH_CHECK(n >= 1, "gunn_ext: segments must be >= 1, got ", at::IntArrayRef(layout.segments));
     total += n;
   }
-  TORCH_CHECK(total == channels, "gunn_ext: segments ", layout.segments, " sum to ", total,
+  TORCH_CHECK(total == channels, "gunn_ext: segments ", at::IntArrayRef(layout.segments), " sum to ", total,
               " but x has ", channels, " channels");
   const int64_t expected = static_cast<int64_t>(layout.segments.size()) * layout.per_unit();
   TORCH_CHECK(static_cast<int64_t>(conv_weights.size()) == expected,

@@ -50,7 +50,7 @@ def _why_unavailable(name: str, device: torch.device | None = None) -> str | Non
         if device is None and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             return "triton needs a CUDA GPU, or TRITON_INTERPRET=1 for CPU tensors"
         return None
-    raise ValueError(f"unknown backend {name!r}")
+    raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {name!r}")
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:

@@ -1,0 +1,87 @@
+"""Bad input gets a clear error that names the argument."""
+import re
+
+import pytest
+import torch
+
+import gunn_ext
+from gunn_ext import GUNNLayer, SUNNLayer
+
+BACKENDS = ["reference", "native"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(channels=12, segments=5), "segments=5 must be a positive divisor of channels=12"),
+    (dict(channels=12, segments=0), "segments=0"),
+    (dict(channels=12, segments=[5, 5]), r"segment sizes \[5, 5\] sum to 10, expected channels=12"),
+    (dict(channels=12, segments=[12, 0]), "segments must hold ints >= 1"),
+    (dict(channels=12, segments=[]), "segments must be an int or a non-empty sequence"),
+    (dict(channels=0, segments=1), "channels must be a positive int, got 0"),
+    (dict(channels=12, segments=3, expansion=0), "expansion must be a positive int, got 0"),
+    (dict(channels=12, segments=3, units=1.5), "units must be a positive int, got 1.5"),
+    (dict(channels=12, segments=3, backend="cudnn"), "backend must be 'auto' or one of"),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        GUNNLayer(**kwargs)
+
+
+def test_bad_shortcut_type():
+    with pytest.raises(TypeError, match="shortcut must be a bool"):
+        SUNNLayer(4, 2, shortcut="yes")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x, error, match", [
+    (torch.randn(2, 5, 3, 3), ValueError, re.escape("input must have channels=6 (dim 1), got shape (2, 5, 3, 3)")),
+    (torch.randn(6, 3, 3), ValueError, "input must be 4-D"),
+    (torch.ones(2, 6, 3, 3, dtype=torch.int64), TypeError, "input must be a floating-point tensor, got dtype torch.int64"),
+    (torch.randn(2, 6, 3, 3, dtype=torch.float64), TypeError, "input has dtype torch.float64 but the layer's parameters have dtype torch.float32"),
+    ([[1.0]], TypeError, "input must be a torch.Tensor, got list"),
+])
+def test_bad_forward_input(backend, x, error, match):
+    layer = GUNNLayer(6, 2, backend=backend)
+    with pytest.raises(error, match=match):
+        layer(x)
+
+
+def test_device_mismatch_is_named():
+    layer = GUNNLayer(6, 2, backend="native").to("meta")
+    with pytest.raises(ValueError, match="input is on cpu but the layer's parameters are on meta"):
+        layer(torch.randn(2, 6, 3, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_value_per_channel_in_training(backend):
+    layer = GUNNLayer(4, 2, backend=backend)
+    with pytest.raises((ValueError, RuntimeError), match="more than 1 value per channel"):
+        layer(torch.randn(1, 4, 1, 1))
+    layer.eval()(torch.randn(1, 4, 1, 1))  # fine in eval
+
+
+def test_unknown_backend_lists_available():
+    layer = GUNNLayer(4, 2)
+    layer.backend = "nope"
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of \['reference'.*got 'nope'"):
+        layer(torch.randn(2, 4, 2, 2))
+
+
+def test_unavailable_backend_on_device(monkeypatch):
+    monkeypatch.setattr(gunn_ext.backends.ops, "load_error", lambda: "not built (test)")
+    with pytest.raises(ValueError, match=r"backend 'native' is not available on cpu: not built \(test\)"):
+        gunn_ext.backends.resolve("native", "cpu")
+    with pytest.warns(RuntimeWarning, match="native backend unavailable"):
+        assert gunn_ext.backends.resolve("auto", "cpu") == "reference"
+
+
+def test_op_checks_arguments():
+    from gunn_ext import ops
+    layer = GUNNLayer(6, 2)
+    args = list(ops.layer_arguments(layer, torch.randn(2, 6, 3, 3), True))
+    args[6] = [3, 2]
+    with pytest.raises(RuntimeError, match=r"segments \[3, 2\] sum to 5 but x has 6 channels"):
+        torch.ops.gunn_ext.gradual_update(*args)
+    args[6] = [3, 3]
+    args[1] = args[1][:-1]
+    with pytest.raises(RuntimeError, match="conv_weights must hold 6 tensors, got 5"):
+        torch.ops.gunn_ext.gradual_update(*args)
