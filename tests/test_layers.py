@@ -1,0 +1,125 @@
+"""Module structure, state dicts, GUNN <-> SUNN conversion, backend selection."""
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import gunn_ext
+from gunn_ext import GUNNLayer, SUNNLayer
+from gunn_ext.reference import gradual_update_reference
+
+from conftest import assert_close, make_layer, twin
+
+
+def test_standard_parameters():
+    layer = GUNNLayer(12, [4, 8], expansion=3, units=2, shortcut=True)
+    assert isinstance(layer.units, nn.ModuleList) and len(layer.units) == 2
+    unit = layer.units[1]
+    assert isinstance(unit.bottlenecks, nn.ModuleList) and len(unit.bottlenecks) == 2
+    b0, b1 = unit.bottlenecks
+    assert b0.conv1.weight.shape == (24, 12, 1, 1)
+    assert b0.conv2.weight.shape == (24, 24, 3, 3)
+    assert b0.conv3.weight.shape == (8, 24, 1, 1)
+    assert b1.conv1.weight.shape == (24, 8, 1, 1)
+    assert unit.shortcut_conv.weight.shape == (8, 12, 1, 1)
+    assert isinstance(unit.shortcut_bn, nn.BatchNorm2d)
+    assert all(c.bias is None for c in layer.convs())
+    assert not hasattr(GUNNLayer(12, 3).units[0], "shortcut_conv")
+
+
+def test_parameter_count_equals_plain_layer():
+    # Every unit reads all N channels: same parameters as the SUNN (plain) layer.
+    gunn, sunn = GUNNLayer(240, 20, shortcut=True), SUNNLayer(240, 20, shortcut=True)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(gunn) == count(sunn) == 20 * (12 * 240 + 24 * 240 + 24 * 24 * 9 + 12 * 24 + 2 * (12 + 24 + 24 + 12))
+
+
+def test_extra_repr():
+    text = repr(GUNNLayer(10, [3, 7], expansion=3, units=2, shortcut=True, backend="reference"))
+    assert "channels=10, segments=[3, 7], expansion=3, units=2, shortcut=True, backend='reference'" in text
+    assert "segments=5," in repr(SUNNLayer(10, 5))
+
+
+def test_paper_initialisation():
+    layer = GUNNLayer(240, 20, shortcut=True)
+    w = torch.cat([c.weight.flatten() for c in layer.convs() if c.kernel_size == (3, 3)])
+    assert abs(w.std().item() - (2 / (9 * 24)) ** 0.5) < 0.01
+    assert all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in layer.norms())
+    assert all(torch.equal(n.bias, torch.zeros_like(n.bias)) for n in layer.norms())
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_gunn_and_sunn_state_dicts_interchange(backend):
+    gunn = make_layer("gunn", channels=9, segments=[2, 7], units=2, backend=backend)
+    sunn = SUNNLayer(9, [2, 7], units=2, shortcut=True, backend=backend).double()
+    sd = gunn.state_dict()
+    assert list(sd) == list(sunn.state_dict())
+    assert all(sd[k].shape == v.shape for k, v in sunn.state_dict().items())
+    sunn.load_state_dict(sd)
+    x = torch.randn(2, 9, 3, 3, dtype=torch.float64)
+    # SUNN with GUNN's weights: every unit reads x.
+    expected = x.clone()
+    for unit, (a, b) in zip(sunn.eval().units, sunn.bounds):
+        expected[:, a:b] += unit(x)
+    assert_close(sunn(x), expected, torch.float64, "SUNN output")
+
+
+def test_state_dict_round_trip_across_backends():
+    ref = make_layer(channels=8, segments=4)
+    ref.train()(torch.randn(3, 8, 4, 4, dtype=torch.float64))  # move running stats
+    buffer = io.BytesIO()
+    torch.save(ref.state_dict(), buffer)
+    buffer.seek(0)
+    native = GUNNLayer(8, 4, shortcut=True, backend="native").double()
+    native.load_state_dict(torch.load(buffer))
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    assert_close(native.eval()(x), ref.eval()(x), torch.float64, "eval output after round trip")
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_conversion_shares_weights(backend):
+    sunn = make_layer("sunn", channels=6, segments=3, backend=backend).eval()
+    gunn = GUNNLayer.from_sunn(sunn)
+    assert isinstance(gunn, GUNNLayer) and gunn.units is sunn.units
+    assert gunn.sequential and not sunn.sequential and gunn.backend == backend
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+    assert_close(gunn(x), gradual_update_reference(gunn, x), torch.float64, "converted GUNN")
+    back = SUNNLayer.from_gunn(gunn)
+    assert isinstance(back, SUNNLayer) and back.units is sunn.units
+    assert_close(back(x), sunn(x), torch.float64, "converted back")
+    with pytest.raises(TypeError, match="layer must be a SUNNLayer, got GUNNLayer"):
+        GUNNLayer.from_sunn(gunn)
+
+
+def test_gunn_differs_from_sunn():
+    gunn = make_layer("gunn", channels=6, segments=3).eval()
+    sunn = SUNNLayer.from_gunn(gunn)
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+    yg, ys = gunn(x), sunn(x)
+    assert torch.equal(yg[:, :2], ys[:, :2])  # the first segment reads the same state
+    assert not torch.allclose(yg[:, 2:], ys[:, 2:])
+
+
+def test_available_backends_and_auto():
+    names = gunn_ext.available_backends()
+    assert names[:2] == ["reference", "native"]
+    assert gunn_ext.backends.resolve("auto", "cpu") == "native"
+    layer = make_layer(channels=4, segments=2, backend="auto")
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    assert_close(layer(x), twin(layer, "reference")(x), torch.float64, "auto")
+
+
+def test_batchnorm_semantics_match_nn():
+    """One unit, one segment, no shortcut == x + the Bottleneck's own modules."""
+    layer = make_layer(channels=4, segments=1, shortcut=False, backend="native")
+    bottleneck = twin(layer, "reference").units[0].bottlenecks[0]
+    for bn in (*layer.norms(), *[m for m in bottleneck.modules() if isinstance(m, nn.BatchNorm2d)]):
+        bn.momentum = 0.3
+    x = torch.randn(3, 4, 5, 2, dtype=torch.float64)
+    for _ in range(2):
+        assert_close(layer.train()(x), x + bottleneck.train()(x), torch.float64, "train output")
+    for ours, theirs in zip(layer.norms(), [bottleneck.bn1, bottleneck.bn2, bottleneck.bn3]):
+        assert_close(ours.running_var, theirs.running_var, torch.float64, "running_var")
+        assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 2
+    assert_close(layer.eval()(x), x + bottleneck.eval()(x), torch.float64, "eval output")
