@@ -1,0 +1,13 @@
+// Registers the CUDA fused kernels for the device-generic orchestration.
+#include "fused_kernels_cuda.h"
+
+namespace gunn_ext {
+namespace {
+
+const FusedKernelsRegistration registration(
+    c10::DeviceType::CUDA,
+    FusedKernels{column_stats_cuda, bn_relu_cuda, bn_add_cuda, bn_backward_reduce_cuda,
+                 bn_backward_apply_cuda});
+
+}  // namespace
+}  // namespace gunn_ext

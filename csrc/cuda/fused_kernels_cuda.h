@@ -1,0 +1,20 @@
+// CUDA implementations of fused_kernels.h (fused_forward.cu, fused_backward.cu).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "../fused_kernels.h"
+
+namespace gunn_ext {
+
+void column_stats_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var);
+void bn_relu_cuda(const at::Tensor& x, const Norm& norm, const at::Tensor& out);
+void bn_add_cuda(const at::Tensor& out, bool accumulate, const at::Tensor& x1, const Norm& norm1,
+                 const at::Tensor& x2, const Norm* norm2);
+void bn_backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
+                             bool has_relu, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat);
+void bn_backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
+                            bool has_relu, bool training, const at::Tensor& sum_dy,
+                            const at::Tensor& sum_dy_xhat, const at::Tensor& dx);
+
+}  // namespace gunn_ext

@@ -1,0 +1,274 @@
+"""The native backend on the GPU: CUDA fused kernels, graph replay, determinism, memory.
+
+Run on a machine with a CUDA GPU; every test here is skipped without one.
+"""
+import os
+
+# cuBLAS reads this when its first handle is created; deterministic mode needs it.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from conftest import assert_close, make_layer, run_and_compare, twin  # noqa: E402
+from gunn_ext import cuda_graphs  # noqa: E402
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
+
+# Relative-norm tolerance of the native result against float64 truth; a
+# result may also be up to twice as far from it as PyTorch's own result in
+# the same dtype (BatchNorm gradients cancel, so some are inherently noisy).
+LOW_PRECISION = {torch.float16: 3e-3, torch.bfloat16: 1e-2}
+
+CASES = {
+    "P=1": dict(channels=12, segments=1),
+    "P=N": dict(channels=7, segments=7),
+    "uneven": dict(channels=13, segments=[5, 1, 7]),
+    "units=2": dict(channels=12, segments=3, units=2),
+}
+
+
+@pytest.fixture
+def deterministic():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_graph_cache():
+    assert cuda_graphs.available(), "gunn_ext was built without its CUDA kernels"
+    cuda_graphs.clear()
+    yield
+    cuda_graphs.clear()
+
+
+def check_against_truth(ours, theirs, truth, tolerance):
+    """Output, input gradient and all parameter gradients (as one vector) of the
+    native result are within ``tolerance`` of float64 truth, or at most twice
+    as far from it as PyTorch's result in the same precision."""
+    def groups(results):
+        return {"output": results[0], "input gradient": results[1],
+                "parameter gradients": torch.cat([g.double().flatten() for g in results[2:]])}
+    for (name, a), b, e in zip(groups(ours).items(), groups(theirs).values(), groups(truth).values()):
+        err, torch_err = relative_norm(a, e), relative_norm(b, e)
+        assert err <= max(tolerance, 2 * torch_err), (
+            f"{name}: relative error {err:.3g} (PyTorch in the same precision: {torch_err:.3g})")
+
+
+def relative_norm(actual, expected):
+    expected = expected.detach().double()
+    return ((actual.detach().double() - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+
+
+def forward_backward(layer, x, grad):
+    """Output, input gradient and parameter gradients of one training step."""
+    x = x.detach().clone().requires_grad_()
+    for p in layer.parameters():
+        p.grad = None
+    y = layer(x)
+    y.backward(grad)
+    return [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("shortcut", [True, False], ids=["shortcut", "plain"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_float32_matches_reference(case, shortcut, train):
+    layer = make_layer(shortcut=shortcut, dtype=torch.float32, device="cuda", **CASES[case])
+    x = torch.randn(4, layer.channels, 7, 5, device="cuda")
+    run_and_compare(layer, twin(layer, "native"), x, train=train, steps=3)
+
+
+@pytest.mark.parametrize("kind", ["gunn", "sunn"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_layouts(kind, layout):
+    layer = make_layer(kind, channels=20, segments=[8, 12], dtype=torch.float32, device="cuda")
+    if layout == "strided":
+        x = torch.randn(6, 41, 7, 11, device="cuda")[::2, 1::2, :, 1:6]
+        assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    else:
+        x = torch.randn(3, 20, 7, 5, device="cuda")
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+    native = twin(layer, "native")
+    run_and_compare(layer, native, x, train=True, steps=2)
+    run_and_compare(layer, native, x, train=False)
+
+
+@pytest.mark.parametrize("shape", [(64, 48, 16, 16), (256, 12, 32, 32)], ids=["wide", "tall"])
+def test_large_batch(shape):
+    """Enough rows that the column reductions combine hundreds of chunk partials."""
+    batch, channels, height, width = shape
+    layer = make_layer(channels=channels, segments=4 if channels == 48 else 2, dtype=torch.float32,
+                       device="cuda")
+    x = torch.randn(*shape, device="cuda").to(memory_format=torch.channels_last)
+    run_and_compare(layer, twin(layer, "native"), x, train=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_low_precision(dtype, train, channels_last):
+    truth = make_layer(channels=24, segments=[6, 6, 12], dtype=torch.float64, device="cuda").train(train)
+    torch_lowp = twin(truth, "reference").to(dtype)
+    native = twin(truth, "native").to(dtype)
+    x = torch.randn(8, 24, 9, 7, device="cuda", dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    grad = torch.randn_like(x)
+    expected = forward_backward(truth, x, grad)
+    ours = forward_backward(native, x.to(dtype), grad.to(dtype))
+    theirs = forward_backward(torch_lowp, x.to(dtype), grad.to(dtype))
+    assert all(t.dtype == dtype for t in ours), [t.dtype for t in ours]
+    check_against_truth(ours, theirs, expected, LOW_PRECISION[dtype])
+    for (name, r), n in zip(truth.named_buffers(), native.buffers()):
+        if r.is_floating_point():
+            assert relative_norm(n, r) <= LOW_PRECISION[dtype], f"buffer {name}"
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", ["gunn", "sunn"])
+def test_graph_replay_equals_eager(train, kind, deterministic):
+    layer = make_layer(kind, channels=24, segments=[4, 8, 12], units=2, dtype=torch.float32,
+                       device="cuda", backend="native").train(train)
+    x = torch.randn(8, 24, 8, 8, device="cuda").to(memory_format=torch.channels_last)
+    grad = torch.randn_like(x)
+    with cuda_graphs.disabled():
+        eager = [t.clone() for t in forward_backward(layer, x, grad)]
+    assert cuda_graphs.enabled()
+    for step in range(6):
+        replayed = forward_backward(layer, x, grad)
+        for k, (a, b) in enumerate(zip(replayed, eager)):
+            assert torch.equal(a, b), f"step {step}: result {k} differs from the eager run"
+        del replayed
+    stats = cuda_graphs.stats()
+    assert stats["forward"].captures >= 1 and stats["forward"].replays >= 1, stats
+    assert stats["backward"].captures >= 1 and stats["backward"].replays >= 1, stats
+
+
+def test_graph_replay_follows_new_values():
+    """A replay reads the current contents of its inputs, parameters and running stats."""
+    layer = make_layer(channels=12, segments=3, dtype=torch.float32, device="cuda",
+                       backend="native").eval()
+    reference = twin(layer, "reference")
+    x = torch.randn(4, 12, 6, 6, device="cuda")
+    with torch.no_grad():
+        for step in range(5):
+            x.normal_()
+            for bn in layer.norms():
+                bn.running_mean.uniform_(-0.3, 0.3)
+            layer.units[0].bottlenecks[0].conv1.weight.mul_(1.01)
+            reference.load_state_dict(layer.state_dict())
+            y = layer(x)
+            assert_close(y, reference(x), torch.float32, f"step {step}")
+            del y
+    assert cuda_graphs.stats()["forward"].replays >= 1
+
+
+def test_runs_eagerly_inside_a_user_capture():
+    layer = make_layer(channels=12, segments=3, dtype=torch.float32, device="cuda",
+                       backend="native").eval()
+    reference = twin(layer, "reference")
+    static_x = torch.randn(4, 12, 5, 7, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad():
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                layer(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        new_x = torch.randn_like(static_x)
+        static_x.copy_(new_x)
+        graph.replay()
+        assert_close(static_y, reference(new_x), torch.float32, "user graph replay")
+
+
+def test_switch_off():
+    layer = make_layer(channels=8, segments=2, dtype=torch.float32, device="cuda", backend="native")
+    x = torch.randn(2, 8, 5, 5, device="cuda")
+    with cuda_graphs.disabled():
+        assert not cuda_graphs.enabled()
+        for _ in range(4):
+            forward_backward(layer, x, torch.ones_like(x))
+    assert cuda_graphs.enabled()
+    assert cuda_graphs.stats()["forward"].captures == 0
+
+
+def test_repeated_backward_is_bitwise_equal(deterministic):
+    layer = make_layer(channels=36, segments=3, dtype=torch.float32, device="cuda", backend="native")
+    x = torch.randn(16, 36, 16, 16, device="cuda").to(memory_format=torch.channels_last)
+    grad = torch.randn_like(x)
+    with cuda_graphs.disabled():
+        first = [t.clone() for t in forward_backward(layer, x, grad)]
+        for _ in range(2):
+            again = forward_backward(layer, x, grad)
+            assert all(torch.equal(a, b) for a, b in zip(again, first))
+
+
+def test_autocast_bfloat16():
+    """A bfloat16 output, float32 gradients, and no further from float64 truth than PyTorch."""
+    truth = make_layer(channels=24, segments=3, dtype=torch.float64, device="cuda")
+    layer = twin(truth, "reference").float()
+    native = twin(truth, "native").float()
+    x = torch.randn(4, 24, 8, 8, device="cuda", dtype=torch.float64)
+    grad = torch.randn_like(x)
+    expected = forward_backward(truth, x, grad)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        theirs = forward_backward(layer, x.float(), grad.float())
+        ours = forward_backward(native, x.float(), grad.float())
+    assert ours[0].dtype == torch.bfloat16, ours[0].dtype
+    assert [t.dtype for t in ours[1:]] == [t.dtype for t in theirs[1:]]
+    check_against_truth(ours, theirs, expected, 3e-2)
+
+
+def peak_training_bytes(layer, x):
+    """Peak allocation of forward + backward beyond x, its gradient and the parameters."""
+    x = x.detach().requires_grad_()
+    grad = torch.randn_like(x)
+    for p in layer.parameters():
+        p.grad = None
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with cuda_graphs.disabled():
+        layer(x).backward(grad)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - baseline
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_peak_memory(layout):
+    """Algorithm 1 keeps only x and y: the extra memory is about two activations.
+
+    Allowed: 2.5 activations (y, the gradient buffer, half of one more), the
+    parameter gradients (twice the parameters, for packed copies) and one
+    update unit's intermediates for forward and backward (about 4n + 8Kn
+    columns per row). NCHW pays layout conversions on top; its ratio is printed.
+    """
+    layer = make_layer(channels=240, segments=20, dtype=torch.float32, device="cuda",
+                       backend="native")
+    x = torch.randn(32, 240, 32, 32, device="cuda")
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    rows = x.shape[0] * x.shape[2] * x.shape[3]
+    n, mid = max(layer.segments), layer.expansion * max(layer.segments)
+    activation = x.numel() * x.element_size()
+    params = sum(p.numel() * p.element_size() for p in layer.parameters())
+    workspace = rows * (4 * n + 8 * mid) * x.element_size() + (1 << 20)
+    peak = peak_training_bytes(layer, x)
+    print(f"peak memory ({layout}): {peak / activation:.2f} activations "
+          f"({peak / 2**20:.1f} MiB; activation {activation / 2**20:.1f} MiB, "
+          f"workspace allowance {workspace / 2**20:.1f} MiB)")
+    budget = 2.5 * activation + 2 * params + workspace
+    if layout == "nchw":
+        budget += 5 * activation  # layout conversions of x, y and the gradients
+    assert peak <= budget, f"{layout}: peak {peak / 2**20:.1f} MiB > budget {budget / 2**20:.1f} MiB"
