@@ -127,28 +127,45 @@ void check_arguments(const Tensor& x, at::TensorList conv_weights, at::TensorLis
   }
 }
 
-// Per-channel BN parameters of all norms, packed in list order.
+// Per-channel BN parameters of all norms, packed in list order, with a view
+// per norm made once (views cost a dispatcher call each).
 struct Norms {
   Norm all;
   std::vector<int64_t> offsets;  // offsets[k] = first channel of norm k
-  std::vector<double> eps;
+  std::vector<Norm> each;
 
-  Norm at(int64_t k, int64_t count = 1) const {
-    Norm n = all.slice(offsets[k], offsets[k + count] - offsets[k]);
-    n.eps = eps[k];
-    return n;
+  const Norm& at(int64_t k) const { return each[k]; }
+  // Norms k .. k + count - 1 as one run of channels (for their statistics).
+  Norm run(int64_t k, int64_t count) const {
+    return count == 1 ? each[k] : all.slice(offsets[k], offsets[k + count] - offsets[k]);
   }
 };
+
+std::vector<Norm> split_norms(const Norm& all, at::IntArrayRef sizes, at::ArrayRef<double> eps) {
+  const auto split = [&](const Tensor& t) {
+    return t.defined() ? t.split_with_sizes(sizes) : std::vector<Tensor>(sizes.size());
+  };
+  const auto mean = split(all.mean), var = split(all.var), weight = split(all.weight),
+             bias = split(all.bias);
+  std::vector<Norm> each(sizes.size());
+  for (size_t k = 0; k < sizes.size(); ++k)
+    each[k] = {mean[k], var[k], weight[k], bias[k], eps.empty() ? 0.0 : eps[k]};
+  return each;
+}
 
 Norms pack_norms(at::TensorList bn_weights, at::TensorList bn_biases, at::ArrayRef<double> eps,
                  Tensor mean, Tensor var) {
   Norms n;
   n.offsets.assign(1, 0);
-  for (const Tensor& w : bn_weights) n.offsets.push_back(n.offsets.back() + w.size(0));
-  n.eps = eps.vec();
+  std::vector<int64_t> sizes;
+  for (const Tensor& w : bn_weights) {
+    sizes.push_back(w.size(0));
+    n.offsets.push_back(n.offsets.back() + w.size(0));
+  }
   const auto dtype = mean.scalar_type();
   n.all = {std::move(mean), std::move(var), at::cat(bn_weights).to(dtype),
            at::cat(bn_biases).to(dtype)};
+  n.each = split_norms(n.all, sizes, eps);
   return n;
 }
 
@@ -205,7 +222,7 @@ class Unit {
                const Tensor& extra) const {
     const int64_t k = layout_.first(i_, m);
     if (has_shortcut(m)) {
-      const Norm sc = norms_.at(layout_.shortcut_index(i_));
+      const Norm& sc = norms_.at(layout_.shortcut_index(i_));
       k_.bn_add(out, accumulate, t.pre3, norms_.at(k + 2), t.pre1.narrow(1, 0, n_), &sc);
     } else {
       k_.bn_add(out, accumulate, t.pre3, norms_.at(k + 2), extra, nullptr);
@@ -251,10 +268,10 @@ class Unit {
 
   // dL/dpre of a BN (+ ReLU) given dL/dout; writes the parameter gradients.
   void norm_backward(const Tensor& dout, const Tensor& pre, int64_t k, bool has_relu,
-                     Norm& grads, Tensor dpre) const {
-    Tensor gw = grads.weight.narrow(0, norms_.offsets[k], pre.size(1));
-    Tensor gb = grads.bias.narrow(0, norms_.offsets[k], pre.size(1));
-    const Norm norm = norms_.at(k);
+                     const std::vector<Norm>& grads, const Tensor& dpre) const {
+    const Tensor& gw = grads[k].weight;
+    const Tensor& gb = grads[k].bias;
+    const Norm& norm = norms_.at(k);
     k_.bn_backward_reduce(dout, pre, norm, has_relu, gb, gw);
     k_.bn_backward_apply(dout, pre, norm, has_relu, layout_.training, gb, gw, dpre);
   }
@@ -263,7 +280,7 @@ class Unit {
   // ([rows, N]); conv weight gradients go to grad_convs, BN ones to grads.
   void backward(const std::vector<BottleneckTape>& tape, Tensor grad_unit, Tensor& grad_state,
                 const std::pair<Tensor, Tensor>& state, std::vector<Tensor>& grad_convs,
-                Norm& grads) const {
+                const std::vector<Norm>& grads) const {
     for (int64_t m = layout_.units - 1; m >= 0; --m) {
       const BottleneckTape& t = tape[m];
       const int64_t k = layout_.first(i_, m), mid = convs_[k].size(0);
@@ -314,7 +331,7 @@ class Unit {
 
  private:
   void stats(const Tensor& pre, int64_t k, int64_t count) const {
-    Norm n = norms_.at(k, count);
+    const Norm n = norms_.run(k, count);
     k_.column_stats(pre, n.mean, n.var);
   }
 
@@ -390,7 +407,11 @@ gradual_update_backward(const Tensor& grad_y, const Tensor& x, const Tensor& y,
   const Shape shape = shape_of(x);
   const Norms norms = pack_norms(bn_weights, bn_biases, eps, mean, var);
   const FusedKernels& kernels = fused_kernels(x.device().type());
-  Norm grads{Tensor(), Tensor(), at::zeros_like(norms.all.weight), at::zeros_like(norms.all.bias)};
+  const Norm grad_all{Tensor(), Tensor(), at::empty_like(norms.all.weight),
+                      at::empty_like(norms.all.bias)};
+  std::vector<int64_t> sizes;
+  for (const Tensor& w : bn_weights) sizes.push_back(w.size(0));
+  const std::vector<Norm> grads = split_norms(grad_all, sizes, {});
   std::vector<Tensor> grad_convs(conv_weights.size());
 
   const Tensor original = as_rows(x);
@@ -415,9 +436,8 @@ gradual_update_backward(const Tensor& grad_y, const Tensor& x, const Tensor& y,
   }
   std::vector<Tensor> grad_w, grad_b;
   for (size_t k = 0; k < bn_weights.size(); ++k) {
-    const int64_t off = norms.offsets[k], c = bn_weights[k].size(0);
-    grad_w.push_back(grads.weight.narrow(0, off, c).to(bn_weights[k].scalar_type()));
-    grad_b.push_back(grads.bias.narrow(0, off, c).to(bn_biases[k].scalar_type()));
+    grad_w.push_back(grads[k].weight.to(bn_weights[k].scalar_type()));
+    grad_b.push_back(grads[k].bias.to(bn_biases[k].scalar_type()));
   }
   return {in_layout_of(grad, shape, x), grad_convs, grad_w, grad_b};
 }
