@@ -29,10 +29,10 @@ def finalize_stats_kernel(sum_ptr, m2_ptr, tiles, C, rows, tile_rows,
                           BLOCK_C: tl.constexpr):
     offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = offs < C
-    count = 0.0
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for t in range(tiles):
+        count = (t * tile_rows).to(tl.float32)  # rows before tile t: every earlier tile is full
         n_t = tl.minimum(rows - t * tile_rows, tile_rows).to(tl.float32)
         s = tl.load(sum_ptr + t * C + offs, mask=ok, other=0.0)
         q = tl.load(m2_ptr + t * C + offs, mask=ok, other=0.0)
@@ -40,7 +40,6 @@ def finalize_stats_kernel(sum_ptr, m2_ptr, tiles, C, rows, tile_rows,
         delta = s / n_t - mean
         mean += delta * (n_t / total)
         m2 += q + delta * delta * (n_t * count / total)
-        count = total
     var = m2 / rows
     invstd = 1.0 / tl.sqrt(var + tl.load(eps_ptr + offs, mask=ok, other=1.0))
     scale = tl.load(weight_ptr + offs, mask=ok, other=0.0) * invstd

@@ -329,7 +329,7 @@ def gradual_update_backward(grad_y, x, y, conv_weights, bn_weights, bn_biases, m
         unit = Unit(layout, convs, norms, image, i)
         tapes = unit.forward(state, None, stats=False)
         unit.backward(tapes, read_from[:, start:start + n], grad, grad_convs)
-    grad_convs = [g.to(w.dtype, copy=True) for g, w in zip(grad_convs, conv_weights)]
+    grad_convs = [torch.empty_like(w).copy_(g) for g, w in zip(grad_convs, conv_weights)]
     grad_w = [norms.at(k).grad_weight.to(w.dtype, copy=True) for k, w in enumerate(bn_weights)]
     grad_b = [norms.at(k).grad_bias.to(b.dtype, copy=True) for k, b in enumerate(bn_biases)]
     return as_output(grad, x), grad_convs, grad_w, grad_b

@@ -1,0 +1,171 @@
+"""The ``triton`` backend against the pure-PyTorch reference.
+
+With a GPU the kernels run compiled on CUDA tensors. Without one they run on
+CPU tensors through Triton's interpreter, which must be switched on
+(``TRITON_INTERPRET=1``) before anything imports triton, and importing torch's
+compiler stack does. So a plain ``pytest`` run on a CPU machine runs this
+module's kernel tests once more in a child process with the variable set
+(``test_interpreted_suite``); the variable never leaks into the parent, where
+the other test modules run. The interpreter is slow, hence the tiny shapes.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import TOLERANCE, assert_close, make_layer, relative_error, run_and_compare, twin
+from gunn_ext import backends
+
+pytestmark = [pytest.mark.skipif(not backends._triton_importable(), reason="triton is not installed"),
+              pytest.mark.filterwarnings("ignore::UserWarning")]
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+RUNS_KERNELS = DEVICE == "cuda" or INTERPRETED
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+kernels = pytest.mark.skipif(not RUNS_KERNELS, reason="runs in the interpreted child process")
+
+
+@pytest.mark.skipif(RUNS_KERNELS, reason="the kernels run in this process")
+def test_interpreted_suite():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+CASES = {
+    "P=1": dict(channels=4, segments=1),
+    "P=N": dict(channels=4, segments=4, shortcut=False),
+    "uneven": dict(channels=8, segments=[3, 5]),
+    "units=2": dict(channels=6, segments=2, units=2),
+    "units=2, no shortcut": dict(channels=6, segments=[4, 2], units=2, shortcut=False),
+    "sunn": dict(kind="sunn", channels=6, segments=[2, 4]),
+}
+SHAPES = {"5x6": (2, 5, 6), "batch 1, 3x7": (1, 3, 7)}
+
+
+def _input(channels, shape, dtype=torch.float32, channels_last=False, seed=1):
+    torch.manual_seed(seed)
+    x = torch.randn(shape[0], channels, *shape[1:], dtype=dtype, device=DEVICE)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+@kernels
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_matches_reference(case, train):
+    layer = make_layer(backend="reference", dtype=torch.float32, device=DEVICE, **CASES[case])
+    shape = SHAPES["5x6"] if case in ("uneven", "sunn") else SHAPES["batch 1, 3x7"]
+    x = _input(layer.channels, shape, channels_last=case == "units=2")
+    run_and_compare(layer, twin(layer, "triton"), x, train=train, steps=2 if train else 1)
+
+
+@kernels
+def test_output_layout_follows_input():
+    layer = make_layer(channels=4, segments=2, backend="triton", dtype=torch.float32, device=DEVICE).eval()
+    x = _input(4, (1, 3, 3))
+    assert layer(x).is_contiguous()
+    assert layer(x.to(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+    strided = _input(8, (1, 3, 3))[:, ::2]
+    assert_close(layer(strided), twin(layer, "reference")(strided), torch.float32, "strided input")
+
+
+@kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype):
+    """16-bit kernels are as close to the float32 result as the 16-bit reference is."""
+    if INTERPRETED and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter computes bfloat16 tl.dot wrongly (numpy has no bfloat16)")
+    layer = make_layer(channels=6, segments=[2, 4], backend="reference", dtype=torch.float32,
+                       device=DEVICE)
+    x = _input(6, (2, 4, 4))
+    grad = torch.randn_like(x)
+
+    def run(candidate, dtype):
+        xx = x.detach().to(dtype).requires_grad_()
+        y = candidate(xx)
+        y.backward(grad.to(dtype))
+        assert y.dtype == dtype
+        return y.float(), xx.grad.float()
+
+    truth = run(layer, torch.float32)
+    ours = run(twin(layer, "triton").to(dtype), dtype)
+    theirs = run(twin(layer, "reference").to(dtype), dtype)
+    for what, a, b, t in zip(("output", "input gradient"), ours, theirs, truth):
+        ours_err, ref_err = relative_error(a, t), relative_error(b, t)
+        assert ours_err <= max(2 * ref_err, TOLERANCE[dtype]), \
+            f"{what}: error {ours_err:.3g} vs float32, the {dtype} reference's is {ref_err:.3g}"
+
+
+@kernels
+def test_deterministic():
+    layer = make_layer(channels=8, segments=[3, 5], backend="triton", dtype=torch.float32, device=DEVICE)
+    x = _input(8, (2, 3, 4))
+    grads = []
+    for _ in range(2):
+        xx = x.clone().requires_grad_()
+        layer(xx).square().sum().backward()
+        grads.append(torch.cat([xx.grad.flatten()] + [p.grad.flatten() for p in layer.parameters()]))
+        layer.zero_grad()
+    assert torch.equal(grads[0], grads[1])
+
+
+@kernels
+def test_compile_fullgraph():
+    layer = make_layer(channels=6, segments=[2, 4], backend="triton", dtype=torch.float32, device=DEVICE)
+    twin_layer = twin(layer, "triton")
+    compiled = torch.compile(twin_layer, fullgraph=True, backend="aot_eager")
+    x = _input(6, (2, 3, 3))
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye, yc = layer(xe), compiled(xc)
+    assert_close(yc, ye, torch.float32, "compiled output")
+    ye.square().sum().backward()
+    yc.square().sum().backward()
+    assert_close(xc.grad, xe.grad, torch.float32, "compiled input gradient")
+
+
+@kernels
+def test_opcheck():
+    from gunn_ext import ops, triton_backend
+
+    layer = make_layer(channels=4, segments=[1, 3], dtype=torch.float32, device=DEVICE)
+    x = _input(4, (1, 3, 3)).requires_grad_()
+    args = ops.layer_arguments(layer, x, training=True)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.gunn_ext.triton_gradual_update, args, test_utils=utils)
+    y, mean, var = triton_backend.triton_gradual_update(*args)
+    (x, convs, weights, biases, _, _, *config) = args
+    torch.library.opcheck(torch.ops.gunn_ext.triton_gradual_update_backward,
+                          (torch.randn_like(y), x.detach(), y.detach(), convs, weights, biases,
+                           mean, var, *config), test_utils=("test_schema", "test_faketensor"))
+
+
+@kernels
+def test_rejects_float64():
+    layer = make_layer(channels=4, segments=2, backend="triton", dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16.*float64"):
+        layer(_input(4, (1, 2, 2), dtype=torch.float64))
+
+
+def test_optional_dependency(monkeypatch):
+    """Importing gunn_ext does not import triton; without it the backend is not offered."""
+    code = "import sys, gunn_ext; assert 'triton' not in sys.modules, 'gunn_ext imported triton'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    monkeypatch.setattr(backends, "_triton_importable", lambda: False)
+    assert "triton" not in backends.available_backends()
+    assert "triton" not in backends.available_backends("cpu")
+
+
+@kernels
+def test_tolerances_are_tight_enough_to_fail():
+    """A one-ulp-scale perturbation of a BN parameter is caught by the float32 comparison."""
+    layer = make_layer(channels=4, segments=2, backend="reference", dtype=torch.float32, device=DEVICE)
+    broken = twin(layer, "triton")
+    with torch.no_grad():
+        broken.norms()[-1].bias += 10 * TOLERANCE[torch.float32]
+    with pytest.raises(AssertionError, match="output"):
+        run_and_compare(layer, broken, _input(4, (1, 3, 3)), train=True)
