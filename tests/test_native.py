@@ -88,25 +88,16 @@ def test_random_layers_match_reference(data):
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_gradcheck(train):
-    layer = make_layer(channels=4, segments=[1, 3], units=2, backend="native").train(train)
-    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
-    params = tuple(layer.parameters())
+    layer = make_layer(channels=3, segments=[1, 2], expansion=1, units=2, backend="native")
+    layer.train(train)
+    names = [n for n, _ in layer.named_parameters()]
 
-    def fn(x, *ps):
-        # Functional in the parameters: swap them in for the call.
-        originals = [p.data for p in params]
-        for p, q in zip(params, ps):
-            p.data = q
-        try:
-            return torch.func.functional_call(layer, dict(zip(
-                [n for n, _ in layer.named_parameters()], ps)), (x,))
-        finally:
-            for p, o in zip(params, originals):
-                p.data = o
+    def fn(x, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params)), (x,))
 
-    inputs = (x,) + tuple(p.detach().clone().requires_grad_() for p in params)
-    # Running statistics change in training; gradcheck only reads the output.
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+    x = torch.randn(2, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 def _sample_op_args(training):
