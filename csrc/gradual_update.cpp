@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "fused_kernels.h"
+#include "gradual_update.h"
 
 namespace gunn_ext {
 namespace {
@@ -356,7 +357,9 @@ Layout make_layout(at::IntArrayRef segments, int64_t units, bool shortcut, bool 
 
 Shape shape_of(const Tensor& x) { return {x.size(0), x.size(1), x.size(2), x.size(3)}; }
 
-std::tuple<Tensor, Tensor, Tensor> gradual_update(
+}  // namespace
+
+ForwardResult gradual_update(
     const Tensor& x, at::TensorList conv_weights, at::TensorList bn_weights,
     at::TensorList bn_biases, at::TensorList running_means, at::TensorList running_vars,
     at::IntArrayRef segments, int64_t units, bool shortcut, bool sequential, bool training,
@@ -393,8 +396,7 @@ std::tuple<Tensor, Tensor, Tensor> gradual_update(
   return {in_layout_of(state, shape, x), norms.all.mean, norms.all.var};
 }
 
-std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
-gradual_update_backward(const Tensor& grad_y, const Tensor& x, const Tensor& y,
+BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, const Tensor& y,
                         at::TensorList conv_weights, at::TensorList bn_weights,
                         at::TensorList bn_biases, const Tensor& mean, const Tensor& var,
                         at::IntArrayRef segments, int64_t units, bool shortcut, bool sequential,
@@ -442,18 +444,12 @@ gradual_update_backward(const Tensor& grad_y, const Tensor& x, const Tensor& y,
   return {in_layout_of(grad, shape, x), grad_convs, grad_w, grad_b};
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(gunn_ext, CPU, m) {
   m.impl("gradual_update", &gradual_update);
   m.impl("gradual_update_backward", &gradual_update_backward);
 }
 
-#ifdef GUNN_WITH_CUDA
-TORCH_LIBRARY_IMPL(gunn_ext, CUDA, m) {
-  m.impl("gradual_update", &gradual_update);
-  m.impl("gradual_update_backward", &gradual_update_backward);
-}
-#endif
+// The CUDA registration (csrc/cuda/graph_replay.cpp) replays this same
+// orchestration as CUDA graphs and calls it through the dispatcher.
 
 }  // namespace gunn_ext

@@ -28,8 +28,13 @@ def check_name(name: str) -> str:
     return name
 
 
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# What this install has, read once at import (plain values that torch.compile
+# can trace through).
+INSTALL = {
+    "native_error": ops.load_error(),
+    "native_cuda": ops.has_cuda_kernels(),
+    "triton_installed": importlib.util.find_spec("triton") is not None,
+}
 
 
 def _why_unavailable(name: str, device: torch.device | None = None) -> str | None:
@@ -37,13 +42,13 @@ def _why_unavailable(name: str, device: torch.device | None = None) -> str | Non
     if name == "reference":
         return None
     if name == "native":
-        reason = ops.load_error()
-        if reason is None and device is not None and device.type == "cuda" and not ops.has_cuda_kernels():
+        reason = INSTALL["native_error"]
+        if reason is None and device is not None and device.type == "cuda" and not INSTALL["native_cuda"]:
             reason = ("the compiled extension was built without CUDA kernels; rebuild with "
                       "CUDA available: pip install --no-build-isolation .")
         return reason
     if name == "triton":
-        if not _triton_importable():
+        if not INSTALL["triton_installed"]:
             return "triton is not installed: pip install .[triton]"
         if device is not None and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return "triton runs CPU tensors only under TRITON_INTERPRET=1"
@@ -68,7 +73,6 @@ def _implementation(name: str) -> Callable:
     return triton_backend.gradual_update_triton
 
 
-@torch.compiler.assume_constant_result
 def resolve(name: str, device_type: str) -> str:
     """The backend that runs ``name`` on ``device_type`` (``auto`` picks the fastest)."""
     device = torch.device(device_type)

@@ -67,7 +67,7 @@ def test_unknown_backend_lists_available():
 
 
 def test_unavailable_backend_on_device(monkeypatch):
-    monkeypatch.setattr(gunn_ext.backends.ops, "load_error", lambda: "not built (test)")
+    monkeypatch.setitem(gunn_ext.backends.INSTALL, "native_error", "not built (test)")
     with pytest.raises(ValueError, match=r"backend 'native' is not available on cpu: not built \(test\)"):
         gunn_ext.backends.resolve("native", "cpu")
     with pytest.warns(RuntimeWarning, match="native backend unavailable"):

@@ -20,7 +20,6 @@
 //    switches it at run time.
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <ATen/ops/_foreach_copy.h>
 #include <ATen/ops/empty.h>
@@ -31,6 +30,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include "../gradual_update.h"
 
 #include <atomic>
 #include <cstdlib>
@@ -48,45 +49,6 @@ namespace {
 
 using at::Tensor;
 using at::TensorList;
-
-using ForwardResult = std::tuple<Tensor, Tensor, Tensor>;
-using BackwardResult =
-    std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>;
-using ForwardSignature = ForwardResult(const Tensor&, TensorList, TensorList, TensorList, TensorList,
-                                       TensorList, at::IntArrayRef, int64_t, bool, bool, bool,
-                                       at::ArrayRef<double>);
-using BackwardSignature = BackwardResult(const Tensor&, const Tensor&, const Tensor&, TensorList,
-                                         TensorList, TensorList, const Tensor&, const Tensor&,
-                                         at::IntArrayRef, int64_t, bool, bool, bool,
-                                         at::ArrayRef<double>);
-
-// The orchestration in gradual_update.cpp is device-generic (it picks the
-// fused kernels by the tensors' device) and is registered for the CPU key;
-// redispatching there runs it, eagerly, on these CUDA tensors.
-const c10::DispatchKeySet kDeviceGeneric(c10::DispatchKey::CPU);
-
-ForwardResult eager_forward(const Tensor& x, TensorList conv_weights, TensorList bn_weights,
-                            TensorList bn_biases, TensorList running_means, TensorList running_vars,
-                            at::IntArrayRef segments, int64_t units, bool shortcut, bool sequential,
-                            bool training, at::ArrayRef<double> eps) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("gunn_ext::gradual_update", "")
-                             .typed<ForwardSignature>();
-  return op.redispatch(kDeviceGeneric, x, conv_weights, bn_weights, bn_biases, running_means,
-                       running_vars, segments, units, shortcut, sequential, training, eps);
-}
-
-BackwardResult eager_backward(const Tensor& grad_y, const Tensor& x, const Tensor& y,
-                              TensorList conv_weights, TensorList bn_weights, TensorList bn_biases,
-                              const Tensor& mean, const Tensor& var, at::IntArrayRef segments,
-                              int64_t units, bool shortcut, bool sequential, bool training,
-                              at::ArrayRef<double> eps) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("gunn_ext::gradual_update_backward", "")
-                             .typed<BackwardSignature>();
-  return op.redispatch(kDeviceGeneric, grad_y, x, y, conv_weights, bn_weights, bn_biases, mean,
-                       var, segments, units, shortcut, sequential, training, eps);
-}
 
 bool env_flag(const char* name, bool fallback) {
   const char* value = std::getenv(name);
@@ -387,7 +349,7 @@ ForwardResult gradual_update_cuda(const Tensor& x, TensorList conv_weights, Tens
                                   at::ArrayRef<double> eps) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto eager = [&] {
-    return eager_forward(x, conv_weights, bn_weights, bn_biases, running_means, running_vars,
+    return gradual_update(x, conv_weights, bn_weights, bn_biases, running_means, running_vars,
                          segments, units, shortcut, sequential, training, eps);
   };
   std::optional<Key> key = graph_key(x);
@@ -421,7 +383,7 @@ BackwardResult gradual_update_backward_cuda(const Tensor& grad_y, const Tensor& 
                                             bool training, at::ArrayRef<double> eps) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto eager = [&] {
-    return eager_backward(grad_y, x, y, conv_weights, bn_weights, bn_biases, mean, var, segments,
+    return gradual_update_backward(grad_y, x, y, conv_weights, bn_weights, bn_biases, mean, var, segments,
                           units, shortcut, sequential, training, eps);
   };
   std::optional<Key> key = graph_key(x);
