@@ -18,7 +18,7 @@ import torch
 from conftest import TOLERANCE, assert_close, make_layer, relative_error, run_and_compare, twin
 from gunn_ext import backends
 
-pytestmark = [pytest.mark.skipif(not backends._triton_importable(), reason="triton is not installed"),
+pytestmark = [pytest.mark.skipif(not backends.INSTALL["triton_installed"], reason="triton is not installed"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -156,7 +156,7 @@ def test_optional_dependency(monkeypatch):
     code = "import sys, gunn_ext; assert 'triton' not in sys.modules, 'gunn_ext imported triton'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
-    monkeypatch.setattr(backends, "_triton_importable", lambda: False)
+    monkeypatch.setitem(backends.INSTALL, "triton_installed", False)
     assert "triton" not in backends.available_backends()
     assert "triton" not in backends.available_backends("cpu")
 
