@@ -1,0 +1,287 @@
+"""The training entry point: exact resume, DDP, the digits smoke run, clean errors."""
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gunn_ext.models import gunn15
+from gunn_ext.train import SetupError, TrainConfig, fit
+from gunn_ext.train import checkpoint as ckpt
+from gunn_ext.train.cli import main
+from gunn_ext.train.data import (ResumableSampler, load_data, random_resized_crop_box,
+                                 ImageFolderImages)
+from gunn_ext.train.distributed import convert_sync_batchnorm
+from gunn_ext.train.metrics import read_records
+from gunn_ext.train.plot import plot_comparison, plot_run
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING_KEYS = {"train_seconds", "images_per_s"}
+
+
+def tiny_config(out, **overrides) -> TrainConfig:
+    """A run of seconds: a slim SUNN-15 on 96 digits, global batch 16."""
+    values = dict(model="sunn15", dataset="digits", width=0.05, epochs=2, batch_size=16,
+                  train_samples=96, out=str(out), progress=False, log_every=1, threads=1)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def comparable(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# --- exact resume -----------------------------------------------------------------------------
+
+def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path):
+    whole = fit(tiny_config(tmp_path / "whole"))
+    assert whole.stopped_by is None and whole.position.epoch == 2
+
+    def stop_mid_epoch(position):
+        if position.global_step == 9:  # epoch 2, step 3 of 6
+            signal.raise_signal(signal.SIGTERM)
+
+    stopped = fit(tiny_config(tmp_path / "split"), on_step=stop_mid_epoch)
+    assert stopped.stopped_by == "SIGTERM"
+    saved = ckpt.load(tmp_path / "split")
+    assert saved["reason"] == "signal"
+    assert (saved["position"]["epoch"], saved["position"]["step"]) == (1, 3)
+
+    resumed = fit(TrainConfig(resume=str(tmp_path / "split"), progress=False, threads=1))
+    assert resumed.stopped_by is None and resumed.position.global_step == 12
+    assert_same_state(whole.model.state_dict(), resumed.model.state_dict())
+    final_whole, final_split = ckpt.load(tmp_path / "whole"), ckpt.load(tmp_path / "split")
+    assert final_whole["optimizer"]["state"].keys() == final_split["optimizer"]["state"].keys()
+    for k, state in final_whole["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], final_split["optimizer"]["state"][k]["momentum_buffer"])
+    assert comparable(read_records(tmp_path / "whole")) == comparable(read_records(tmp_path / "split"))
+
+
+def test_checkpoint_is_replaced_atomically(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    ckpt.save_atomic({"format": ckpt.FORMAT, "value": 1}, path)
+    ckpt.save_atomic({"format": ckpt.FORMAT, "value": 2}, path)
+    assert ckpt.load(path)["value"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary left
+
+
+def test_sampler_resumes_mid_epoch_and_shards_cover_the_data():
+    data = list(range(10))
+    full = ResumableSampler(data, num_replicas=1, rank=0, seed=3)
+    full.set_epoch(4)
+    order = list(full)
+    tail = ResumableSampler(data, num_replicas=1, rank=0, seed=3)
+    tail.set_epoch(4)
+    tail.set_start(6)
+    assert list(tail) == order[6:] and len(tail) == 4
+    assert all(epoch == 4 for _, epoch in order)
+    shards = [ResumableSampler(data, num_replicas=2, rank=r, seed=3) for r in range(2)]
+    for s in shards:
+        s.set_epoch(4)
+    assert sorted(i for s in shards for i, _ in s) == sorted(i for i, _ in order)
+
+
+def test_sigterm_to_the_cli_saves_and_exits_then_resume_finishes(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "gunn_ext.train", "--model", "gunn15", "--width", "0.05",
+               "--train-samples", "64", "--batch-size", "16", "--epochs", "8", "--no-progress",
+               "--log-every", "1", "--threads", "1", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert "checkpoint saved: resume with --resume" in output
+    stopped_at = ckpt.load(out)["position"]["global_step"]
+    assert 1 <= stopped_at < 8 * 4
+    assert read_records(out)[-1]["kind"] == "stopped"
+
+    assert main(["--resume", str(out), "--no-progress"]) == 0
+    records = read_records(out)
+    assert records[-1]["kind"] == "epoch" and records[-1]["epoch"] == 8
+    assert [r["global_step"] for r in records if r["kind"] == "train"] == list(range(1, 33))
+
+
+# --- DDP --------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    result = fit(tiny_config(out, epochs=1, batch_size=16, train_samples=64, device="cpu"))
+    torch.save({k: p.detach() for k, p in result.model.named_parameters()}, f"{out}/rank{rank}.pt")
+
+
+def test_two_process_ddp_ends_with_identical_weights(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert_same_state(rank0, rank1)
+    torch.manual_seed(0)
+    initial = {k: p.detach() for k, p in gunn15(width=0.05, in_channels=1).named_parameters()}
+    assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)  # it trained
+    saved = ckpt.load(tmp_path)
+    assert saved["world_size"] == 2 and saved["position"]["global_step"] == 4  # 64 samples / 16
+    assert_same_state({k: v for k, v in saved["model"].items() if k in rank0}, rank0)
+
+
+def test_sync_batchnorm_converts_only_the_plain_batchnorms():
+    model = gunn15(width=0.05)
+    converted = convert_sync_batchnorm(model)
+    assert converted == ["features.conv1.1", "features.conv1.4", "features.trans1.1",
+                         "features.trans2.1", "features.head.1"]
+    layer_norms = [n for layer in model.segmented_layers() for n in layer.norms()]
+    assert all(type(n) is torch.nn.BatchNorm2d for n in layer_norms)
+    synced = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert len(synced) == 5
+
+
+# --- the digits smoke run ---------------------------------------------------------------------
+
+def test_digits_smoke_run_learns(tmp_path):
+    result = fit(TrainConfig(model="gunn15", dataset="digits", width=0.1, epochs=3, out=str(tmp_path),
+                             progress=False, plot=True))
+    assert result.final_test_accuracy >= 0.8
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_digits_smoke_run_reaches_95_percent(tmp_path):
+    result = fit(TrainConfig(model="gunn15", dataset="digits", width=0.25, out=str(tmp_path), progress=False))
+    assert result.final_test_accuracy >= 0.95
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def write_fake_cifar(root: Path, name: str, per_file: int = 4):
+    layout = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                          "batches.meta", b"labels", {b"label_names": [b"c"] * 10}),
+              "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", b"fine_labels",
+                           {b"fine_label_names": [b"c"] * 100})}[name]
+    folder, train, test, meta, label_key, meta_content = layout
+    (root / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for file in train + test:
+        batch = {b"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
+                 label_key: rng.integers(0, 10, per_file).tolist()}
+        (root / folder / file).write_bytes(pickle.dumps(batch))
+    (root / folder / meta).write_bytes(pickle.dumps(meta_content))
+
+
+@pytest.mark.parametrize("name,train_size,classes", [("cifar10", 20, 10), ("cifar100", 4, 100)])
+def test_cifar_reader(tmp_path, name, train_size, classes):
+    write_fake_cifar(tmp_path, name)
+    data = load_data(TrainConfig(dataset=name, data=str(tmp_path)).resolved())
+    assert (len(data.train), len(data.test), data.num_classes, data.channels) == (train_size, 4, classes, 3)
+    image, label = data.train[(0, 0)]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and 0 <= label < 10
+    assert torch.equal(data.train[(1, 5)][0], data.train[(1, 5)][0])  # augmentation is keyed
+
+
+def test_image_folder_reader(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for k, cls in enumerate(("cat", "dog")):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                pixels = np.full((40 + 10 * i, 60, 3), 60 * k + i, dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    data = load_data(TrainConfig(dataset="imagenet", data=str(tmp_path)).resolved())
+    assert (len(data.train), len(data.test), data.num_classes) == (4, 4, 2)
+    image, label = data.train[(3, 0)]
+    assert image.shape == (3, 224, 224) and label == 1
+    assert data.test[(0, 0)][0].shape == (3, 224, 224)
+    assert isinstance(data.train, ImageFolderImages)
+
+
+def test_random_resized_crop_box_stays_inside_the_image():
+    rng = np.random.default_rng(0)
+    for width, height in [(500, 375), (50, 400), (400, 50), (224, 224)]:
+        for _ in range(50):
+            left, top, right, bottom = random_resized_crop_box(width, height, rng)
+            assert 0 <= left < right <= width and 0 <= top < bottom <= height
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+def run_cli_error(args, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_arguments_give_clear_errors(capsys, tmp_path):
+    assert "width must be > 0, got -1.0" in run_cli_error(["--width", "-1"], capsys)
+    assert "invalid choice: 'gunn16'" in run_cli_error(["--model", "gunn16"], capsys)
+    assert "epochs must be an int >= 1, got 0" in run_cli_error(["--epochs", "0"], capsys)
+    assert "needs --data" in run_cli_error(["--dataset", "cifar10"], capsys)
+    assert "milestones must be fractions" in run_cli_error(["--milestones", "150", "225"], capsys)
+    assert "--amp fp16 needs a CUDA device" in run_cli_error(
+        ["--amp", "fp16", "--device", "cpu", "--out", str(tmp_path)], capsys)
+
+
+def test_bad_data_paths_name_the_expected_files(capsys, tmp_path):
+    err = run_cli_error(["--dataset", "cifar10", "--data", str(tmp_path), "--out", str(tmp_path / "r")], capsys)
+    assert "cifar-10-batches-py" in err and "data_batch_1" in err and "test_batch" in err
+    err = run_cli_error(["--dataset", "cifar100", "--data", str(tmp_path), "--out", str(tmp_path / "r")], capsys)
+    assert "cifar-100-python" in err and "train, test, meta" in err
+    err = run_cli_error(["--dataset", "imagenet", "--data", str(tmp_path), "--out", str(tmp_path / "r")], capsys)
+    assert "train/<class>/<image>" in err and "missing" in err
+    err = run_cli_error(["--resume", str(tmp_path / "nothing")], capsys)
+    assert "no checkpoint there" in err
+
+
+def test_a_resumed_run_keeps_its_recipe(tmp_path, capsys):
+    fit(tiny_config(tmp_path, epochs=1))
+    err = run_cli_error(["--resume", str(tmp_path), "--lr", "0.05"], capsys)
+    assert "--lr=0.05 differs from the resumed run's 0.1" in err
+    err = run_cli_error(["--model", "sunn15", "--out", str(tmp_path)], capsys)
+    assert "already holds a checkpoint" in err
+
+
+def test_plot_compares_two_runs(tmp_path):
+    for name, error in (("sunn", 0.3), ("gunn", 0.2)):
+        (tmp_path / name).mkdir()
+        records = [dict(kind="epoch", epoch=e, global_step=10 * e, train_loss=1 / e, train_acc=1 - error / e,
+                        test_loss=1.2 / e, test_acc=1 - 1.1 * error / e) for e in range(1, 4)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    single = plot_run(tmp_path / "gunn")
+    both = plot_comparison([tmp_path / "sunn", tmp_path / "gunn"], tmp_path / "fig3.png", ["SUNN-15", "GUNN-15"])
+    assert main(["plot", str(tmp_path / "sunn"), str(tmp_path / "gunn"), "-o", str(tmp_path / "cli.png")]) == 0
+    for png in (single, both, tmp_path / "cli.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no finished epoch"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "metrics.jsonl").write_text("")
+        plot_run(tmp_path / "empty")
