@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from typing import Callable
 
 import torch
 
@@ -47,7 +48,7 @@ def has_cuda_kernels() -> bool:
     return bool(importlib.import_module("gunn_ext._build_info").WITH_CUDA)
 
 
-def _output_like(x: torch.Tensor) -> torch.Tensor:
+def output_like(x: torch.Tensor) -> torch.Tensor:
     """An empty tensor shaped like ``x`` in the layout the kernels return."""
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -58,20 +59,25 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _register() -> None:
-    lib = f"{_NS}::gradual_update"
+def register_layer_op(forward: str, backward: str, stats: Callable[[torch.dtype], torch.dtype]) -> None:
+    """Fake kernels and autograd for an op pair with ``gradual_update``'s schema.
 
-    @torch.library.register_fake(lib)
+    ``forward`` and ``backward`` are qualified op names (``"ns::name"``), the
+    backward taking ``gradual_update_backward``'s arguments; ``stats`` maps the
+    input dtype to the dtype of the returned statistics.
+    """
+    namespace, backward_name = backward.split("::")
+    @torch.library.register_fake(forward)
     def _(x, conv_weights, bn_weights, bn_biases, running_means, running_vars,
           segments, units, shortcut, sequential, training, eps):
         total = sum(w.shape[0] for w in bn_weights)
-        stats = x.new_empty((total,), dtype=stats_dtype(x.dtype))
-        return _output_like(x), stats, stats.clone()
+        mean = x.new_empty((total,), dtype=stats(x.dtype))
+        return output_like(x), mean, mean.clone()
 
-    @torch.library.register_fake(f"{_NS}::gradual_update_backward")
+    @torch.library.register_fake(backward)
     def _(grad_y, x, y, conv_weights, bn_weights, bn_biases, mean, var,
           segments, units, shortcut, sequential, training, eps):
-        return (_output_like(x), [torch.empty_like(w) for w in conv_weights],
+        return (output_like(x), [torch.empty_like(w) for w in conv_weights],
                 [torch.empty_like(w) for w in bn_weights], [torch.empty_like(b) for b in bn_biases])
 
     def setup_context(ctx, inputs, output):
@@ -83,24 +89,25 @@ def _register() -> None:
         ctx.config = (segments, units, shortcut, sequential, training, eps)
         ctx.mark_non_differentiable(mean, var)
 
-    def backward(ctx, grad_y, _grad_mean, _grad_var):
+    def backward_formula(ctx, grad_y, _grad_mean, _grad_var):
         x, y, mean, var, *params = ctx.saved_tensors
         n_conv, n_bn, n_running = ctx.counts
         conv_weights = params[:n_conv]
         bn_weights = params[n_conv:n_conv + n_bn]
         bn_biases = params[n_conv + n_bn:]
-        grad_x, grad_w, grad_g, grad_b = torch.ops.gunn_ext.gradual_update_backward(
+        backward_op = getattr(getattr(torch.ops, namespace), backward_name)
+        grad_x, grad_w, grad_g, grad_b = backward_op(
             grad_y, x, y, conv_weights, bn_weights, bn_biases, mean, var, *ctx.config)
         no_grad = [None] * n_running
         return (grad_x, grad_w, grad_g, grad_b, no_grad, no_grad,
                 None, None, None, None, None, None)
 
-    torch.library.register_autograd(lib, backward, setup_context=setup_context)
+    torch.library.register_autograd(forward, backward_formula, setup_context=setup_context)
 
 
 _LOAD_ERROR = load_error()
 if _LOAD_ERROR is None:
-    _register()
+    register_layer_op(f"{_NS}::gradual_update", f"{_NS}::gradual_update_backward", stats_dtype)
 
 
 def gradual_update(x, conv_weights, bn_weights, bn_biases, running_means, running_vars,
