@@ -17,17 +17,19 @@ RECIPES: dict[str, dict] = {
     "cifar10": dict(epochs=300, batch_size=64, milestones=(0.5, 0.75), flip=True, workers=2),
     "cifar100": dict(epochs=300, batch_size=64, milestones=(0.5, 0.75), flip=True, workers=2),
     "imagenet": dict(epochs=90, batch_size=256, milestones=(1 / 3, 2 / 3), flip=True, workers=8),
-    "digits": dict(epochs=15, batch_size=64, milestones=(0.5, 0.75), flip=False, workers=0),
+    "digits": dict(epochs=15, batch_size=32, milestones=(0.5, 0.75), flip=False, workers=0),
 }
 
-# Options that change no arithmetic: a resumed run may set them anew.
+# Options that change no arithmetic: a resumed run keeps its own unless they are given anew.
 RUNTIME_OPTIONS = frozenset({"data", "out", "workers", "threads", "progress", "plot", "log_every",
                              "checkpoint_every", "compile", "resume"})
+RUNTIME_DEFAULTS = dict(progress=True, plot=False, log_every=50, checkpoint_every=0, compile=False)
 
 
 @dataclass
 class TrainConfig:
-    """One training run. ``None`` fields take the dataset's recipe (:data:`RECIPES`).
+    """One training run. ``None`` fields take the dataset's recipe (:data:`RECIPES`)
+    or :data:`RUNTIME_DEFAULTS`.
 
     ``batch_size`` is the global batch: with ``W`` processes each takes
     ``batch_size / W`` samples per step, so the recipe does not depend on ``W``.
@@ -59,21 +61,21 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "none"
     channels_last: bool = False
-    compile: bool = False
+    compile: bool | None = None
     sync_bn: bool = False
     deterministic: bool = False
-    progress: bool = True
-    plot: bool = False
-    log_every: int = 50
-    checkpoint_every: int = 0
+    progress: bool | None = None
+    plot: bool | None = None
+    log_every: int | None = None
+    checkpoint_every: int | None = None
 
     def resolved(self) -> TrainConfig:
         """A copy with the recipe's defaults filled in and every value checked."""
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("model", self.model, sorted(MODELS))
         _check_choice("amp", self.amp, AMP_MODES)
-        recipe = RECIPES[self.dataset]
-        filled = dataclasses.replace(self, **{k: v for k, v in recipe.items()
+        defaults = {**RECIPES[self.dataset], **RUNTIME_DEFAULTS}
+        filled = dataclasses.replace(self, **{k: v for k, v in defaults.items()
                                               if getattr(self, k) is None})
         filled.milestones = tuple(float(m) for m in filled.milestones)
         if filled.out is None:
