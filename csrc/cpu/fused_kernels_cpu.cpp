@@ -82,23 +82,27 @@ void store_stats(const at::Tensor& out, const std::vector<double>& values, int64
   else store<float>(out, values, offset);
 }
 
+// One pass of shifted sums: with d = x - x[0], mean = x[0] + E[d] and
+// var = E[d^2] - E[d]^2; the shift keeps the double sums well conditioned.
 void column_stats_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var) {
   const int64_t rows = x.size(0), cols = x.size(1), ld = x.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "column_stats", [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
-    auto mu = column_sums(rows, cols, [&](int64_t r, double* acc) {
-      const scalar_t* row = px + r * ld;
-      for (int64_t j = 0; j < cols; ++j) acc[j] += double(row[j]);
-    });
-    for (auto& m : mu) m /= double(rows);
-    auto sq = column_sums(rows, cols, [&](int64_t r, double* acc) {
+    std::vector<double> shift(px, px + cols);
+    auto sums = column_sums(rows, 2 * cols, [&](int64_t r, double* acc) {
       const scalar_t* row = px + r * ld;
       for (int64_t j = 0; j < cols; ++j) {
-        const double d = double(row[j]) - mu[j];
-        acc[j] += d * d;
+        const double d = double(row[j]) - shift[j];
+        acc[j] += d;
+        acc[cols + j] += d * d;
       }
     });
-    for (auto& s : sq) s /= double(rows);
+    std::vector<double> mu(cols), sq(cols);
+    for (int64_t j = 0; j < cols; ++j) {
+      const double m = sums[j] / double(rows);
+      mu[j] = shift[j] + m;
+      sq[j] = std::max(0.0, sums[cols + j] / double(rows) - m * m);
+    }
     store_stats(mean, mu);
     store_stats(var, sq);
   });
