@@ -5,7 +5,7 @@
 #
 # RESULTS_DIR defaults to $GUNN_RESULTS, else $OUT, else benchmarks/results/<date>.
 # Everything runs under one time budget (GUNN_CHECK_BUDGET seconds, default
-# 450), each step under `timeout`; a failing step is recorded and the next
+# 540), each step under `timeout`; a failing step is recorded and the next
 # one runs. The summary table (also summary.md) is printed last.
 # GUNN_SKIP_INSTALL=1 uses the gunn_ext already importable (dry runs).
 # Without a CUDA GPU it says so and does a short CPU run instead.
@@ -14,7 +14,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STAMP="$(date -u +%Y-%m-%dT%H-%M-%SZ)"
 RESULTS="${1:-${GUNN_RESULTS:-${OUT:-$ROOT/benchmarks/results/$STAMP}}}"
-BUDGET="${GUNN_CHECK_BUDGET:-450}"
+BUDGET="${GUNN_CHECK_BUDGET:-540}"
 PYTHON="${PYTHON:-python}"
 START=$SECONDS
 mkdir -p "$RESULTS"
@@ -93,41 +93,50 @@ cat "$RESULTS/environment.log"
 
 HAVE_CUDA="$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)"
 PYTEST=("$PYTHON" -P -m pytest -q -rfE -p no:cacheprovider "$ROOT/tests")
-BENCH=("$PYTHON" "$ROOT/benchmarks/seq_update.py" --no-compile)
+BENCH=("$PYTHON" "$ROOT/benchmarks/seq_update.py")
 
 if [[ "$HAVE_CUDA" == "1" ]]; then
   run_step tests_cuda 180 "${PYTEST[@]}" -m cuda -rP --junitxml="$RESULTS/tests_cuda.xml"
-  # name segments channels size dtype [extra args]
+  # The issue's targets first (fp32 shapes with torch.compile, P = N, eval,
+  # training throughput), then bf16 and graphs-off, then the CPU-side tests.
   SHAPES=("gunn15_a 20 240 32" "gunn15_b 25 300 16" "gunn15_c 30 360 8")
-  for dtype in float32 bfloat16; do
-    for shape in "${SHAPES[@]}"; do
-      read -r name segments channels size <<< "$shape"
-      # The first run also compiles the Triton kernels (cached for the later runs).
-      cap=60; [[ "$dtype$name" == "float32gunn15_a" ]] && cap=150
-      run_step "bench_${name}_${dtype}" "$cap" "${BENCH[@]}" --segments "$segments" --channels "$channels" \
-        --size "$size" --batch 64 --dtype "$dtype" --device cuda --repeats 20 --warmup 10 \
-        --json "$RESULTS/bench_${name}_${dtype}.json"
-    done
-  done
-  for shape in "${SHAPES[@]}"; do
+  bench_shape() {  # dtype shape cap [extra args]
+    local dtype="$1" shape="$2" cap="$3"; shift 3
     read -r name segments channels size <<< "$shape"
-    run_step "bench_${name}_float32_nographs" 40 env GUNN_EXT_CUDA_GRAPHS=0 "${BENCH[@]}" \
-      --segments "$segments" --channels "$channels" --size "$size" --batch 64 --dtype float32 \
-      --device cuda --backends native --repeats 20 --warmup 10 \
-      --json "$RESULTS/bench_${name}_float32_nographs.json"
+    run_step "bench_${name}_${dtype}$SUFFIX" "$cap" "$@" --segments "$segments" --channels "$channels" \
+      --size "$size" --batch 64 --dtype "$dtype" --device cuda --repeats 20 --warmup 10 \
+      --json "$RESULTS/bench_${name}_${dtype}$SUFFIX.json"
+  }
+  SUFFIX=""
+  # fp32 at 240/20 and 360/30 (= --segments 30) also time torch.compile of the
+  # reference; the first run compiles the Triton kernels too.
+  bench_shape float32 "${SHAPES[0]}" 200 "${BENCH[@]}"
+  bench_shape float32 "${SHAPES[2]}" 200 "${BENCH[@]}"
+  bench_shape float32 "${SHAPES[1]}" 60 "${BENCH[@]}" --no-compile
+  run_step bench_PeqN_float32 90 "${BENCH[@]}" --no-compile --segments 240 --channels 240 --size 32 \
+    --batch 64 --dtype float32 --device cuda --repeats 10 --warmup 8 --json "$RESULTS/bench_PeqN_float32.json"
+  SUFFIX="_eval"
+  bench_shape float32 "${SHAPES[2]}" 60 "${BENCH[@]}" --no-compile --mode eval
+  run_step train_gunn15 120 "$PYTHON" "$ROOT/benchmarks/train_step.py" --model gunn15 --batch 64 \
+    --device cuda --json "$RESULTS/train_gunn15.json"
+  SUFFIX=""
+  for shape in "${SHAPES[@]}"; do bench_shape bfloat16 "$shape" 60 "${BENCH[@]}" --no-compile; done
+  SUFFIX="_nographs"
+  for shape in "${SHAPES[@]}"; do
+    bench_shape float32 "$shape" 40 env GUNN_EXT_CUDA_GRAPHS=0 "${BENCH[@]}" --no-compile --backends native
   done
-  run_step bench_PeqN_float32 90 "${BENCH[@]}" --segments 240 --channels 240 --size 32 --batch 64 \
-    --dtype float32 --device cuda --repeats 10 --warmup 8 --json "$RESULTS/bench_PeqN_float32.json"
-  run_step bench_PeqN_float32_nographs 60 env GUNN_EXT_CUDA_GRAPHS=0 "${BENCH[@]}" --segments 240 \
-    --channels 240 --size 32 --batch 64 --dtype float32 --device cuda --backends native \
+  run_step bench_PeqN_float32_nographs 60 env GUNN_EXT_CUDA_GRAPHS=0 "${BENCH[@]}" --no-compile \
+    --segments 240 --channels 240 --size 32 --batch 64 --dtype float32 --device cuda --backends native \
     --repeats 10 --warmup 8 --json "$RESULTS/bench_PeqN_float32_nographs.json"
   run_step tests_rest 240 "${PYTEST[@]}" -m "not cuda" --junitxml="$RESULTS/tests_rest.xml"
 else
   log "NO CUDA GPU: torch.cuda.is_available() is False; doing a short CPU run instead (no GPU numbers)"
   run_step tests_cuda 60 "${PYTEST[@]}" -m cuda --junitxml="$RESULTS/tests_cuda.xml"
-  run_step bench_cpu_small_float32 120 "${BENCH[@]}" --segments 4 --size 8 --batch 4 \
+  run_step bench_cpu_small_float32 120 "${BENCH[@]}" --no-compile --segments 4 --size 8 --batch 4 \
     --device cpu --backends reference,native --repeats 3 --warmup 1 \
     --json "$RESULTS/bench_cpu_small_float32.json"
+  run_step train_cpu_small 120 "$PYTHON" "$ROOT/benchmarks/train_step.py" --model gunn15 --width 0.1 \
+    --batch 4 --steps 2 --warmup 1 --device cpu --json "$RESULTS/train_cpu_small.json"
 fi
 
 "$PYTHON" - "$RESULTS" <<'EOF'
@@ -182,6 +191,18 @@ for path in sorted(results.glob("bench_*.json")):
         table.append(f"| {path.stem.removeprefix('bench_')} | {r['backend']} | {ms(r['forward'])} "
                      f"| {ms(fb)} | {speedup} | {peak} | {note} |")
 lines += ["", "## Benchmarks (median of the timed calls; *_nographs: GUNN_EXT_CUDA_GRAPHS=0)", ""] + table
+for path in sorted(results.glob("train_*.json")):
+    report = json.loads(path.read_text())
+    lines += ["", f"## Training step: {path.stem} (batch {report['args']['batch']})", "",
+              "| backend | step ms | images/s | peak GB |", "| --- | --- | --- | --- |"]
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['backend']} | FAILED: {r['error'][:80]} | | |")
+        else:
+            peak = r.get("peak_allocated_bytes")
+            lines.append(f"| {r['backend']} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} | "
+                         f"{peak / 1e9:.3f} |" if peak else f"| {r['backend']} | {r['step_ms']:.1f} | "
+                         f"{r['images_per_s']:.0f} | - |")
 text = "\n".join(lines) + "\n"
 (results / "summary.md").write_text(text)
 print(text)

@@ -1,0 +1,139 @@
+"""Training throughput of a whole network: images/s and peak memory per backend.
+
+    python benchmarks/train_step.py                          # GUNN-15, batch 64 on a GPU
+    python benchmarks/train_step.py --model sunn15 --backends reference,native --json out.json
+
+Each step is one SGD update (momentum 0.9, weight decay 1e-4, as in the paper)
+on synthetic CIFAR-shaped data (3x32x32, random labels): forward, cross
+entropy, backward, step. Every backend trains a copy of the same initial
+network. Peak memory is ``torch.cuda.max_memory_allocated`` during the timed
+steps (GPU only; the paper reports 2.485 GB for GUNN-15 at batch 64).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import gunn_ext
+from gunn_ext.models import MODELS, build_model
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gunn15", choices=sorted(MODELS))
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = the paper's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, help="default 64 on a GPU, 8 on the CPU")
+    p.add_argument("--backends", help="comma list (default: every available backend)")
+    p.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write every measurement here")
+    return p.parse_args(argv)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model, args, device) -> dict:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    generator = torch.Generator().manual_seed(args.seed)
+    images = torch.randn(args.batch, 3, 32, 32, generator=generator).to(device, memory_format=fmt)
+    labels = torch.randint(0, args.num_classes, (args.batch,), generator=generator).to(device)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+
+    def step():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    model.train()
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        loss = step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    out = {"step_ms": median * 1e3, "images_per_s": args.batch / median,
+           "samples_ms": [t * 1e3 for t in times], "final_loss": float(loss)}
+    if device.type == "cuda":
+        out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["peak_above_start_bytes"] = out["peak_allocated_bytes"] - base
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    args.batch = args.batch or (64 if device.type == "cuda" else 8)
+    names = args.backends.split(",") if args.backends else gunn_ext.available_backends(device)
+    torch.manual_seed(args.seed)
+    template = build_model(args.model, num_classes=args.num_classes, width=args.width)
+    params = sum(p.numel() for p in template.parameters())
+    rows, failed = [], False
+    for name in names:
+        model = copy.deepcopy(template)
+        for layer in model.modules():
+            if isinstance(layer, (gunn_ext.GUNNLayer, gunn_ext.SUNNLayer)):
+                layer.backend = name
+        model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+        try:
+            rows.append({"backend": name, **measure(model, args, device)})
+        except Exception as exc:  # report and go on with the other backends
+            failed = True
+            rows.append({"backend": name, "error": f"{type(exc).__name__}: {exc}"})
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    table = Table(title=f"{args.model} ({params:,} parameters), batch {args.batch}, {device.type}"
+                        f"{', ' + args.amp if args.amp else ''}{', channels_last' if args.channels_last else ''}")
+    for column in ("backend", "step ms", "images/s", "speedup", "peak memory GB"):
+        table.add_column(column, justify="left" if column == "backend" else "right")
+    reference = next((r["step_ms"] for r in rows if r["backend"] == "reference" and "step_ms" in r), None)
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["backend"], "FAILED", r["error"][:60], "", "")
+            continue
+        peak = f"{r['peak_allocated_bytes'] / 1e9:.3f}" if "peak_allocated_bytes" in r else "n/a"
+        speedup = f"{reference / r['step_ms']:.2f}x" if reference else ""
+        table.add_row(r["backend"], f"{r['step_ms']:.1f}", f"{r['images_per_s']:.0f}", speedup, peak)
+    console = Console(width=120)
+    console.print(table)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    console.print(f"{machine}, torch {torch.__version__}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "train_step", "date": datetime.now(timezone.utc).isoformat(),
+                       "args": vars(args), "parameters": params, "machine": machine,
+                       "torch": torch.__version__, "results": rows}, f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
