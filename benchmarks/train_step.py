@@ -41,7 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write every measurement here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda asked for, but torch sees no CUDA GPU")
+    return args
 
 
 def sync(device: torch.device) -> None:
