@@ -53,15 +53,6 @@ def want_cuda():
     return True, f"CUDA {torch.version.cuda}, toolkit {cuda_home}"
 
 
-def extra_include_dirs():
-    """Headers torch's CUDA headers need that some toolkits lack (cusparse.h)."""
-    found = []
-    for site in {Path(p).parent.parent for p in torch.__path__}:
-        found += glob.glob(str(site / "nvidia" / "*" / "include"))
-        found += glob.glob(str(site / "nvidia" / "*" / "*" / "include"))
-    return [d for d in found if Path(d, "cusparse.h").exists()][:1]
-
-
 def extension():
     with_cuda, why = want_cuda()
     debug = os.environ.get("GUNN_EXT_DEBUG") == "1"
@@ -76,15 +67,13 @@ def extension():
         extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]) + [
             "-DGUNN_WITH_CUDA", "--expt-relaxed-constexpr"]
         ext_cls = cpp_extension.CUDAExtension
-        kwargs = {"include_dirs": extra_include_dirs()}
     else:
         ext_cls = cpp_extension.CppExtension
-        kwargs = {}
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
     print(f"gunn_ext: building against torch {torch.__version__}; CUDA kernels: "
           f"{'yes' if with_cuda else 'no'} ({why}){'; archs ' + archs if archs else ''}")
     write_build_info(with_cuda, archs)
-    return ext_cls("gunn_ext._C", sources, extra_compile_args=extra, **kwargs)
+    return ext_cls("gunn_ext._C", sources, extra_compile_args=extra)
 
 
 def write_build_info(with_cuda, archs):
