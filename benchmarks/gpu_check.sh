@@ -3,7 +3,10 @@
 #
 #   benchmarks/gpu_check.sh [RESULTS_DIR]
 #
-# RESULTS_DIR defaults to $GUNN_RESULTS, else $OUT, else benchmarks/results/<date>.
+# RESULTS_DIR defaults to $GUNN_RESULTS, else benchmarks/results/<date>. When
+# $OUT is set (the device tool's output folder, which returns only a few
+# files), the whole results folder is also packed into $OUT/gpu_check.tar.gz,
+# with summary.md beside it.
 # Everything runs under one time budget (GUNN_CHECK_BUDGET seconds, default
 # 540), each step under `timeout`; a failing step is recorded and the next
 # one runs. The summary table (also summary.md) is printed last.
@@ -13,7 +16,7 @@ set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STAMP="$(date -u +%Y-%m-%dT%H-%M-%SZ)"
-RESULTS="${1:-${GUNN_RESULTS:-${OUT:-$ROOT/benchmarks/results/$STAMP}}}"
+RESULTS="${1:-${GUNN_RESULTS:-$ROOT/benchmarks/results/$STAMP}}"
 BUDGET="${GUNN_CHECK_BUDGET:-540}"
 PYTHON="${PYTHON:-python}"
 START=$SECONDS
@@ -207,4 +210,8 @@ text = "\n".join(lines) + "\n"
 (results / "summary.md").write_text(text)
 print(text)
 EOF
+if [[ -n "${OUT:-}" && -d "$OUT" && "$RESULTS" != "$OUT" ]]; then
+  tar czf "$OUT/gpu_check.tar.gz" -C "$RESULTS" . && cp "$RESULTS/summary.md" "$OUT/summary.md"
+  log "packed the results into $OUT/gpu_check.tar.gz"
+fi
 log "done in $((SECONDS - START))s; results in $RESULTS"
