@@ -182,11 +182,13 @@ inline int next_pow2(int v) {
 }
 
 // Tree over the block's row lanes, in a fixed order. Each thread passes its
-// V states; afterwards the threads of row lane 0 hold their columns' totals
-// in smem[threadIdx.x * V + v]. All threads of the block must call it.
+// V states; row lane 0 then writes its columns' totals for this chunk to
+// partials[column][chunk] ([cols][chunks] layout, column = col * V + v).
+// All threads of the block must call it.
 template <int V, typename State, typename Combine>
-__device__ void reduce_row_lanes(const Tiling& t, const State (&mine)[V], State* smem,
-                                 int lanes_pow2, Combine combine) {
+__device__ void reduce_chunk(const Tiling& t, const State (&mine)[V], State* smem,
+                             int lanes_pow2, Combine combine, State* partials, int col,
+                             int64_t chunks) {
   const int tid = threadIdx.x;
 #pragma unroll
   for (int v = 0; v < V; ++v) smem[tid * V + v] = mine[v];
@@ -199,6 +201,11 @@ __device__ void reduce_row_lanes(const Tiling& t, const State (&mine)[V], State*
         smem[tid * V + v] = combine(smem[tid * V + v], smem[(tid + stride * t.tile) * V + v]);
     }
     __syncthreads();
+  }
+  if (t.active() && lane == 0) {
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+      partials[(int64_t(col) * V + v) * chunks + blockIdx.x] = smem[tid * V + v];
   }
 }
 

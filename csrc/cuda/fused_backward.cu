@@ -66,12 +66,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  reduce_row_lanes<V>(t, s, smem, lanes_pow2, AddGradSums<acc_t>{});
-  if (t.active() && t.lane_row() == 0) {
-#pragma unroll
-    for (int v = 0; v < V; ++v)
-      partials[(int64_t(col) * V + v) * chunks + blockIdx.x] = smem[threadIdx.x * V + v];
-  }
+  reduce_chunk<V>(t, s, smem, lanes_pow2, AddGradSums<acc_t>{}, partials, col, chunks);
 }
 
 template <typename scalar_t, int V>
