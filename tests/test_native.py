@@ -4,7 +4,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICES, assert_close, make_layer, run_and_compare, twin
+from conftest import DEVICES, make_layer, run_and_compare, twin
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

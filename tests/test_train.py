@@ -15,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from gunn_ext.models import gunn15
-from gunn_ext.train import SetupError, TrainConfig, fit
+from gunn_ext.train import TrainConfig, fit
 from gunn_ext.train import checkpoint as ckpt
 from gunn_ext.train.cli import main
 from gunn_ext.train.data import (ResumableSampler, load_data, random_resized_crop_box,
