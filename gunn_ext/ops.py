@@ -171,10 +171,14 @@ def uses_batch_stats(layer) -> bool:
     return layer.training or any(n.running_mean is None for n in layer.norms())
 
 
-def gradual_update_native(layer, x: torch.Tensor) -> torch.Tensor:
+def run_layer_op(op: Callable, layer, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` through ``op``, an op with ``gradual_update``'s schema."""
     training = uses_batch_stats(layer)
-    args = layer_arguments(layer, x, training)
-    y, mean, var = gradual_update(*args)
+    y, mean, var = op(*layer_arguments(layer, x, training))
     if layer.training:
         update_running_stats(layer.norms(), mean, var, x.shape[0] * x.shape[2] * x.shape[3])
     return y
+
+
+def gradual_update_native(layer, x: torch.Tensor) -> torch.Tensor:
+    return run_layer_op(gradual_update, layer, x)

@@ -10,7 +10,8 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from conftest import assert_close, make_layer, run_and_compare, twin  # noqa: E402
+from conftest import (LOW_PRECISION, assert_close, check_against_truth,  # noqa: E402
+                      forward_backward, make_layer, relative_norm, run_and_compare, twin)
 from gunn_ext import cuda_graphs  # noqa: E402
 
 pytestmark = [
@@ -18,11 +19,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     pytest.mark.filterwarnings("ignore::UserWarning"),
 ]
-
-# Relative-norm tolerance of the native result against float64 truth; a
-# result may also be up to twice as far from it as PyTorch's own result in
-# the same dtype (BatchNorm gradients cancel, so some are inherently noisy).
-LOW_PRECISION = {torch.float16: 3e-3, torch.bfloat16: 1e-2}
 
 CASES = {
     "P=1": dict(channels=12, segments=1),
@@ -46,34 +42,6 @@ def _fresh_graph_cache():
     cuda_graphs.clear()
     yield
     cuda_graphs.clear()
-
-
-def check_against_truth(ours, theirs, truth, tolerance):
-    """Output, input gradient and all parameter gradients (as one vector) of the
-    native result are within ``tolerance`` of float64 truth, or at most twice
-    as far from it as PyTorch's result in the same precision."""
-    def groups(results):
-        return {"output": results[0], "input gradient": results[1],
-                "parameter gradients": torch.cat([g.double().flatten() for g in results[2:]])}
-    for (name, a), b, e in zip(groups(ours).items(), groups(theirs).values(), groups(truth).values()):
-        err, torch_err = relative_norm(a, e), relative_norm(b, e)
-        assert err <= max(tolerance, 2 * torch_err), (
-            f"{name}: relative error {err:.3g} (PyTorch in the same precision: {torch_err:.3g})")
-
-
-def relative_norm(actual, expected):
-    expected = expected.detach().double()
-    return ((actual.detach().double() - expected).norm() / expected.norm().clamp_min(1e-12)).item()
-
-
-def forward_backward(layer, x, grad):
-    """Output, input gradient and parameter gradients of one training step."""
-    x = x.detach().clone().requires_grad_()
-    for p in layer.parameters():
-        p.grad = None
-    y = layer(x)
-    y.backward(grad)
-    return [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -126,7 +94,7 @@ def test_low_precision(dtype, train, channels_last):
     ours = forward_backward(native, x.to(dtype), grad.to(dtype))
     theirs = forward_backward(torch_lowp, x.to(dtype), grad.to(dtype))
     assert all(t.dtype == dtype for t in ours), [t.dtype for t in ours]
-    check_against_truth(ours, theirs, expected, LOW_PRECISION[dtype])
+    check_against_truth(ours, theirs, expected, dtype)
     for (name, r), n in zip(truth.named_buffers(), native.buffers()):
         if r.is_floating_point():
             assert relative_norm(n, r) <= LOW_PRECISION[dtype], f"buffer {name}"
@@ -227,7 +195,7 @@ def test_autocast_bfloat16():
         ours = forward_backward(native, x.float(), grad.float())
     assert ours[0].dtype == torch.bfloat16, ours[0].dtype
     assert [t.dtype for t in ours[1:]] == [t.dtype for t in theirs[1:]]
-    check_against_truth(ours, theirs, expected, 3e-2)
+    check_against_truth(ours, theirs, expected, torch.bfloat16)
 
 
 def peak_training_bytes(layer, x):

@@ -16,9 +16,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <initializer_list>
@@ -26,6 +23,7 @@
 
 #include "../bn_math.h"
 #include "../fused_kernels.h"
+#include "device_runtime.cuh"
 #include "fused_kernels_cuda.h"
 
 namespace gunn_ext {
@@ -112,7 +110,8 @@ NormParams<acc_t> norm_params(const Norm& norm, int64_t cols, const char* what) 
                 " contiguous entries, got ", t->defined() ? t->sizes() : at::IntArrayRef{});
     TORCH_CHECK(t->scalar_type() == dtype, "gunn_ext: ", what, ": BN parameters must be ", dtype,
                 ", got ", t->scalar_type());
-    TORCH_CHECK(t->is_cuda(), "gunn_ext: ", what, ": BN parameters must be on the GPU");
+    TORCH_CHECK(t->device().type() == kDevice, "gunn_ext: ", what, ": BN parameters must be on ",
+                kDevice, ", got ", t->device());
   }
   return {norm.mean.const_data_ptr<acc_t>(), norm.var.const_data_ptr<acc_t>(),
           norm.weight.const_data_ptr<acc_t>(), norm.bias.const_data_ptr<acc_t>(),
@@ -125,8 +124,9 @@ acc_t* column_output(const at::Tensor& t, int64_t cols, const char* what, const 
   const auto dtype = c10::CppTypeToScalarType<acc_t>::value;
   TORCH_CHECK(t.dim() == 1 && t.size(0) == cols && t.stride(0) == 1, "gunn_ext: ", what, ": ",
               name, " must be 1-D with ", cols, " contiguous entries, got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype && t.is_cuda(), "gunn_ext: ", what, ": ", name,
-              " must be a CUDA ", dtype, " tensor, got ", t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype && t.device().type() == kDevice, "gunn_ext: ", what, ": ",
+              name, " must be a ", kDevice, " ", dtype, " tensor, got ", t.scalar_type(), " on ",
+              t.device());
   return t.data_ptr<acc_t>();
 }
 
@@ -140,7 +140,8 @@ inline void check_matrix(const at::Tensor& t, const char* what, const char* name
               " must have unit column stride, got strides ", t.strides());
   TORCH_CHECK(t.scalar_type() == dtype, "gunn_ext: ", what, ": ", name, " must be ", dtype,
               ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_cuda(), "gunn_ext: ", what, ": ", name, " must be on the GPU, got ", t.device());
+  TORCH_CHECK(t.device().type() == kDevice, "gunn_ext: ", what, ": ", name, " must be on ",
+              kDevice, ", got ", t.device());
 }
 
 inline bool fits_vector(const at::Tensor& t, int vec) {

@@ -33,8 +33,7 @@ __global__ void __launch_bounds__(kThreads)
                      NormParams<acc_type<scalar_t>> norm, bool has_relu, Tiling t, int64_t chunk,
                      int lanes_pow2, GradSums<acc_type<scalar_t>>* partials, int64_t chunks) {
   using acc_t = acc_type<scalar_t>;
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
-  auto* smem = reinterpret_cast<GradSums<acc_t>*>(smem_bytes);
+  auto* smem = dynamic_shared_memory<GradSums<acc_t>>();
   GradSums<acc_t> s[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) s[v] = {0, 0};
@@ -123,8 +122,7 @@ void bn_backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& x, const No
   check_matrix(x, "bn_backward_reduce", "x", rows, cols, x.scalar_type());
   check_matrix(dy, "bn_backward_reduce", "dy", rows, cols, x.scalar_type());
   if (cols == 0) return;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
+  const DeviceScope scope(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_backward_reduce_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     const auto params = norm_params<acc_t>(norm, cols, "bn_backward_reduce");
@@ -137,14 +135,13 @@ void bn_backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& x, const No
       at::Tensor workspace = partials_workspace(x, cols * chunks, sizeof(GradSums<acc_t>));
       auto* partials = reinterpret_cast<GradSums<acc_t>*>(workspace.data_ptr());
       const dim3 grid(static_cast<unsigned>(chunks), column_tiles(t));
-      grad_sums_kernel<scalar_t, V><<<grid, kThreads, kThreads * V * sizeof(GradSums<acc_t>), stream>>>(
-          dy.const_data_ptr<scalar_t>(), dy.stride(0), x.const_data_ptr<scalar_t>(), x.stride(0),
-          params, has_relu, t, chunk, next_pow2(t.row_lanes), partials, chunks);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      combine_partials_kernel<<<static_cast<unsigned>(cols), kThreads, 0, stream>>>(
-          static_cast<const GradSums<acc_t>*>(partials), chunks, GradSums<acc_t>{0, 0},
-          AddGradSums<acc_t>{}, WriteGradSums<acc_t>{out_dy, out_dy_xhat});
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(grad_sums_kernel<scalar_t, V>, grid, kThreads,
+             kThreads * V * sizeof(GradSums<acc_t>), scope.stream(), dy.const_data_ptr<scalar_t>(),
+             dy.stride(0), x.const_data_ptr<scalar_t>(), x.stride(0), params, has_relu, t, chunk,
+             next_pow2(t.row_lanes), partials, chunks);
+      launch(combine_partials_kernel<GradSums<acc_t>, AddGradSums<acc_t>, WriteGradSums<acc_t>>,
+             static_cast<unsigned>(cols), kThreads, 0, scope.stream(), partials, chunks,
+             GradSums<acc_t>{0, 0}, AddGradSums<acc_t>{}, WriteGradSums<acc_t>{out_dy, out_dy_xhat});
     });
   });
 }
@@ -157,8 +154,7 @@ void bn_backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, const Nor
   check_matrix(dy, "bn_backward_apply", "dy", rows, cols, x.scalar_type());
   check_matrix(dx, "bn_backward_apply", "dx", rows, cols, x.scalar_type());
   if (rows == 0 || cols == 0) return;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
+  const DeviceScope scope(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_backward_apply_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     const auto params = norm_params<acc_t>(norm, cols, "bn_backward_apply");
@@ -167,10 +163,9 @@ void bn_backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, const Nor
     with_vector_width<scalar_t>(vector_width<scalar_t>({&x, &dy, &dx}), [&](auto width) {
       constexpr int V = decltype(width)::value;
       const Tiling t = make_tiling(rows, cols, V);
-      bn_input_grad_kernel<scalar_t, V><<<elementwise_grid(t), kThreads, 0, stream>>>(
-          dy.const_data_ptr<scalar_t>(), dy.stride(0), x.const_data_ptr<scalar_t>(), x.stride(0),
-          dx.data_ptr<scalar_t>(), dx.stride(0), params, has_relu, training, s_dy, s_dy_xhat, t);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(bn_input_grad_kernel<scalar_t, V>, elementwise_grid(t), kThreads, 0, scope.stream(),
+             dy.const_data_ptr<scalar_t>(), dy.stride(0), x.const_data_ptr<scalar_t>(), x.stride(0),
+             dx.data_ptr<scalar_t>(), dx.stride(0), params, has_relu, training, s_dy, s_dy_xhat, t);
     });
   });
 }

@@ -40,8 +40,7 @@ __global__ void __launch_bounds__(kThreads)
     column_moments_kernel(const scalar_t* x, int64_t ld, Tiling t, int64_t chunk, int lanes_pow2,
                           Welford<acc_type<scalar_t>>* partials, int64_t chunks) {
   using acc_t = acc_type<scalar_t>;
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
-  auto* smem = reinterpret_cast<Welford<acc_t>*>(smem_bytes);
+  auto* smem = dynamic_shared_memory<Welford<acc_t>>();
   Welford<acc_t> s[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) s[v] = {0, 0, 0};
@@ -152,8 +151,7 @@ void column_stats_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Te
   check_matrix(x, "column_stats", "x", rows, cols, x.scalar_type());
   TORCH_CHECK(rows > 0, "gunn_ext: column_stats: x must have at least one row, got ", x.sizes());
   if (cols == 0) return;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
+  const DeviceScope scope(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "column_stats_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     acc_t* mean_out = column_output<acc_t>(mean, cols, "column_stats", "mean");
@@ -166,14 +164,12 @@ void column_stats_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Te
       at::Tensor workspace = partials_workspace(x, cols * chunks, sizeof(Welford<acc_t>));
       auto* partials = reinterpret_cast<Welford<acc_t>*>(workspace.data_ptr());
       const dim3 grid(static_cast<unsigned>(chunks), column_tiles(t));
-      column_moments_kernel<scalar_t, V><<<grid, kThreads, kThreads * V * sizeof(Welford<acc_t>), stream>>>(
-          x.const_data_ptr<scalar_t>(), x.stride(0), t, chunk, next_pow2(t.row_lanes), partials, chunks);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      combine_partials_kernel<<<static_cast<unsigned>(cols), kThreads, 0, stream>>>(
-          static_cast<const Welford<acc_t>*>(partials), chunks, Welford<acc_t>{0, 0, 0},
-          WelfordCombine<acc_t>{},
-          WriteMoments<acc_t>{mean_out, var_out});
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(column_moments_kernel<scalar_t, V>, grid, kThreads,
+             kThreads * V * sizeof(Welford<acc_t>), scope.stream(), x.const_data_ptr<scalar_t>(),
+             x.stride(0), t, chunk, next_pow2(t.row_lanes), partials, chunks);
+      launch(combine_partials_kernel<Welford<acc_t>, WelfordCombine<acc_t>, WriteMoments<acc_t>>,
+             static_cast<unsigned>(cols), kThreads, 0, scope.stream(), partials, chunks,
+             Welford<acc_t>{0, 0, 0}, WelfordCombine<acc_t>{}, WriteMoments<acc_t>{mean_out, var_out});
     });
   });
 }
@@ -183,16 +179,15 @@ void bn_relu_cuda(const at::Tensor& x, const Norm& norm, const at::Tensor& out) 
   check_matrix(x, "bn_relu", "x", rows, cols, x.scalar_type());
   check_matrix(out, "bn_relu", "out", rows, cols, x.scalar_type());
   if (rows == 0 || cols == 0) return;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
+  const DeviceScope scope(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_cuda", [&] {
     const auto params = norm_params<acc_type<scalar_t>>(norm, cols, "bn_relu");
     with_vector_width<scalar_t>(vector_width<scalar_t>({&x, &out}), [&](auto width) {
       constexpr int V = decltype(width)::value;
       const Tiling t = make_tiling(rows, cols, V);
-      bn_relu_kernel<scalar_t, V><<<elementwise_grid(t), kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), x.stride(0), out.data_ptr<scalar_t>(), out.stride(0), params, t);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(bn_relu_kernel<scalar_t, V>, elementwise_grid(t), kThreads, 0, scope.stream(),
+             x.const_data_ptr<scalar_t>(), x.stride(0), out.data_ptr<scalar_t>(), out.stride(0),
+             params, t);
     });
   });
 }
@@ -205,8 +200,7 @@ void bn_add_cuda(const at::Tensor& out, bool accumulate, const at::Tensor& x1, c
   if (x2.defined()) check_matrix(x2, "bn_add", "x2", rows, cols, out.scalar_type());
   TORCH_CHECK(x2.defined() || norm2 == nullptr, "gunn_ext: bn_add: norm2 given without x2");
   if (rows == 0 || cols == 0) return;
-  const c10::cuda::CUDAGuard guard(out.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(out.device().index());
+  const DeviceScope scope(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "bn_add_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     const auto params1 = norm_params<acc_t>(norm1, cols, "bn_add");
@@ -214,11 +208,10 @@ void bn_add_cuda(const at::Tensor& out, bool accumulate, const at::Tensor& x1, c
     with_vector_width<scalar_t>(vector_width<scalar_t>({&out, &x1, &x2}), [&](auto width) {
       constexpr int V = decltype(width)::value;
       const Tiling t = make_tiling(rows, cols, V);
-      bn_add_kernel<scalar_t, V><<<elementwise_grid(t), kThreads, 0, stream>>>(
-          out.data_ptr<scalar_t>(), out.stride(0), accumulate, x1.const_data_ptr<scalar_t>(),
-          x1.stride(0), params1, x2.defined() ? x2.const_data_ptr<scalar_t>() : nullptr,
-          x2.defined() ? x2.stride(0) : 0, norm2 != nullptr, params2, t);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(bn_add_kernel<scalar_t, V>, elementwise_grid(t), kThreads, 0, scope.stream(),
+             out.data_ptr<scalar_t>(), out.stride(0), accumulate, x1.const_data_ptr<scalar_t>(),
+             x1.stride(0), params1, x2.defined() ? x2.const_data_ptr<scalar_t>() : nullptr,
+             x2.defined() ? x2.stride(0) : 0, norm2 != nullptr, params2, t);
     });
   });
 }

@@ -1,0 +1,104 @@
+// A CPU emulator of the few CUDA features the fused kernels use (see
+// csrc/cuda/device_runtime.cuh), so that their own source, compiled as C++
+// with GUNN_EXT_EMULATE_CUDA, runs on CPU tensors in the tests.
+//
+// A launch runs its blocks one after another. The threads of a block run
+// concurrently, one std::thread each: __syncthreads() is a real barrier,
+// __shared__ memory is really shared by the block (and only by it, since
+// blocks do not overlap), and a thread that returns early leaves the barrier,
+// as an exited GPU thread stops counting. Dynamic shared memory is filled with
+// NaN bytes before every block, so a kernel that reads it before writing it
+// fails its test. Launch configurations are checked against CUDA's limits.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <barrier>
+#include <cstddef>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) alignas(n)
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using cudaStream_t = void*;
+
+inline thread_local dim3 threadIdx;
+inline dim3 blockIdx, blockDim, gridDim;
+
+namespace gunn_ext {
+namespace cuda {
+
+constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
+
+namespace emulator {
+inline thread_local std::barrier<>* block_barrier = nullptr;
+inline std::vector<std::max_align_t> shared_memory;
+}  // namespace emulator
+
+class DeviceScope {
+ public:
+  explicit DeviceScope(const at::Tensor&) {}
+  cudaStream_t stream() const { return nullptr; }
+};
+
+inline void __syncthreads() { emulator::block_barrier->arrive_and_wait(); }
+
+template <typename T>
+T min(T a, T b) {
+  return b < a ? b : a;
+}
+
+template <typename T>
+T* dynamic_shared_memory() {
+  return reinterpret_cast<T*>(emulator::shared_memory.data());
+}
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t,
+            Args&&... args) {
+  TORCH_CHECK(block.x >= 1 && block.x <= 1024 && block.y == 1 && block.z == 1,
+              "cuda emulator: blocks must be 1-D with 1..1024 threads, got ", block.x, "x",
+              block.y, "x", block.z);
+  TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.y <= 65535 && grid.z >= 1 && grid.z <= 65535,
+              "cuda emulator: invalid grid ", grid.x, "x", grid.y, "x", grid.z);
+  TORCH_CHECK(shared_bytes <= 48 * 1024, "cuda emulator: ", shared_bytes,
+              " bytes of dynamic shared memory exceed the 48 KiB available without opt-in");
+  const size_t words = (shared_bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t);
+  emulator::shared_memory.assign(words, std::max_align_t{});
+  gridDim = grid;
+  blockDim = block;
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = dim3(x, y, z);
+        std::memset(emulator::shared_memory.data(), 0xff, words * sizeof(std::max_align_t));
+        std::barrier<> barrier(block.x);
+        std::vector<std::jthread> threads;
+        threads.reserve(block.x);
+        for (unsigned t = 0; t < block.x; ++t) {
+          threads.emplace_back([&, t] {
+            threadIdx = dim3(t);
+            emulator::block_barrier = &barrier;
+            kernel(args...);
+            barrier.arrive_and_drop();
+          });
+        }
+      }
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace gunn_ext

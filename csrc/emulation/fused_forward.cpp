@@ -1,0 +1,2 @@
+// csrc/cuda/fused_forward.cu, compiled as C++ for the CUDA emulator.
+#include "../cuda/fused_forward.cu"

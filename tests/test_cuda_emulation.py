@@ -1,0 +1,130 @@
+"""The CUDA fused kernels' own source, run on the CPU through an emulator.
+
+``csrc/cuda/*.cu`` compile as C++ against ``csrc/emulation/cuda_emulator.h``
+(real threads per block, real barriers and shared memory) into a second op
+library, ``torch.ops.gunn_ext_emulated``: the same orchestration
+(``csrc/gradual_update.cpp``) with the CUDA kernels in place of the CPU ones.
+Its layers are compared with the reference on values, gradients and running
+statistics, so the kernels' indexing, vector widths, tiling and two-stage
+reductions are tested without a GPU. The GEMMs and the 3x3 convolution are
+ATen's CPU ones here, and CUDA graph replay is not emulated.
+
+``GUNN_EXT_EMULATION_SANITIZER=address`` (or ``thread``, ``undefined``) builds
+the library with that sanitizer; run pytest with the sanitizer's runtime
+preloaded, e.g. ``LD_PRELOAD=$(g++ -print-file-name=libasan.so)
+ASAN_OPTIONS=detect_leaks=0``, to check the kernels' memory accesses.
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from conftest import (LOW_PRECISION, TOLERANCE, check_against_truth, forward_backward,
+                      make_layer, relative_norm, run_and_compare, twin)
+from gunn_ext import ops
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMESPACE = "gunn_ext_emulated"
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def emulated_op():
+    """Builds the emulated library (about a minute, cached) and registers its ops."""
+    sources = [ROOT / "csrc" / "gunn_ext.cpp", ROOT / "csrc" / "gradual_update.cpp",
+               *sorted((ROOT / "csrc" / "emulation").glob("*.cpp"))]
+    sanitizer = os.environ.get("GUNN_EXT_EMULATION_SANITIZER")
+    sanitize = [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-g"] if sanitizer else []
+    cpp_extension.load(
+        name=NAMESPACE + (f"_{sanitizer}" if sanitizer else ""),
+        sources=[str(s) for s in sources], is_python_module=False,
+        # Renaming the C++ namespace renames the op namespace too (TORCH_LIBRARY
+        # stringizes the expanded name), so both libraries load side by side.
+        extra_cflags=["-O2", "-DGUNN_EXT_EMULATE_CUDA", f"-Dgunn_ext={NAMESPACE}", *sanitize],
+        extra_ldflags=sanitize)
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::gradual_update", "Autograd"):
+        ops.register_layer_op(f"{NAMESPACE}::gradual_update",
+                              f"{NAMESPACE}::gradual_update_backward", ops.stats_dtype)
+    return torch.ops.gunn_ext_emulated.gradual_update
+
+
+class Emulated(torch.nn.Module):
+    """``layer`` run by the emulated CUDA kernels."""
+
+    def __init__(self, layer, op):
+        super().__init__()
+        self.layer, self.op = layer, op
+
+    def forward(self, x):
+        return ops.run_layer_op(self.op, self.layer, x)
+
+
+CASES = {
+    "P=1": dict(channels=6, segments=1),
+    "P=N": dict(channels=5, segments=5),
+    "uneven": dict(channels=10, segments=[3, 1, 6]),
+    "units=2": dict(channels=8, segments=2, units=2),
+}
+
+
+@pytest.mark.parametrize("kind", ["gunn", "sunn"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("shortcut", [True, False], ids=["shortcut", "plain"])
+def test_matches_reference_float64(emulated_op, kind, case, shortcut):
+    layer = make_layer(kind, shortcut=shortcut, **CASES[case])
+    x = torch.randn(2, layer.channels, 7, 5, dtype=torch.float64)
+    emulated = Emulated(twin(layer, "reference"), emulated_op)
+    run_and_compare(layer, emulated, x, train=True, steps=2)
+    run_and_compare(layer, emulated, x, train=False)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_vector_widths_float32(emulated_op, train):
+    """Column blocks of 8, 4 and 12 float32 channels: 16-byte packs where aligned."""
+    layer = make_layer(channels=24, segments=[8, 4, 12], dtype=torch.float32)
+    x = torch.randn(3, 24, 6, 9)
+    run_and_compare(layer, Emulated(twin(layer, "reference"), emulated_op), x, train=train, steps=2)
+
+
+def test_channels_last_and_strided_input(emulated_op):
+    layer = make_layer(channels=9, segments=[4, 5])
+    emulated = Emulated(twin(layer, "reference"), emulated_op)
+    x = torch.randn(2, 9, 5, 3, dtype=torch.float64).to(memory_format=torch.channels_last)
+    run_and_compare(layer, emulated, x, train=True)
+    x = torch.randn(4, 18, 7, 10, dtype=torch.float64)[::2, 1::2, :, ::2]
+    run_and_compare(layer, emulated, x, train=True)
+
+
+def test_many_row_chunks(emulated_op):
+    """Enough rows that every column reduction combines several chunk partials."""
+    layer = make_layer(channels=6, segments=[1, 2, 3], expansion=1)
+    x = torch.randn(2, 6, 40, 45, dtype=torch.float64)
+    run_and_compare(layer, Emulated(twin(layer, "reference"), emulated_op), x, train=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision(emulated_op, dtype):
+    """8-value packs, float32 accumulation and statistics.
+
+    The CPU op runs the same orchestration and GEMMs with the CPU fused
+    kernels, so the two agree to rounding; both are as close to float64 truth
+    as PyTorch in the same precision."""
+    truth = make_layer(channels=16, segments=[8, 8])
+    torch_lowp = twin(truth, "reference").to(dtype)
+    native_cpu = twin(truth, "native").to(dtype)
+    emulated = Emulated(twin(truth, "reference").to(dtype), emulated_op)
+    x = torch.randn(4, 16, 9, 7, dtype=torch.float64)
+    grad = torch.randn_like(x)
+    expected = forward_backward(truth, x, grad)
+    ours = forward_backward(emulated, x.to(dtype), grad.to(dtype))
+    assert all(t.dtype == dtype for t in ours), [t.dtype for t in ours]
+    cpu_kernels = forward_backward(native_cpu, x.to(dtype), grad.to(dtype))
+    for k, (a, b) in enumerate(zip(ours, cpu_kernels)):
+        assert relative_norm(a, b) <= TOLERANCE[dtype], f"result {k}: {relative_norm(a, b):.3g}"
+    check_against_truth(ours, forward_backward(torch_lowp, x.to(dtype), grad.to(dtype)), expected, dtype)
+    for (name, r), e in zip(truth.named_buffers(), emulated.buffers()):
+        if r.is_floating_point():
+            assert relative_norm(e, r) <= LOW_PRECISION[dtype], f"buffer {name}"
