@@ -43,7 +43,7 @@ def emulated_op():
         sources=[str(s) for s in sources], is_python_module=False,
         # Renaming the C++ namespace renames the op namespace too (TORCH_LIBRARY
         # stringizes the expanded name), so both libraries load side by side.
-        extra_cflags=["-O2", "-DGUNN_EXT_EMULATE_CUDA", f"-Dgunn_ext={NAMESPACE}", *sanitize],
+        extra_cflags=["-O2", "-std=c++20", "-DGUNN_EXT_EMULATE_CUDA", f"-Dgunn_ext={NAMESPACE}", *sanitize],
         extra_ldflags=sanitize)
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::gradual_update", "Autograd"):
         ops.register_layer_op(f"{NAMESPACE}::gradual_update",
