@@ -125,33 +125,41 @@ def update_running_stats(norms, mean: torch.Tensor, var: torch.Tensor, count: in
 
     ``running = (1 - m) running + m batch``, with the unbiased batch variance
     ``var * count / (count - 1)``; ``m = 1 / num_batches_tracked`` when the
-    norm's momentum is None (cumulative average).
+    norm's momentum is None (cumulative average). A layer with P = N segments
+    has thousands of norms, so this is a handful of foreach ops.
     """
-    tracked = [k for k, bn in enumerate(norms)
-               if bn.track_running_stats and bn.running_mean is not None]
+    # Buffers through the _buffers dicts: Module.__getattr__ costs ~0.5 us a call.
+    buffers = [bn._buffers for bn in norms]
+    tracked = [k for k, (bn, b) in enumerate(zip(norms, buffers))
+               if bn.track_running_stats and b.get("running_mean") is not None]
     if not tracked:
         return
     sizes = [bn.num_features for bn in norms]
+    dtypes = {buffers[k]["running_mean"].dtype for k in tracked}
     with torch.no_grad():
-        means = torch.split(mean, sizes)
-        unbiased = torch.split(var * (count / max(count - 1, 1)), sizes)
-        torch._foreach_add_([norms[k].num_batches_tracked for k in tracked], 1)
+        unbiased = var * (count / max(count - 1, 1))
+        if len(dtypes) == 1:
+            mean, unbiased = mean.to(*dtypes), unbiased.to(*dtypes)
+        # Tensor.split_with_sizes: torch.split's Python wrapper costs ~15x more.
+        means, variances = mean.split_with_sizes(sizes), unbiased.split_with_sizes(sizes)
+        torch._foreach_add_([buffers[k]["num_batches_tracked"] for k in tracked], 1)
         groups: dict[float, list[int]] = {}
         for k in tracked:
-            bn = norms[k]
-            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-            groups.setdefault(m, []).append(k)
+            momentum = norms[k].momentum
+            if momentum is None:
+                momentum = 1.0 / float(buffers[k]["num_batches_tracked"])
+            groups.setdefault(momentum, []).append(k)
         for momentum, ks in groups.items():
-            torch._foreach_lerp_([norms[k].running_mean for k in ks],
-                                 [means[k].to(norms[k].running_mean.dtype) for k in ks], momentum)
-            torch._foreach_lerp_([norms[k].running_var for k in ks],
-                                 [unbiased[k].to(norms[k].running_var.dtype) for k in ks], momentum)
+            for batch, name in ((means, "running_mean"), (variances, "running_var")):
+                running = [buffers[k][name] for k in ks]
+                torch._foreach_lerp_(running, [batch[k] if batch[k].dtype == r.dtype else batch[k].to(r.dtype)
+                                               for k, r in zip(ks, running)], momentum)
 
 
-def layer_arguments(layer, x: torch.Tensor, training: bool):
+def layer_arguments(layer, x: torch.Tensor, training: bool, norms=None):
     """The op's arguments for ``layer`` (conv weights in ``x``'s dtype under autocast)."""
-    convs, norms = layer.convs(), layer.norms()
-    weights = [c.weight for c in convs]
+    norms = layer.norms() if norms is None else norms
+    weights = [c.weight for c in layer.convs()]
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x = x.to(dtype)
@@ -166,17 +174,20 @@ def layer_arguments(layer, x: torch.Tensor, training: bool):
             layer.shortcut, layer.sequential, training, [float(n.eps) for n in norms])
 
 
-def uses_batch_stats(layer) -> bool:
+def uses_batch_stats(layer, norms=None) -> bool:
     """As ``nn.BatchNorm2d``: batch statistics in training or without running stats."""
-    return layer.training or any(n.running_mean is None for n in layer.norms())
+    if layer.training:
+        return True
+    return any(n.running_mean is None for n in (layer.norms() if norms is None else norms))
 
 
 def run_layer_op(op: Callable, layer, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` through ``op``, an op with ``gradual_update``'s schema."""
-    training = uses_batch_stats(layer)
-    y, mean, var = op(*layer_arguments(layer, x, training))
+    norms = layer.norms()
+    training = uses_batch_stats(layer, norms)
+    y, mean, var = op(*layer_arguments(layer, x, training, norms))
     if layer.training:
-        update_running_stats(layer.norms(), mean, var, x.shape[0] * x.shape[2] * x.shape[3])
+        update_running_stats(norms, mean, var, x.shape[0] * x.shape[2] * x.shape[3])
     return y
 
 

@@ -49,8 +49,4 @@ ops.register_layer_op(f"{_NS}::triton_gradual_update", f"{_NS}::triton_gradual_u
 
 def gradual_update_triton(layer, x: Tensor) -> Tensor:
     """The layer's forward with the Triton kernels (running statistics updated in training)."""
-    training = ops.uses_batch_stats(layer)
-    y, mean, var = triton_gradual_update(*ops.layer_arguments(layer, x, training))
-    if layer.training:
-        ops.update_running_stats(layer.norms(), mean, var, x.shape[0] * x.shape[2] * x.shape[3])
-    return y
+    return ops.run_layer_op(triton_gradual_update, layer, x)

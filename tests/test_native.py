@@ -152,3 +152,11 @@ def test_running_stats_momentum_none_and_num_batches(kind):
     for bn in layer.norms():
         bn.momentum = None
     run_and_compare(layer, twin(layer, "native"), torch.randn(3, 6, 4, 4, dtype=torch.float64), steps=3)
+
+
+def test_running_stats_mixed_momenta():
+    """Norms with different momenta (and None) are updated in separate groups."""
+    layer = make_layer(channels=9, segments=[2, 3, 4])
+    for k, bn in enumerate(layer.norms()):
+        bn.momentum = (0.1, 0.3, None)[k % 3]
+    run_and_compare(layer, twin(layer, "native"), torch.randn(2, 9, 4, 5, dtype=torch.float64), steps=3)
