@@ -8,8 +8,10 @@
 # files), the whole results folder is also packed into $OUT/gpu_check.tar.gz,
 # with summary.md beside it.
 # Everything runs under one time budget (GUNN_CHECK_BUDGET seconds, default
-# 540), each step under `timeout`; a failing step is recorded and the next
-# one runs. The summary table (also summary.md) is printed last.
+# 420, so a device session has room for a rerun), each step under `timeout`,
+# in order of value: build, CUDA tests, the issues' targets, then the rest. A
+# failing step is recorded and the next one runs. The summary table (also
+# summary.md) is printed last.
 # GUNN_SKIP_INSTALL=1 uses the gunn_ext already importable (dry runs).
 # Without a CUDA GPU it says so and does a short CPU run instead.
 set -uo pipefail
@@ -17,8 +19,8 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STAMP="$(date -u +%Y-%m-%dT%H-%M-%SZ)"
 RESULTS="${1:-${GUNN_RESULTS:-$ROOT/benchmarks/results/$STAMP}}"
-BUDGET="${GUNN_CHECK_BUDGET:-540}"
-PYTHON="${PYTHON:-python}"
+BUDGET="${GUNN_CHECK_BUDGET:-420}"
+PYTHON="${PYTHON:-python3}"
 START=$SECONDS
 mkdir -p "$RESULTS"
 RESULTS="$(cd "$RESULTS" && pwd)"
@@ -61,10 +63,11 @@ if [[ "${GUNN_SKIP_INSTALL:-0}" != "1" ]]; then
     TORCH_CUDA_ARCH_LIST="$("$PYTHON" -c 'import torch; p = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0); print(f"{p[0]}.{p[1]}")' 2>/dev/null || echo 9.0)"
   fi
   export TORCH_CUDA_ARCH_LIST MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-  run_step install 300 "$PYTHON" -m pip install --no-build-isolation --no-deps -v .
+  run_step install 240 "$PYTHON" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -v .
 fi
 
-"$PYTHON" - "$RESULTS/environment.json" <<'EOF' > "$RESULTS/environment.log" 2>&1
+# -P: import the installed gunn_ext, not the source tree (which has no _C).
+"$PYTHON" -P - "$RESULTS/environment.json" <<'EOF' > "$RESULTS/environment.log" 2>&1
 import datetime, json, os, subprocess, sys
 import torch
 info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -95,13 +98,11 @@ EOF
 cat "$RESULTS/environment.log"
 
 HAVE_CUDA="$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)"
-PYTEST=("$PYTHON" -P -m pytest -q -rfE -p no:cacheprovider "$ROOT/tests")
+PYTEST=("$PYTHON" -P -m pytest -q -rfE -p no:cacheprovider)
 BENCH=("$PYTHON" "$ROOT/benchmarks/seq_update.py")
 
 if [[ "$HAVE_CUDA" == "1" ]]; then
-  run_step tests_cuda 180 "${PYTEST[@]}" -m cuda -rP --junitxml="$RESULTS/tests_cuda.xml"
-  # The issue's targets first (fp32 shapes with torch.compile, P = N, eval,
-  # training throughput), then bf16 and graphs-off, then the CPU-side tests.
+  run_step tests_cuda 120 "${PYTEST[@]}" "$ROOT/tests" -m cuda -rP --junitxml="$RESULTS/tests_cuda.xml"
   SHAPES=("gunn15_a 20 240 32" "gunn15_b 25 300 16" "gunn15_c 30 360 8")
   bench_shape() {  # dtype shape cap [extra args]
     local dtype="$1" shape="$2" cap="$3"; shift 3
@@ -110,31 +111,32 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
       --size "$size" --batch 64 --dtype "$dtype" --device cuda --repeats 20 --warmup 10 \
       --json "$RESULTS/bench_${name}_${dtype}$SUFFIX.json"
   }
+  # The targets: fp32 at 240/20 32x32 and 360/30 8x8 (= --segments 30) on
+  # every backend (the first run also compiles the Triton kernels), P = N,
+  # eval, a GUNN-15 training step; torch.compile of the reference last, as it
+  # takes minutes.
   SUFFIX=""
-  # fp32 at 240/20 and 360/30 (= --segments 30) also time torch.compile of the
-  # reference; the first run compiles the Triton kernels too.
-  bench_shape float32 "${SHAPES[0]}" 200 "${BENCH[@]}"
-  bench_shape float32 "${SHAPES[2]}" 200 "${BENCH[@]}"
-  bench_shape float32 "${SHAPES[1]}" 60 "${BENCH[@]}" --no-compile
-  run_step bench_PeqN_float32 90 "${BENCH[@]}" --no-compile --segments 240 --channels 240 --size 32 \
-    --batch 64 --dtype float32 --device cuda --repeats 10 --warmup 8 --json "$RESULTS/bench_PeqN_float32.json"
+  bench_shape float32 "${SHAPES[0]}" 60 "${BENCH[@]}" --no-compile
+  bench_shape float32 "${SHAPES[2]}" 40 "${BENCH[@]}" --no-compile
+  run_step bench_PeqN_float32 50 "${BENCH[@]}" --no-compile --backends reference,native --segments 240 \
+    --channels 240 --size 32 --batch 64 --dtype float32 --device cuda --repeats 10 --warmup 8 \
+    --json "$RESULTS/bench_PeqN_float32.json"
   SUFFIX="_eval"
-  bench_shape float32 "${SHAPES[2]}" 60 "${BENCH[@]}" --no-compile --mode eval
-  run_step train_gunn15 120 "$PYTHON" "$ROOT/benchmarks/train_step.py" --model gunn15 --batch 64 \
-    --device cuda --json "$RESULTS/train_gunn15.json"
+  bench_shape float32 "${SHAPES[2]}" 30 "${BENCH[@]}" --no-compile --mode eval
+  run_step train_gunn15 60 "$PYTHON" "$ROOT/benchmarks/train_step.py" --model gunn15 --batch 64 \
+    --backends reference,native --device cuda --json "$RESULTS/train_gunn15.json"
+  SUFFIX="_compile"
+  bench_shape float32 "${SHAPES[2]}" 150 "${BENCH[@]}" --backends reference,native,compile
+  # Then: the Triton kernels' tests compiled for the GPU, bf16, graphs off.
+  run_step tests_triton 60 "${PYTEST[@]}" "$ROOT/tests/test_triton.py" --junitxml="$RESULTS/tests_triton.xml"
   SUFFIX=""
-  for shape in "${SHAPES[@]}"; do bench_shape bfloat16 "$shape" 60 "${BENCH[@]}" --no-compile; done
+  bench_shape bfloat16 "${SHAPES[0]}" 40 "${BENCH[@]}" --no-compile
+  bench_shape float32 "${SHAPES[1]}" 40 "${BENCH[@]}" --no-compile
   SUFFIX="_nographs"
-  for shape in "${SHAPES[@]}"; do
-    bench_shape float32 "$shape" 40 env GUNN_EXT_CUDA_GRAPHS=0 "${BENCH[@]}" --no-compile --backends native
-  done
-  run_step bench_PeqN_float32_nographs 60 env GUNN_EXT_CUDA_GRAPHS=0 "${BENCH[@]}" --no-compile \
-    --segments 240 --channels 240 --size 32 --batch 64 --dtype float32 --device cuda --backends native \
-    --repeats 10 --warmup 8 --json "$RESULTS/bench_PeqN_float32_nographs.json"
-  run_step tests_rest 240 "${PYTEST[@]}" -m "not cuda" --junitxml="$RESULTS/tests_rest.xml"
+  bench_shape float32 "${SHAPES[0]}" 30 env GUNN_EXT_CUDA_GRAPHS=0 "${BENCH[@]}" --no-compile --backends native
 else
   log "NO CUDA GPU: torch.cuda.is_available() is False; doing a short CPU run instead (no GPU numbers)"
-  run_step tests_cuda 60 "${PYTEST[@]}" -m cuda --junitxml="$RESULTS/tests_cuda.xml"
+  run_step tests_cuda 60 "${PYTEST[@]}" "$ROOT/tests" -m cuda --junitxml="$RESULTS/tests_cuda.xml"
   run_step bench_cpu_small_float32 120 "${BENCH[@]}" --no-compile --segments 4 --size 8 --batch 4 \
     --device cpu --backends reference,native --repeats 3 --warmup 1 \
     --json "$RESULTS/bench_cpu_small_float32.json"

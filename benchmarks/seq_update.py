@@ -51,7 +51,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import gunn_ext
-from gunn_ext import GUNNLayer, SUNNLayer
+from gunn_ext import GUNNLayer, SUNNLayer, cuda_graphs
 from gunn_ext.backends import NAMES as BACKEND_NAMES
 
 COMPILE = "compile"
@@ -314,7 +314,10 @@ def benchmark_backend(name: str, layer: torch.nn.Module, work: Workload,
         stage = "memory"
         result.memory["saved_bytes"] = saved_for_backward_bytes(module, layer, x)
         if args.device.type == "cuda":
-            result.memory["peak_bytes"] = peak_training_bytes(module, x, dy, args.device)
+            # Replayed graphs keep their intermediates in private pools, which
+            # max_memory_allocated does not see: measure with replay off.
+            with cuda_graphs.disabled():
+                result.memory["peak_bytes"] = peak_training_bytes(module, x, dy, args.device)
     except Exception as exc:  # a failing backend is reported, the others still run
         result.error = f"{stage}: {type(exc).__name__}: {exc}"
         result.traceback = traceback.format_exc()

@@ -7,6 +7,7 @@
 // contiguous (channels_last). Segment c_i is a column block of it, updated in
 // place; intermediates of a unit are [rows, K*n] matrices.
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <numeric>
@@ -364,6 +365,8 @@ ForwardResult gradual_update(
     at::TensorList bn_biases, at::TensorList running_means, at::TensorList running_vars,
     at::IntArrayRef segments, int64_t units, bool shortcut, bool sequential, bool training,
     at::ArrayRef<double> eps) {
+  // The op fixes its own dtypes: its GEMMs and convolutions must not autocast.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Layout layout = make_layout(segments, units, shortcut, sequential, training);
   check_arguments(x, conv_weights, bn_weights, bn_biases, layout, eps);
   const Shape shape = shape_of(x);
@@ -401,6 +404,7 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
                         at::TensorList bn_biases, const Tensor& mean, const Tensor& var,
                         at::IntArrayRef segments, int64_t units, bool shortcut, bool sequential,
                         bool training, at::ArrayRef<double> eps) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Layout layout = make_layout(segments, units, shortcut, sequential, training);
   check_arguments(x, conv_weights, bn_weights, bn_biases, layout, eps);
   TORCH_CHECK(grad_y.sizes() == x.sizes() && y.sizes() == x.sizes(),

@@ -73,14 +73,27 @@ def assert_close(actual, expected, dtype, what):
     assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3g} > {TOLERANCE[dtype]:.3g}"
 
 
+def leaf_like(x):
+    """``(input, leaf)``: a fresh leaf with ``x``'s values and the input to pass
+    to a layer, a view of the leaf with ``x``'s strides when ``x`` is a strided
+    view (a clone alone would be contiguous)."""
+    if x._base is None or x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        leaf = x.detach().clone().requires_grad_()
+        return leaf, leaf
+    base = x._base
+    assert base.is_contiguous() and base.storage_offset() == 0, "x must be a view of a contiguous tensor"
+    leaf = base.detach().clone().requires_grad_()
+    return leaf.as_strided(x.shape, x.stride(), x.storage_offset()), leaf
+
+
 def run_and_compare(reference, candidate, x, *, train=True, steps=1):
     """Compare outputs, input and parameter gradients and buffers, over ``steps`` steps."""
     dtype = x.dtype
     reference.train(train)
     candidate.train(train)
     for step in range(steps):
-        xr = x.detach().clone().requires_grad_()
-        xc = x.detach().clone().requires_grad_()
+        xr, xr_leaf = leaf_like(x)
+        xc, xc_leaf = leaf_like(x)
         for p in (*reference.parameters(), *candidate.parameters()):
             p.grad = None
         yr, yc = reference(xr), candidate(xc)
@@ -88,7 +101,7 @@ def run_and_compare(reference, candidate, x, *, train=True, steps=1):
         grad = torch.randn_like(yr)
         yr.backward(grad)
         yc.backward(grad)
-        assert_close(xc.grad, xr.grad, dtype, f"step {step}: input gradient")
+        assert_close(xc_leaf.grad, xr_leaf.grad, dtype, f"step {step}: input gradient")
         for (name, pr), pc in zip(reference.named_parameters(), candidate.parameters()):
             assert_close(pc.grad, pr.grad, dtype, f"step {step}: gradient of {name}")
         for (name, br), bc in zip(reference.named_buffers(), candidate.buffers()):

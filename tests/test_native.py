@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import DEVICES, make_layer, run_and_compare, twin
+from gunn_ext import ops
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -102,7 +103,6 @@ def test_gradcheck(train):
 
 def _sample_op_args(training):
     layer = make_layer(channels=6, segments=[2, 4], units=2)
-    from gunn_ext import ops
     x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
     return ops.layer_arguments(layer, x, training)
 
@@ -160,3 +160,13 @@ def test_running_stats_mixed_momenta():
     for k, bn in enumerate(layer.norms()):
         bn.momentum = (0.1, 0.3, None)[k % 3]
     run_and_compare(layer, twin(layer, "native"), torch.randn(2, 9, 4, 5, dtype=torch.float64), steps=3)
+
+
+def test_op_does_not_autocast_inside():
+    """Called directly under autocast, the op computes in its inputs' dtype."""
+    layer = make_layer(channels=6, segments=2, dtype=torch.float32)
+    args = ops.layer_arguments(layer, torch.randn(2, 6, 4, 4), True)
+    expected = torch.ops.gunn_ext.gradual_update(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.ops.gunn_ext.gradual_update(*args)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))

@@ -19,6 +19,7 @@
 //    the number of graphs kept per op (default 8). gunn_ext.cuda_graphs
 //    switches it at run time.
 #include <ATen/Context.h>
+#include <ATen/core/CachingHostAllocator.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <ATen/ops/_foreach_copy.h>
@@ -109,17 +110,19 @@ class Key {
   }
   // The global switches that decide which cuBLAS / cuDNN kernels run.
   void add_backend_flags() {
-    const auto& ctx = at::globalContext();
+    auto& ctx = at::globalContext();  // blasPreferredBackend() is not const
     add(ctx.deterministicAlgorithms());
     add(ctx.deterministicFillUninitializedMemory());
     add(ctx.userEnabledCuDNN());
     add(ctx.deterministicCuDNN());
     add(ctx.benchmarkCuDNN());
     add(ctx.allowTF32CuBLAS());
-    add(ctx.allowTF32CuDNN());
+    add(ctx.allowTF32CuDNN(at::Float32Op::CONV));
     add(static_cast<int64_t>(ctx.float32MatmulPrecision()));
     add(static_cast<int64_t>(ctx.allowFP16ReductionCuBLAS()));
     add(static_cast<int64_t>(ctx.allowBF16ReductionCuBLAS()));
+    add(ctx.allowFP16AccumulationCuBLAS());
+    add(static_cast<int64_t>(ctx.blasPreferredBackend()));
   }
 
   void reserve(size_t words) { words_.reserve(words); }
@@ -136,6 +139,16 @@ class Key {
 
 struct KeyHash {
   size_t operator()(const Key& k) const { return k.hash(); }
+};
+
+// Event calls in this file must not break another thread's global-mode capture.
+class RelaxedCaptureMode {
+ public:
+  RelaxedCaptureMode() { C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode_)); }
+  ~RelaxedCaptureMode() { (void)cudaThreadExchangeStreamCaptureMode(&mode_); }
+
+ private:
+  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
 };
 
 // A graph that left the cache is destroyed once the GPU has passed the point
@@ -175,6 +188,10 @@ class GraphCache {
   void insert(const Key& key, std::shared_ptr<at::cuda::CUDAGraph> graph, cudaStream_t stream) {
     std::lock_guard<std::mutex> lock(mutex_);
     ++captures_;
+    if (index_.count(key)) {  // another thread captured it meanwhile
+      retire(std::move(graph), stream);
+      return;
+    }
     lru_.emplace_front(key, std::move(graph));
     index_[key] = lru_.begin();
     while (lru_.size() > capacity_) {
@@ -197,6 +214,7 @@ class GraphCache {
     lru_.clear();
     index_.clear();
     history_.clear();
+    captures_ = replays_ = eager_ = 0;
     collect_retired();
   }
 
@@ -212,6 +230,7 @@ class GraphCache {
   using Entry = std::pair<Key, std::shared_ptr<at::cuda::CUDAGraph>>;
 
   void retire(std::shared_ptr<at::cuda::CUDAGraph> graph, cudaStream_t stream) {
+    const RelaxedCaptureMode relaxed;
     cudaEvent_t done;
     C10_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
     C10_CUDA_CHECK(cudaEventRecord(done, stream));
@@ -219,6 +238,7 @@ class GraphCache {
   }
 
   void collect_retired() {
+    const RelaxedCaptureMode relaxed;
     for (auto it = retired_.begin(); it != retired_.end();) {
       const cudaError_t status = cudaEventQuery(it->done);
       if (status == cudaErrorNotReady) {
@@ -254,11 +274,44 @@ GraphCache& backward_cache() {
 
 // `waiter` waits for everything queued on `producer` so far.
 void join(const c10::cuda::CUDAStream& producer, const c10::cuda::CUDAStream& waiter) {
+  const RelaxedCaptureMode relaxed;
   cudaEvent_t event;
   C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
   C10_CUDA_CHECK(cudaEventRecord(event, producer.stream()));
   C10_CUDA_CHECK(cudaStreamWaitEvent(waiter.stream(), event, 0));
   C10_CUDA_CHECK(cudaEventDestroy(event));
+}
+
+// The stream graphs are captured on: one per device, ours alone, so no other
+// work shares its cuBLAS workspace.
+c10::cuda::CUDAStream capture_stream(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::vector<cudaStream_t> streams(c10::cuda::device_count(), nullptr);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (streams.at(device) == nullptr) {
+    const c10::cuda::CUDAGuard guard(device);
+    C10_CUDA_CHECK(cudaStreamCreateWithFlags(&streams[device], cudaStreamNonBlocking));
+  }
+  return c10::cuda::getStreamFromExternal(streams[device], device);
+}
+
+// Torch before 2.14 does not undo a failed capture's allocator routing
+// (pytorch#190308), which breaks later empty_cache() calls. Undo it here, keep
+// the graph object alive so that it cannot undo it a second time, and capture
+// no more graphs in this process.
+void abandon_capture(std::shared_ptr<at::cuda::CUDAGraph> graph, c10::DeviceIndex device,
+                     c10::MempoolId_t pool) {
+  try {
+    c10::cuda::CUDACachingAllocator::endAllocateToPool(device, pool);
+  } catch (const c10::Error&) {
+  }
+  try {
+    at::getHostAllocator(at::kCUDA)->end_allocate_to_pool(pool);
+  } catch (const c10::Error&) {
+  }
+  static auto* abandoned = new std::vector<std::shared_ptr<at::cuda::CUDAGraph>>();
+  abandoned->push_back(std::move(graph));
+  graphs_enabled().store(false);
 }
 
 // Key for this call, or nothing when this call must run eagerly.
@@ -292,14 +345,15 @@ bool run_through_graph(GraphCache& cache, const Key& key, const c10::Device& dev
       break;
   }
   const auto current = c10::cuda::getCurrentCUDAStream(device.index());
-  const auto side = c10::cuda::getStreamFromPool(false, device.index());
+  const auto side = capture_stream(device.index());
   join(current, side);
   graph = std::make_shared<at::cuda::CUDAGraph>();
   {
     const c10::cuda::CUDAStreamGuard on_side(side);
     run();  // warm-up: lazy library initialisation and algorithm choice happen outside capture
+    const auto pool = at::cuda::graph_pool_handle();
     try {
-      graph->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+      graph->capture_begin(pool, cudaStreamCaptureModeThreadLocal);
       run();
       graph->capture_end();
     } catch (const c10::Error& e) {
@@ -309,9 +363,9 @@ bool run_through_graph(GraphCache& cache, const Key& key, const c10::Device& dev
         if (abandoned != nullptr) (void)cudaGraphDestroy(abandoned);
       }
       (void)cudaGetLastError();
-      graph.reset();
-      TORCH_WARN_ONCE("gunn_ext: capturing a CUDA graph failed; these calls run eagerly (",
-                      e.what_without_backtrace(), ")");
+      abandon_capture(std::move(graph), device.index(), pool);
+      TORCH_WARN_ONCE("gunn_ext: capturing a CUDA graph failed, so CUDA graph replay is off "
+                      "for this process (", e.what_without_backtrace(), ")");
     }
   }
   join(side, current);
@@ -371,7 +425,10 @@ ForwardResult gradual_update_cuda(const Tensor& x, TensorList conv_weights, Tens
     auto [y_eager, mean_eager, var_eager] = eager();
     at::_foreach_copy_({y, mean, var}, {y_eager, mean_eager, var_eager});
   };
-  if (!run_through_graph(forward_cache(), *key, x.device(), write_outputs)) return eager();
+  if (!run_through_graph(forward_cache(), *key, x.device(), write_outputs)) {
+    y.reset(), mean.reset(), var.reset();  // not needed: free them before the eager run
+    return eager();
+  }
   return {y, mean, var};
 }
 
@@ -408,7 +465,10 @@ BackwardResult gradual_update_backward_cuda(const Tensor& grad_y, const Tensor& 
     at::_foreach_copy_(grad_weights, gw);
     at::_foreach_copy_(grad_biases, gb);
   };
-  if (!run_through_graph(backward_cache(), *key, x.device(), write_outputs)) return eager();
+  if (!run_through_graph(backward_cache(), *key, x.device(), write_outputs)) {
+    grad_x.reset(), grad_convs.clear(), grad_weights.clear(), grad_biases.clear();
+    return eager();
+  }
   return {grad_x, grad_convs, grad_weights, grad_biases};
 }
 
