@@ -1,8 +1,8 @@
 // What the fused kernels use of the CUDA runtime, in one place: the device
-// type their tensors live on, the device guard and stream of a call, dynamic
-// shared memory, and kernel launches. Built with GUNN_EXT_EMULATE_CUDA, the
-// same kernel sources compile as plain C++ against a CPU emulator of these
-// few pieces (csrc/emulation), which the CPU tests run.
+// guard and stream of a call, dynamic shared memory, and kernel launches.
+// Built with GUNN_EXT_EMULATE_CUDA, the same kernel sources compile as plain
+// C++ against a CPU emulator of these few pieces (csrc/emulation), which the
+// CPU tests run.
 #pragma once
 
 #ifdef GUNN_EXT_EMULATE_CUDA
@@ -18,8 +18,6 @@
 
 namespace gunn_ext {
 namespace cuda {
-
-constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
 
 // For the duration of a call: t's device made current, and its current stream.
 class DeviceScope {

@@ -6,6 +6,16 @@
 #include "../fused_kernels.h"
 
 namespace gunn_ext {
+namespace cuda {
+
+// The device of the kernels' tensors: the GPU, or the CPU in the emulator build.
+#ifdef GUNN_EXT_EMULATE_CUDA
+constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
+#else
+constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
+#endif
+
+}  // namespace cuda
 
 void column_stats_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var);
 void bn_relu_cuda(const at::Tensor& x, const Norm& norm, const at::Tensor& out);

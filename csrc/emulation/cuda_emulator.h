@@ -40,8 +40,6 @@ inline dim3 blockIdx, blockDim, gridDim;
 namespace gunn_ext {
 namespace cuda {
 
-constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
-
 namespace emulator {
 inline thread_local std::barrier<>* block_barrier = nullptr;
 inline std::vector<std::max_align_t> shared_memory;
