@@ -170,3 +170,36 @@ def test_tolerances_are_tight_enough_to_fail():
         broken.norms()[-1].bias += 10 * TOLERANCE[torch.float32]
     with pytest.raises(AssertionError, match="output"):
         run_and_compare(layer, broken, _input(4, (1, 3, 3)), train=True)
+
+
+@kernels
+@pytest.mark.parametrize("block", [64, 4096], ids=["2 tiles a step", "every tile in one step"])
+def test_statistics_over_many_row_tiles(monkeypatch, block):
+    """BN statistics (GEMM epilogue partials) and BN-backward sums merged over 14 row tiles."""
+    from gunn_ext.triton_kernels import launch
+    from gunn_ext.triton_kernels.update import Norms
+
+    monkeypatch.setattr(launch, "PARTIALS_BLOCK", block)
+    torch.manual_seed(0)
+    rows, k, c = 13 * launch.BLOCK_M + 5, 16, 20
+    a = torch.randn(rows, k, device=DEVICE) + 3.0  # a large mean: merging must not cancel
+    w = torch.randn(c, k, 1, 1, device=DEVICE)
+    weight, bias = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE)
+    norm = Norms([weight], [bias], [1e-5]).all.with_gradients()
+    out = torch.empty(rows, c, device=DEVICE)
+    ws = launch.stats_workspace(rows, c, DEVICE)
+    launch.gemm(a, launch.Weights.linear(w), out, launch.Image(rows, 1, rows), stats=ws)
+    launch.finalize_stats(ws, rows, norm)
+
+    pre = a.double() @ w.view(c, k).double().T
+    mean, var = pre.mean(0), pre.var(0, unbiased=False)
+    assert_close(out, pre, torch.float32, "GEMM output")
+    assert_close(norm.mean, mean, torch.float32, "mean")
+    assert_close(norm.var, var, torch.float32, "variance")
+    assert_close(norm.shift, bias - mean * weight / (var + 1e-5).sqrt(), torch.float32, "shift")
+
+    dy = torch.randn(rows, c, device=DEVICE)
+    launch.finalize_grad(launch.bn_grad_partials(dy, out, norm), rows, norm, training=True)
+    xhat = (pre - mean) / (var + 1e-5).sqrt()
+    assert_close(norm.grad_bias, dy.double().sum(0), torch.float32, "sum(dy)")
+    assert_close(norm.grad_weight, (dy.double() * xhat).sum(0), torch.float32, "sum(dy * xhat)")

@@ -18,6 +18,7 @@ from .norm import bn_add_kernel, bn_grad_partials_kernel, finalize_grad_kernel, 
 from .wgrad import weight_grad_kernel
 
 BLOCK_M = 64
+PARTIALS_BLOCK = 4096  # partials merged per step of a statistics kernel (BLOCK_T * BLOCK_C)
 WGRAD_PROGRAMS = 512  # target number of weight-gradient programs (all chunks, taps, tiles)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -179,25 +180,32 @@ def gemm(a: torch.Tensor, b: Weights, out: torch.Tensor, image: Image, *, prolog
         num_warps=warps(BLOCK_M * block_n))
 
 
+def partials_blocks(tiles: int, channels: int) -> tuple[int, int]:
+    """``(BLOCK_T, BLOCK_C)`` of a kernel merging ``[tiles, channels]`` partials:
+    ``PARTIALS_BLOCK`` values a step, so a merge over 1024 tiles is 16 vector loads."""
+    block_c = channel_block(channels)
+    return min(triton.next_power_of_2(tiles), max(1, PARTIALS_BLOCK // block_c)), block_c
+
+
 def finalize_stats(ws: tuple[torch.Tensor, torch.Tensor], rows: int, norm: NormVectors) -> None:
     """Merge per-tile partials into ``norm.mean/var/invstd/scale/shift``."""
-    channels = norm.mean.numel()
-    block = channel_block(channels)
-    finalize_stats_kernel[(triton.cdiv(channels, block),)](
-        ws[0], ws[1], ws[0].shape[0], channels, rows, BLOCK_M,
+    channels, tiles = norm.mean.numel(), ws[0].shape[0]
+    block_t, block_c = partials_blocks(tiles, channels)
+    finalize_stats_kernel[(triton.cdiv(channels, block_c),)](
+        ws[0], ws[1], tiles, channels, rows, BLOCK_M,
         norm.weight, norm.bias, norm.eps, norm.mean, norm.var, norm.invstd, norm.scale, norm.shift,
-        BLOCK_C=block)
+        BLOCK_T=block_t, BLOCK_C=block_c)
 
 
 def finalize_grad(ws: tuple[torch.Tensor, torch.Tensor], rows: int, norm: NormVectors,
                   training: bool) -> None:
     """Parameter gradients and the BN-backward coefficients of ``norm``."""
-    channels = norm.mean.numel()
-    block = channel_block(channels)
-    finalize_grad_kernel[(triton.cdiv(channels, block),)](
-        ws[0], ws[1], ws[0].shape[0], channels, rows,
+    channels, tiles = norm.mean.numel(), ws[0].shape[0]
+    block_t, block_c = partials_blocks(tiles, channels)
+    finalize_grad_kernel[(triton.cdiv(channels, block_c),)](
+        ws[0], ws[1], tiles, channels, rows,
         norm.weight, norm.invstd, norm.grad_weight, norm.grad_bias, norm.alpha, norm.beta, norm.delta,
-        TRAINING=training, BLOCK_C=block)
+        TRAINING=training, BLOCK_T=block_t, BLOCK_C=block_c)
 
 
 def bn_grad_partials(dy: torch.Tensor, x: torch.Tensor, norm: NormVectors):

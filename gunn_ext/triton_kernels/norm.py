@@ -2,7 +2,8 @@
 
 Forward statistics arrive as per-tile partials ``(sum_t, M2_t)`` over
 ``n_t`` rows (``M2_t`` centred on the tile mean) and are merged tile by tile,
-in order, with Chan's update (deterministic, no cancellation)::
+in order, with Chan's update (deterministic, no cancellation), ``BLOCK_T``
+tiles at a time so a channel's merge is a short loop of vector loads::
 
     delta = sum_t / n_t - mean;  n += n_t
     mean += delta * n_t / n;     M2 += M2_t + delta^2 * n_t (n - n_t) / n
@@ -26,20 +27,29 @@ import triton.language as tl
 def finalize_stats_kernel(sum_ptr, m2_ptr, tiles, C, rows, tile_rows,
                           weight_ptr, bias_ptr, eps_ptr,
                           mean_ptr, var_ptr, invstd_ptr, scale_ptr, shift_ptr,
-                          BLOCK_C: tl.constexpr):
+                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merges ``BLOCK_T`` tiles at a time: their combined ``(mean_b, M2_b)``
+    (``M2_b = sum M2_t + n_t (mean_t - mean_b)^2``), then Chan's update."""
     offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = offs < C
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t in range(tiles):
-        count = (t * tile_rows).to(tl.float32)  # rows before tile t: every earlier tile is full
-        n_t = tl.minimum(rows - t * tile_rows, tile_rows).to(tl.float32)
-        s = tl.load(sum_ptr + t * C + offs, mask=ok, other=0.0)
-        q = tl.load(m2_ptr + t * C + offs, mask=ok, other=0.0)
-        total = count + n_t
-        delta = s / n_t - mean
-        mean += delta * (n_t / total)
-        m2 += q + delta * delta * (n_t * count / total)
+    for t0 in range(0, tiles, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = offs_t < tiles
+        mask = t_ok[:, None] & ok[None, :]
+        n_t = tl.where(t_ok, tl.minimum(rows - offs_t * tile_rows, tile_rows), 0).to(tl.float32)
+        s = tl.load(sum_ptr + offs_t[:, None] * C + offs[None, :], mask=mask, other=0.0)
+        q = tl.load(m2_ptr + offs_t[:, None] * C + offs[None, :], mask=mask, other=0.0)
+        count = (t0 * tile_rows).to(tl.float32)  # rows before this block: every earlier tile is full
+        n_b = tl.sum(n_t, axis=0)
+        mean_b = tl.sum(s, axis=0) / n_b
+        d = tl.where(mask, s / tl.maximum(n_t, 1.0)[:, None] - mean_b[None, :], 0.0)
+        m2_b = tl.sum(q, axis=0) + tl.sum(n_t[:, None] * d * d, axis=0)
+        total = count + n_b
+        delta = mean_b - mean
+        mean += delta * (n_b / total)
+        m2 += m2_b + delta * delta * (n_b * count / total)
     var = m2 / rows
     invstd = 1.0 / tl.sqrt(var + tl.load(eps_ptr + offs, mask=ok, other=1.0))
     scale = tl.load(weight_ptr + offs, mask=ok, other=0.0) * invstd
@@ -55,14 +65,18 @@ def finalize_stats_kernel(sum_ptr, m2_ptr, tiles, C, rows, tile_rows,
 def finalize_grad_kernel(sum_dy_ptr, sum_dy_xhat_ptr, tiles, C, rows,
                          weight_ptr, invstd_ptr, grad_weight_ptr, grad_bias_ptr,
                          alpha_ptr, beta_ptr, delta_ptr,
-                         TRAINING: tl.constexpr, BLOCK_C: tl.constexpr):
+                         TRAINING: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = offs < C
     sum_dy = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sum_dy_xhat = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t in range(tiles):
-        sum_dy += tl.load(sum_dy_ptr + t * C + offs, mask=ok, other=0.0)
-        sum_dy_xhat += tl.load(sum_dy_xhat_ptr + t * C + offs, mask=ok, other=0.0)
+    for t0 in range(0, tiles, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask = (offs_t < tiles)[:, None] & ok[None, :]
+        sum_dy += tl.sum(tl.load(sum_dy_ptr + offs_t[:, None] * C + offs[None, :], mask=mask, other=0.0),
+                         axis=0)
+        sum_dy_xhat += tl.sum(tl.load(sum_dy_xhat_ptr + offs_t[:, None] * C + offs[None, :], mask=mask,
+                                      other=0.0), axis=0)
     invstd = tl.load(invstd_ptr + offs, mask=ok, other=0.0)
     alpha = tl.load(weight_ptr + offs, mask=ok, other=0.0) * invstd
     if TRAINING:
