@@ -15,7 +15,8 @@ import sys
 import pytest
 import torch
 
-from conftest import TOLERANCE, assert_close, make_layer, relative_error, run_and_compare, twin
+from conftest import (LOW_PRECISION, TOLERANCE, assert_close, check_against_truth, forward_backward, make_layer,
+                      relative_norm, run_and_compare, twin)
 from gunn_ext import backends
 
 pytestmark = [pytest.mark.skipif(not backends.INSTALL["triton_installed"], reason="triton is not installed"),
@@ -74,30 +75,23 @@ def test_output_layout_follows_input():
 
 
 @kernels
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision(dtype):
-    """16-bit kernels are as close to the float32 result as the 16-bit reference is."""
-    if INTERPRETED and dtype == torch.bfloat16:
-        pytest.skip("Triton's interpreter computes bfloat16 tl.dot wrongly (numpy has no bfloat16)")
-    layer = make_layer(channels=6, segments=[2, 4], backend="reference", dtype=torch.float32,
-                       device=DEVICE)
-    x = _input(6, (2, 4, 4))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_half_precision(dtype, train):
+    """16-bit kernels (fp32 accumulation) are as close to float64 truth as PyTorch in the same dtype:
+    output, input and parameter gradients, running statistics."""
+    truth = make_layer(channels=6, segments=[2, 4], dtype=torch.float64, device=DEVICE).train(train)
+    torch_lowp = twin(truth, "reference").to(dtype)
+    triton_lowp = twin(truth, "triton").to(dtype)
+    x = _input(6, (2, 4, 5), dtype=torch.float64)
     grad = torch.randn_like(x)
-
-    def run(candidate, dtype):
-        xx = x.detach().to(dtype).requires_grad_()
-        y = candidate(xx)
-        y.backward(grad.to(dtype))
-        assert y.dtype == dtype
-        return y.float(), xx.grad.float()
-
-    truth = run(layer, torch.float32)
-    ours = run(twin(layer, "triton").to(dtype), dtype)
-    theirs = run(twin(layer, "reference").to(dtype), dtype)
-    for what, a, b, t in zip(("output", "input gradient"), ours, theirs, truth):
-        ours_err, ref_err = relative_error(a, t), relative_error(b, t)
-        assert ours_err <= max(2 * ref_err, TOLERANCE[dtype]), \
-            f"{what}: error {ours_err:.3g} vs float32, the {dtype} reference's is {ref_err:.3g}"
+    expected = forward_backward(truth, x, grad)
+    ours = forward_backward(triton_lowp, x.to(dtype), grad.to(dtype))
+    assert all(t.dtype == dtype for t in ours), [t.dtype for t in ours]
+    check_against_truth(ours, forward_backward(torch_lowp, x.to(dtype), grad.to(dtype)), expected, dtype)
+    for (name, r), b in zip(truth.named_buffers(), triton_lowp.buffers()):
+        if r.is_floating_point():
+            assert relative_norm(b, r) <= LOW_PRECISION[dtype], f"buffer {name}"
 
 
 @kernels

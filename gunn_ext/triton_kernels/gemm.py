@@ -20,12 +20,32 @@ The epilogue works on the fp32 accumulator tile before (or after) it is stored:
                    values (merged across tiles by ``norm.finalize_stats``)
     MASKED_GRAD    the tile is dL/d relu(bn(X)): mask it by ``bn(X) > 0``,
                    store it, and reduce sum(dy) and sum(dy * xhat) per column
-    bias, ReLU on columns >= relu_from, accumulate into the output
+    AFFINE         eval BatchNorm: ``acc * scale + shift`` per column
+    ReLU on columns >= relu_from, accumulate into the output
+
+``B`` may be two stacked convolution weights (the merged shortcut + conv1
+GEMM ``[W_s; W_1]``) read in place: ``SPLIT`` 1 stacks them along ``n``
+(forward), 2 along ``k`` (input gradient), the second one from index ``split``.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """``acc + a @ b`` with ``a`` rounded to ``b``'s dtype, fp32 accumulation.
+
+    ``DOT_PRECISION = "upcast"`` multiplies the rounded operands in fp32 instead:
+    the same products (a 16-bit product is exact in fp32), for Triton's
+    interpreter, whose bfloat16 ``tl.dot`` is wrong.
+    """
+    a = a.to(b.dtype)
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -81,9 +101,30 @@ def load_operand(a_ptr, a_stride, x_ptr, x_stride, offs_m, offs_k, m_ok, K, H, W
 
 
 @triton.jit
-def conv_tile(a_ptr, a_stride, x_ptr, x_stride, b_ptr, b_stride_tap, b_stride_k, b_stride_n,
+def load_weights(b_ptr, b2_ptr, split, tap, b_stride_tap, b_stride_k, b_stride_n, offs_k, offs_n, mask,
+                 SPLIT: tl.constexpr):
+    """Tile ``B[tap, offs_k, offs_n]`` (zero where not ``mask``)."""
+    if SPLIT == 0:
+        b = tl.load(b_ptr + tap * b_stride_tap + offs_k[:, None] * b_stride_k + offs_n[None, :] * b_stride_n,
+                    mask=mask, other=0.0)
+    else:
+        if SPLIT == 1:
+            k2, n2 = offs_k, offs_n - split
+            second = (offs_n >= split)[None, :]
+        else:
+            k2, n2 = offs_k - split, offs_n
+            second = (offs_k >= split)[:, None]
+        b = tl.load(b_ptr + tap * b_stride_tap + offs_k[:, None] * b_stride_k + offs_n[None, :] * b_stride_n,
+                    mask=mask & ~second, other=0.0)
+        b += tl.load(b2_ptr + tap * b_stride_tap + k2[:, None] * b_stride_k + n2[None, :] * b_stride_n,
+                     mask=mask & second, other=0.0)
+    return b
+
+
+@triton.jit
+def conv_tile(a_ptr, a_stride, x_ptr, x_stride, b_ptr, b2_ptr, split, b_stride_tap, b_stride_k, b_stride_n,
               p0_ptr, p1_ptr, p2_ptr, p3_ptr, offs_m, offs_n, rows, K, N, H, W,
-              TAPS: tl.constexpr, BN_RELU: tl.constexpr, BN_BACKWARD: tl.constexpr,
+              TAPS: tl.constexpr, SPLIT: tl.constexpr, BN_RELU: tl.constexpr, BN_BACKWARD: tl.constexpr,
               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr):
     """The fp32 tile ``out[offs_m, offs_n]`` of the (implicit) GEMM."""
@@ -94,12 +135,11 @@ def conv_tile(a_ptr, a_stride, x_ptr, x_stride, b_ptr, b_stride_tap, b_stride_k,
         dh, dw = tap_offsets(tap, TAPS)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            b = tl.load(b_ptr + tap * b_stride_tap + offs_k[:, None] * b_stride_k
-                        + offs_n[None, :] * b_stride_n,
-                        mask=(offs_k[:, None] < K) & n_ok[None, :], other=0.0)
+            b = load_weights(b_ptr, b2_ptr, split, tap, b_stride_tap, b_stride_k, b_stride_n, offs_k, offs_n,
+                             (offs_k[:, None] < K) & n_ok[None, :], SPLIT)
             a = load_operand(a_ptr, a_stride, x_ptr, x_stride, offs_m, offs_k, m_ok, K, H, W,
                              dh, dw, p0_ptr, p1_ptr, p2_ptr, p3_ptr, BN_RELU, BN_BACKWARD)
-            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+            acc = dot(a, b, acc, DOT_PRECISION)
     return acc
 
 
@@ -112,15 +152,15 @@ def store_column_partials(ws0_ptr, ws1_ptr, v0, v1, pid_m, offs_n, n_ok, N):
 @triton.jit
 def fused_gemm_kernel(
         a_ptr, a_stride, x_ptr, x_stride,
-        b_ptr, b_stride_tap, b_stride_k, b_stride_n,
+        b_ptr, b2_ptr, split, b_stride_tap, b_stride_k, b_stride_n,
         c_ptr, c_stride,
         p0_ptr, p1_ptr, p2_ptr, p3_ptr,
-        bias_ptr, relu_from,
+        scale_ptr, shift_ptr, relu_from,
         e_ptr, e_stride, e_mean_ptr, e_invstd_ptr, e_scale_ptr, e_shift_ptr,
         ws0_ptr, ws1_ptr,
         rows, K, N, H, W,
-        TAPS: tl.constexpr, BN_RELU: tl.constexpr, BN_BACKWARD: tl.constexpr,
-        HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ACCUMULATE: tl.constexpr,
+        TAPS: tl.constexpr, SPLIT: tl.constexpr, BN_RELU: tl.constexpr, BN_BACKWARD: tl.constexpr,
+        AFFINE: tl.constexpr, RELU: tl.constexpr, ACCUMULATE: tl.constexpr,
         STATS: tl.constexpr, MASKED_GRAD: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -133,16 +173,16 @@ def fused_gemm_kernel(
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = conv_tile(a_ptr, a_stride, x_ptr, x_stride, b_ptr, b_stride_tap, b_stride_k, b_stride_n,
-                    p0_ptr, p1_ptr, p2_ptr, p3_ptr, offs_m, offs_n, rows, K, N, H, W,
-                    TAPS, BN_RELU, BN_BACKWARD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = conv_tile(a_ptr, a_stride, x_ptr, x_stride, b_ptr, b2_ptr, split, b_stride_tap, b_stride_k,
+                    b_stride_n, p0_ptr, p1_ptr, p2_ptr, p3_ptr, offs_m, offs_n, rows, K, N, H, W,
+                    TAPS, SPLIT, BN_RELU, BN_BACKWARD, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     m_ok = offs_m < rows
     n_ok = offs_n < N
     mask = m_ok[:, None] & n_ok[None, :]
     safe_n = tl.where(n_ok, offs_n, 0)
     rows64 = offs_m.to(tl.int64)[:, None]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + safe_n)[None, :]
+    if AFFINE:
+        acc = acc * tl.load(scale_ptr + safe_n)[None, :] + tl.load(shift_ptr + safe_n)[None, :]
     if RELU:
         acc = tl.where(offs_n[None, :] >= relu_from, tl.maximum(acc, 0.0), acc)
     c_ptrs = c_ptr + rows64 * c_stride + offs_n[None, :]
@@ -169,29 +209,34 @@ def fused_gemm_kernel(
 @triton.jit
 def eval_bottleneck_tail_kernel(
         a_ptr, a_stride,
-        w2_ptr, w2_stride_tap, w2_stride_k, w2_stride_n, bias2_ptr,
-        w3_ptr, w3_stride_k, w3_stride_n, bias3_ptr,
+        w2_ptr, w2_stride_tap, w2_stride_k, w2_stride_n, scale2_ptr, shift2_ptr,
+        w3_ptr, w3_stride_k, w3_stride_n, scale3_ptr, shift3_ptr,
         res_ptr, res_stride, out_ptr, out_stride,
         rows, MID, N, H, W,
         HAS_RESIDUAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_MID: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_N: tl.constexpr):
-    """Eval, BN folded into the weights: ``out (+)= res + relu(conv3x3(A) + b2) @ W3 + b3``."""
+    """Eval: ``out (+)= res + bn3(relu(bn2(conv3x3(A))) @ W3^T)``, one row tile, all channels.
+
+    ``bn(v) = v * scale + shift`` with the running statistics.
+    """
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_mid = tl.arange(0, BLOCK_MID)
     mid_ok = offs_mid < MID
-    acc = conv_tile(a_ptr, a_stride, a_ptr, a_stride, w2_ptr, w2_stride_tap, w2_stride_k, w2_stride_n,
-                    bias2_ptr, bias2_ptr, bias2_ptr, bias2_ptr, offs_m, offs_mid, rows, MID, MID, H, W,
-                    9, False, False, DOT_PRECISION, BLOCK_M, BLOCK_MID, BLOCK_K)
-    bias2 = tl.load(bias2_ptr + tl.where(mid_ok, offs_mid, 0))
-    act = tl.where(mid_ok[None, :], tl.maximum(acc + bias2[None, :], 0.0), 0.0)
+    acc = conv_tile(a_ptr, a_stride, a_ptr, a_stride, w2_ptr, w2_ptr, 0, w2_stride_tap, w2_stride_k,
+                    w2_stride_n, scale2_ptr, scale2_ptr, scale2_ptr, scale2_ptr, offs_m, offs_mid, rows,
+                    MID, MID, H, W, 9, 0, False, False, DOT_PRECISION, BLOCK_M, BLOCK_MID, BLOCK_K)
+    safe_mid = tl.where(mid_ok, offs_mid, 0)
+    act = acc * tl.load(scale2_ptr + safe_mid)[None, :] + tl.load(shift2_ptr + safe_mid)[None, :]
+    act = tl.where(mid_ok[None, :], tl.maximum(act, 0.0), 0.0)
     offs_n = tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     w3 = tl.load(w3_ptr + offs_mid[:, None] * w3_stride_k + offs_n[None, :] * w3_stride_n,
                  mask=mid_ok[:, None] & n_ok[None, :], other=0.0)
-    out = tl.dot(act.to(w3.dtype), w3, input_precision=DOT_PRECISION)
-    out += tl.load(bias3_ptr + tl.where(n_ok, offs_n, 0))[None, :]
+    out = dot(act, w3, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION)
+    safe_n = tl.where(n_ok, offs_n, 0)
+    out = out * tl.load(scale3_ptr + safe_n)[None, :] + tl.load(shift3_ptr + safe_n)[None, :]
     mask = (offs_m < rows)[:, None] & n_ok[None, :]
     rows64 = offs_m.to(tl.int64)[:, None]
     if HAS_RESIDUAL:

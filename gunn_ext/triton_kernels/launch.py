@@ -36,7 +36,10 @@ def warps(block_elements: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 GEMMs follow ``torch.set_float32_matmul_precision`` (TF32 unless "highest")."""
+    """fp32 GEMMs follow ``torch.set_float32_matmul_precision`` (TF32 unless "highest");
+    bfloat16 ones run as exact fp32 products under the interpreter (see ``gemm.dot``)."""
+    if dtype == torch.bfloat16 and INTERPRETED:
+        return "upcast"
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"
@@ -52,7 +55,12 @@ class Image:
 
 @dataclass(frozen=True)
 class Weights:
-    """Operand ``B[tap, k, n]`` of a GEMM, as strides into a conv weight."""
+    """Operand ``B[tap, k, n]`` of a GEMM, as strides into a conv weight.
+
+    ``second``: a weight stacked after ``tensor`` along its output channels
+    (``[W_s; W_1]``), read in place from index ``split`` of axis ``split_axis``
+    (1: ``n``, 2: ``k``; 0: none).
+    """
     tensor: torch.Tensor
     stride_tap: int
     stride_k: int
@@ -60,18 +68,25 @@ class Weights:
     k: int
     n: int
     taps: int
+    second: torch.Tensor | None = None
+    split: int = 0
+    split_axis: int = 0
 
     @staticmethod
-    def linear(w: torch.Tensor) -> Weights:
-        """``B = W^T`` of a 1x1 conv ``[out, in, 1, 1]``: ``in -> out``."""
+    def linear(w: torch.Tensor, second: torch.Tensor | None = None) -> Weights:
+        """``B = [W; second]^T`` of 1x1 convs ``[out, in, 1, 1]``: ``in -> out``."""
         out, inp = w.shape[0], w.shape[1]
-        return Weights(w, 0, 1, inp, inp, out, 1)
+        if second is None:
+            return Weights(w, 0, 1, inp, inp, out, 1)
+        return Weights(w, 0, 1, inp, inp, out + second.shape[0], 1, second, out, 1)
 
     @staticmethod
-    def linear_transposed(w: torch.Tensor) -> Weights:
-        """``B = W`` of a 1x1 conv: ``out -> in`` (input gradient)."""
+    def linear_transposed(w: torch.Tensor, second: torch.Tensor | None = None) -> Weights:
+        """``B = [W; second]`` of 1x1 convs: ``out -> in`` (input gradient)."""
         out, inp = w.shape[0], w.shape[1]
-        return Weights(w, 0, inp, 1, out, inp, 1)
+        if second is None:
+            return Weights(w, 0, inp, 1, out, inp, 1)
+        return Weights(w, 0, inp, 1, out + second.shape[0], inp, 1, second, out, 2)
 
     @staticmethod
     def conv3x3(w: torch.Tensor) -> Weights:
@@ -147,11 +162,12 @@ def stats_workspace(rows: int, channels: int, device) -> tuple[torch.Tensor, tor
 
 
 def gemm(a: torch.Tensor, b: Weights, out: torch.Tensor, image: Image, *, prologue=None,
-         bias: torch.Tensor | None = None, relu_from: int | None = None, accumulate: bool = False,
+         affine: NormVectors | None = None, relu_from: int | None = None, accumulate: bool = False,
          stats: tuple[torch.Tensor, torch.Tensor] | None = None,
          masked_grad: tuple[torch.Tensor, NormVectors, tuple[torch.Tensor, torch.Tensor]] | None = None):
     """``out (+)= epilogue(prologue(a) (*) b)``; see :mod:`gemm` for the fused work.
 
+    ``affine``: eval BN of ``out`` (``scale``, ``shift``);
     ``stats``: workspaces for the forward BN statistics of ``out``;
     ``masked_grad``: ``(x, norm, workspaces)``, ``out`` being dL/d relu(bn(x)).
     """
@@ -166,14 +182,15 @@ def gemm(a: torch.Tensor, b: Weights, out: torch.Tensor, image: Image, *, prolog
     grid = (row_tiles(image.rows), triton.cdiv(b.n, block_n))
     fused_gemm_kernel[grid](
         a, a.stride(0), x, x.stride(0),
-        b.tensor, b.stride_tap, b.stride_k, b.stride_n,
+        b.tensor, b.second if b.second is not None else b.tensor, b.split,
+        b.stride_tap, b.stride_k, b.stride_n,
         out, out.stride(0),
         p0, p1, p2, p3,
-        bias if bias is not None else out, relu_from or 0,
+        affine.scale if affine else out, affine.shift if affine else out, relu_from or 0,
         *e, ws0, ws1,
         image.rows, b.k, b.n, image.height, image.width,
-        TAPS=b.taps, BN_RELU=bn_relu, BN_BACKWARD=bn_backward,
-        HAS_BIAS=bias is not None, RELU=relu_from is not None, ACCUMULATE=accumulate,
+        TAPS=b.taps, SPLIT=b.split_axis, BN_RELU=bn_relu, BN_BACKWARD=bn_backward,
+        AFFINE=affine is not None, RELU=relu_from is not None, ACCUMULATE=accumulate,
         STATS=stats is not None, MASKED_GRAD=masked_grad is not None,
         DOT_PRECISION=dot_precision(a.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -231,14 +248,14 @@ def bn_add(out: torch.Tensor, x1: torch.Tensor, norm1: NormVectors, *, accumulat
 
 def weight_grad(d: BNBackward, d_rows: torch.Tensor, a: torch.Tensor, a_prologue: BNRelu | None,
                 image: Image, taps: int) -> torch.Tensor:
-    """``sum_r A'[r + off_t]^T D'[r]`` as fp32 ``[taps, D, A]``."""
+    """``sum_r D'[r]^T A'[r + off_t]`` as fp32 ``[D, A, taps]``, a conv weight's layout."""
     nd, ka = d_rows.shape[1], a.shape[1]
     block_d, block_a = channel_block(nd, cap=64), channel_block(ka, cap=64)
     tiles = triton.cdiv(nd, block_d) * triton.cdiv(ka, block_a)
     chunks = max(1, min(row_tiles(image.rows), WGRAD_PROGRAMS // (taps * tiles)))
     rows_per_chunk = BLOCK_M * triton.cdiv(row_tiles(image.rows), chunks)
     chunks = triton.cdiv(image.rows, rows_per_chunk)
-    ws = torch.empty((chunks, taps, nd, ka), dtype=torch.float32, device=a.device)
+    ws = torch.empty((chunks, nd, ka, taps), dtype=torch.float32, device=a.device)
     n = d.norm
     a_norm = a_prologue.norm if a_prologue is not None else None
     weight_grad_kernel[(chunks, taps, tiles)](
@@ -250,10 +267,10 @@ def weight_grad(d: BNBackward, d_rows: torch.Tensor, a: torch.Tensor, a_prologue
     return ws.sum(0)
 
 
-def eval_bottleneck_tail(act1: torch.Tensor, w2: torch.Tensor, bias2: torch.Tensor,
-                         w3: torch.Tensor, bias3: torch.Tensor, out: torch.Tensor, image: Image, *,
+def eval_bottleneck_tail(act1: torch.Tensor, w2: torch.Tensor, norm2: NormVectors,
+                         w3: torch.Tensor, norm3: NormVectors, out: torch.Tensor, image: Image, *,
                          residual: torch.Tensor | None, accumulate: bool) -> None:
-    """``out (+)= residual + relu(conv3x3(act1, w2) + bias2) @ w3^T + bias3`` (BN folded)."""
+    """``out (+)= residual + bn3(relu(bn2(conv3x3(act1, w2))) @ w3^T)``, eval BN."""
     mid, n = w2.shape[0], w3.shape[0]
     b2, b3 = Weights.conv3x3(w2), Weights.linear(w3)
     block_mid = channel_block(mid, cap=256)
@@ -262,8 +279,8 @@ def eval_bottleneck_tail(act1: torch.Tensor, w2: torch.Tensor, bias2: torch.Tens
                          f"at most {block_mid} are supported")
     res = residual if residual is not None else out
     eval_bottleneck_tail_kernel[(row_tiles(image.rows),)](
-        act1, act1.stride(0), b2.tensor, b2.stride_tap, b2.stride_k, b2.stride_n, bias2,
-        b3.tensor, b3.stride_k, b3.stride_n, bias3, res, res.stride(0), out, out.stride(0),
+        act1, act1.stride(0), b2.tensor, b2.stride_tap, b2.stride_k, b2.stride_n, norm2.scale, norm2.shift,
+        b3.tensor, b3.stride_k, b3.stride_n, norm3.scale, norm3.shift, res, res.stride(0), out, out.stride(0),
         image.rows, mid, n, image.height, image.width,
         HAS_RESIDUAL=residual is not None, ACCUMULATE=accumulate,
         DOT_PRECISION=dot_precision(act1.dtype),

@@ -8,9 +8,11 @@ segment ``c_i`` is a column block updated in place. Per bottleneck, training::
     pre3 = relu(bn2(pre2)) @ W3^T            (same)
     state[:, c_i] += bn3(pre3) + bn_s(pre1_s)
 
-Eval folds every BN into its convolution (``W' = W * scale``, bias ``shift``)
-and runs a bottleneck as two kernels: the merged 1x1 GEMM (+ bias, ReLU),
-then the 3x3 conv, its ReLU, the last 1x1 GEMM and the residual, fused.
+Eval applies every BN (running statistics) as ``x * scale + shift`` in the
+epilogue of the convolution before it and runs a bottleneck as two kernels:
+the merged 1x1 GEMM (+ BN, ReLU), then the 3x3 conv, its BN and ReLU, the
+last 1x1 GEMM, its BN and the residual, fused. ``[Ws; W1]`` is never
+concatenated: the GEMMs read both weights in place.
 
 Backward is Algorithm 1 with the merged residual (Eq. 6): walking segments
 ``P .. 1``, the state before update ``i`` is ``y`` with ``c_i..c_P`` restored
@@ -87,7 +89,10 @@ class Norms:
         total = self.offsets[-1]
         weight = torch.cat([w.detach().float() for w in bn_weights])
         bias = torch.cat([b.detach().float() for b in bn_biases])
-        eps_vec = torch.cat([torch.full((w.shape[0],), e, **f32) for w, e in zip(bn_weights, eps)])
+        if len(set(eps)) == 1:  # the usual case: one fill, not one per norm
+            eps_vec = torch.full((total,), eps[0], **f32)
+        else:
+            eps_vec = torch.cat([torch.full((w.shape[0],), e, **f32) for w, e in zip(bn_weights, eps)])
         if mean is None:
             empty = torch.empty((5, total), **f32)
             self.all = NormVectors(weight, bias, eps_vec, *empty)
@@ -129,12 +134,12 @@ class Unit:
     def skip(self, m: int) -> int:
         return self.n if self.layout.has_shortcut(m) else 0
 
-    def first_weight(self, m: int) -> torch.Tensor:
-        """The merged first GEMM's weight ``[Ws; W1]`` of bottleneck ``m``, 4-D."""
+    def first_weights(self, m: int) -> tuple[torch.Tensor, ...]:
+        """The merged first GEMM's weights ``(Ws, W1)`` of bottleneck ``m`` (``(W1,)`` without shortcut)."""
         w1 = self.convs[self.layout.first(self.i, m)]
         if self.layout.has_shortcut(m):
-            return torch.cat([self.convs[self.layout.first_gemm(self.i, m)], w1])
-        return w1
+            return self.convs[self.layout.first_gemm(self.i, m)], w1
+        return (w1,)
 
     def first_norm(self, m: int) -> NormVectors:
         return self.norms.at(self.layout.first_gemm(self.i, m), 2 if self.layout.has_shortcut(m) else 1)
@@ -150,12 +155,11 @@ class Unit:
         """pre1, pre2, pre3 of bottleneck ``m`` on ``source`` (statistics computed if ``stats``)."""
         image, rows = self.image, self.image.rows
         k = self.layout.first(self.i, m)
-        w1 = self.first_weight(m)
         skip, mid = self.skip(m), self.convs[k].shape[0]
         pre1 = source.new_empty((rows, skip + mid))
         pre2 = source.new_empty((rows, mid))
         pre3 = source.new_empty((rows, self.n))
-        steps = ((source, Weights.linear(w1), pre1, None, self.first_norm(m)),
+        steps = ((source, Weights.linear(*self.first_weights(m)), pre1, None, self.first_norm(m)),
                  (pre1[:, skip:], Weights.conv3x3(self.convs[k + 1]), pre2, BNRelu(self.norm(m, 0)),
                   self.norm(m, 1)),
                  (pre2, Weights.linear(self.convs[k + 2]), pre3, BNRelu(self.norm(m, 1)),
@@ -193,24 +197,20 @@ class Unit:
             h = out
         return tapes
 
-    def forward_folded(self, source: torch.Tensor, target: torch.Tensor, folded, bias) -> None:
-        """Eval: ``target += U(source)`` with BN folded into ``folded`` weights and ``bias``."""
+    def forward_eval(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Eval: ``target += U(source)``, every BN applied with its running statistics."""
         h = None
         for m in range(self.layout.units):
             k = self.layout.first(self.i, m)
-            first = self.layout.first_gemm(self.i, m)
             skip = self.skip(m)
-            w1 = torch.cat([folded[first], folded[k]]) if skip else folded[k]
-            pre1 = source.new_empty((self.image.rows, w1.shape[0]))
-            start = self.norms.offsets[first]
-            launch.gemm(source if m == 0 else h, Weights.linear(w1), pre1, self.image,
-                        bias=bias[start:start + w1.shape[0]], relu_from=skip)
+            pre1 = source.new_empty((self.image.rows, skip + self.convs[k].shape[0]))
+            launch.gemm(source if m == 0 else h, Weights.linear(*self.first_weights(m)), pre1, self.image,
+                        affine=self.first_norm(m), relu_from=skip)
             last = m + 1 == self.layout.units
             out = target if last else source.new_empty((self.image.rows, self.n))
             residual = pre1[:, :skip] if skip else h
-            o2, o3 = self.norms.offsets[k + 1], self.norms.offsets[k + 2]
-            launch.eval_bottleneck_tail(pre1[:, skip:], folded[k + 1], bias[o2:o3], folded[k + 2],
-                                        bias[o3:o3 + self.n], out, self.image,
+            launch.eval_bottleneck_tail(pre1[:, skip:], self.convs[k + 1], self.norm(m, 1),
+                                        self.convs[k + 2], self.norm(m, 2), out, self.image,
                                         residual=residual, accumulate=last)
             h = out
 
@@ -235,8 +235,7 @@ class Unit:
             launch.gemm(grad_unit, Weights.linear_transposed(w3), grad2, image, prologue=d3,
                         masked_grad=(t["pre2"], bn2, ws))
             launch.finalize_grad(ws, rows, bn2, training)
-            grad_convs[k + 2] = launch.weight_grad(d3, grad_unit, t["pre2"], BNRelu(bn2), image,
-                                                  1).view(w3.shape)
+            grad_convs[k + 2] = launch.weight_grad(d3, grad_unit, t["pre2"], BNRelu(bn2), image, 1)
 
             d2 = BNBackward(t["pre2"], bn2)
             w2 = self.convs[k + 1]
@@ -245,23 +244,22 @@ class Unit:
             launch.gemm(grad2, Weights.conv3x3_transposed(w2), grad1[:, skip:], image, prologue=d2,
                         masked_grad=(t["pre1"][:, skip:], bn1, ws))
             launch.finalize_grad(ws, rows, bn1, training)
-            dw2 = launch.weight_grad(d2, grad2, t["pre1"][:, skip:], BNRelu(bn1), image, 9)
-            grad_convs[k + 1] = dw2.permute(1, 2, 0).reshape(w2.shape)
+            grad_convs[k + 1] = launch.weight_grad(d2, grad2, t["pre1"][:, skip:], BNRelu(bn1), image, 9)
 
             if skip:
                 grad1[:, :skip].copy_(grad_unit)
             d1 = BNBackward(t["pre1"], self.first_norm(m))
-            w1 = self.first_weight(m)
-            dw1 = launch.weight_grad(d1, grad1, t["input"], None, image, 1)[0].view(w1.shape)
+            w1 = self.first_weights(m)
+            dw1 = launch.weight_grad(d1, grad1, t["input"], None, image, 1)
             grad_convs[k] = dw1[skip:]
             if skip:
                 grad_convs[self.layout.first_gemm(self.i, m)] = dw1[:skip]
             if m == 0:
-                launch.gemm(grad1, Weights.linear_transposed(w1), grad_state, image, prologue=d1,
+                launch.gemm(grad1, Weights.linear_transposed(*w1), grad_state, image, prologue=d1,
                             accumulate=True)
             else:  # h_m = h_{m-1} + B_m(h_{m-1})
                 grad_prev = grad_unit.clone()
-                launch.gemm(grad1, Weights.linear_transposed(w1), grad_prev, image, prologue=d1,
+                launch.gemm(grad1, Weights.linear_transposed(*w1), grad_prev, image, prologue=d1,
                             accumulate=True)
                 grad_unit = grad_prev
 
@@ -272,13 +270,6 @@ def _image(x: torch.Tensor) -> Image:
 
 def _contiguous(tensors) -> list[torch.Tensor]:
     return [t.detach().contiguous() for t in tensors]
-
-
-def _fold(convs, norms: Norms) -> list[torch.Tensor]:
-    """``W' = W * scale`` per output channel: eval BN folded into its convolution."""
-    scales = [norms.all.scale[norms.offsets[k]:norms.offsets[k + 1]].view(-1, 1, 1, 1)
-              for k in range(len(convs))]
-    return [w.to(s.dtype).mul(s).to(w.dtype) for w, s in zip(convs, scales)]
 
 
 def gradual_update_forward(x, conv_weights, bn_weights, bn_biases, running_means, running_vars,
@@ -295,7 +286,6 @@ def gradual_update_forward(x, conv_weights, bn_weights, bn_biases, running_means
                       torch.cat(list(running_vars)))
     source = as_rows(x.detach())
     state = source.clone()
-    folded = None if training else _fold(convs, norms)
     for i, (start, n) in enumerate(zip(layout.starts, layout.segments)):
         unit = Unit(layout, convs, norms, image, i)
         read = state if sequential else source
@@ -303,7 +293,7 @@ def gradual_update_forward(x, conv_weights, bn_weights, bn_biases, running_means
         if training:
             unit.forward(read, target, stats=True)
         else:
-            unit.forward_folded(read, target, folded, norms.all.shift)
+            unit.forward_eval(read, target)
     return as_output(state, x), norms.all.mean.clone(), norms.all.var.clone()
 
 
@@ -329,7 +319,15 @@ def gradual_update_backward(grad_y, x, y, conv_weights, bn_weights, bn_biases, m
         unit = Unit(layout, convs, norms, image, i)
         tapes = unit.forward(state, None, stats=False)
         unit.backward(tapes, read_from[:, start:start + n], grad, grad_convs)
-    grad_convs = [torch.empty_like(w).copy_(g) for g, w in zip(grad_convs, conv_weights)]
-    grad_w = [norms.at(k).grad_weight.to(w.dtype, copy=True) for k, w in enumerate(bn_weights)]
-    grad_b = [norms.at(k).grad_bias.to(b.dtype, copy=True) for k, b in enumerate(bn_biases)]
-    return as_output(grad, x), grad_convs, grad_w, grad_b
+    sizes = [w.shape[0] for w in bn_weights]
+    grad_w = norms.all.grad_weight.split_with_sizes(sizes)
+    grad_b = norms.all.grad_bias.split_with_sizes(sizes)
+    return (as_output(grad, x), _copies(grad_convs, conv_weights), _copies(grad_w, bn_weights),
+            _copies(grad_b, bn_biases))
+
+
+def _copies(sources, like) -> list[torch.Tensor]:
+    """Fresh tensors shaped and typed as ``like`` holding ``sources`` (a few foreach launches)."""
+    out = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
+    torch._foreach_copy_(out, [s.view(t.shape) for s, t in zip(sources, out)])
+    return out

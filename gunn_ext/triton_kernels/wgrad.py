@@ -4,15 +4,16 @@ For a convolution ``out[r] = sum_t A'[r + off_t] @ B[t]`` the weight gradient is
 ``dB[t] = sum_r A'[r + off_t]^T D'[r]``; with ``D'`` the gradient of ``out``
 after the BN-backward prologue and ``A'`` the input after its BN + ReLU
 prologue, both recomputed on the fly. Each program reduces one chunk of rows
-for one tap into ``ws[chunk, tap]`` (fp32); the chunks are summed on the host,
-in a fixed order, so the result is deterministic.
+for one tap into ``ws[chunk, :, :, tap]`` (fp32, the layout of a conv weight
+``[out, in, kh, kw]``); the chunks are summed in a fixed order, so the result
+is deterministic.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .gemm import load_operand, tap_offsets
+from .gemm import dot, load_operand, tap_offsets
 
 
 @triton.jit
@@ -22,7 +23,7 @@ def weight_grad_kernel(
         ws_ptr, rows, ND, KA, H, W, rows_per_chunk,
         TAPS: tl.constexpr, A_BN_RELU: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr):
-    """``ws[chunk, tap, d, a] = sum_{r in chunk} D'[r, d] A'[r + off_tap, a]``."""
+    """``ws[chunk, d, a, tap] = sum_{r in chunk} D'[r, d] A'[r + off_tap, a]`` (conv weight layout)."""
     chunk = tl.program_id(0)
     tap = tl.program_id(1)
     tiles_a = tl.cdiv(KA, BLOCK_A)
@@ -42,6 +43,6 @@ def weight_grad_kernel(
         a = load_operand(a_ptr, a_stride, a_ptr, a_stride, offs_m, offs_a, m_ok, KA, H, W, dh, dw,
                          a_scale_ptr, a_shift_ptr, a_scale_ptr, a_scale_ptr, A_BN_RELU, False)
         a = a.to(a_ptr.dtype.element_ty)
-        acc = tl.dot(tl.trans(d.to(a.dtype)), a, acc, input_precision=DOT_PRECISION)
-    out = ws_ptr + ((chunk * TAPS + tap) * ND + offs_d[:, None]).to(tl.int64) * KA + offs_a[None, :]
+        acc = dot(tl.trans(d), a, acc, DOT_PRECISION)
+    out = ws_ptr + (((chunk * ND + offs_d[:, None]).to(tl.int64) * KA + offs_a[None, :]) * TAPS + tap)
     tl.store(out, acc, mask=(offs_d[:, None] < ND) & (offs_a[None, :] < KA))
