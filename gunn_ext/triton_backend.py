@@ -6,7 +6,9 @@
 order of ``layer.norms()`` (batch statistics in training, running ones in
 eval). Its backward is ``torch.ops.gunn_ext.triton_gradual_update_backward``
 (Algorithm 1, Eq. 6). Both are opaque custom ops with fake kernels, so
-``torch.compile(fullgraph=True)`` traces a layer as two nodes.
+``torch.compile(fullgraph=True)`` traces a layer as two nodes. On the GPU
+each is replayed as one CUDA graph per recurring call
+(:mod:`gunn_ext.graph_replay`).
 
 The kernels live in :mod:`gunn_ext.triton_kernels`; ``triton`` is imported
 only when an op runs.
@@ -16,9 +18,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import ops
+from . import graph_replay, ops
 
 _NS = "gunn_ext"
+
+
+def _forward(*args):
+    from .triton_kernels.update import gradual_update_forward
+    return gradual_update_forward(*args)
+
+
+def _backward(*args):
+    from .triton_kernels.update import gradual_update_backward
+    return gradual_update_backward(*args)
+
+
+FORWARD = graph_replay.GraphReplay(_forward)
+BACKWARD = graph_replay.GraphReplay(_backward)
 
 
 @torch.library.custom_op(f"{_NS}::triton_gradual_update", mutates_args=())
@@ -27,9 +43,8 @@ def triton_gradual_update(
         running_means: list[Tensor], running_vars: list[Tensor], segments: list[int], units: int,
         shortcut: bool, sequential: bool, training: bool, eps: list[float],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from .triton_kernels.update import gradual_update_forward
-    return gradual_update_forward(x, conv_weights, bn_weights, bn_biases, running_means,
-                                  running_vars, segments, units, shortcut, sequential, training, eps)
+    return FORWARD(x, conv_weights, bn_weights, bn_biases, running_means, running_vars, segments,
+                   units, shortcut, sequential, training, eps)
 
 
 @torch.library.custom_op(f"{_NS}::triton_gradual_update_backward", mutates_args=())
@@ -38,9 +53,8 @@ def triton_gradual_update_backward(
         bn_biases: list[Tensor], mean: Tensor, var: Tensor, segments: list[int], units: int,
         shortcut: bool, sequential: bool, training: bool, eps: list[float],
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-    from .triton_kernels.update import gradual_update_backward
-    return gradual_update_backward(grad_y, x, y, conv_weights, bn_weights, bn_biases, mean, var,
-                                   segments, units, shortcut, sequential, training, eps)
+    return BACKWARD(grad_y, x, y, conv_weights, bn_weights, bn_biases, mean, var, segments, units,
+                    shortcut, sequential, training, eps)
 
 
 ops.register_layer_op(f"{_NS}::triton_gradual_update", f"{_NS}::triton_gradual_update_backward",

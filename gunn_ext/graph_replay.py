@@ -1,0 +1,187 @@
+"""CUDA graph replay of a Python op body (the triton ops).
+
+The same policy as the native op's replay (``csrc/cuda/graph_replay.cpp``):
+a call is identified by its signature, the shapes, strides, dtypes, devices
+and data pointers of every tensor argument, the other arguments and the
+float32 matmul precision. The first sighting of a signature runs eagerly
+(compiling and autotuning the kernels), the second captures the call into a
+CUDA graph with a private memory pool, later ones replay it: one graph launch
+instead of hundreds of kernel launches from Python. A signature evicted from
+the LRU cache and seen again is captured once more at most, then runs
+eagerly. Replays write into the graph's own outputs, which are copied into
+fresh tensors for the caller, so no two calls share an output.
+
+Calls on a stream that is already capturing (a user's own graph,
+``torch.compile(mode="reduce-overhead")``) run eagerly inside that capture.
+The switches are :mod:`gunn_ext.cuda_graphs`'.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch.utils import _pytree as pytree
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    return value.lower() not in ("0", "false", "off", "no")
+
+
+def _env_capacity() -> int:
+    value = os.environ.get("GUNN_EXT_CUDA_GRAPHS_CACHE", "")
+    if not value:
+        return 8
+    if not value.isdigit():
+        raise ValueError(f"GUNN_EXT_CUDA_GRAPHS_CACHE must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+_enabled = _env_flag("GUNN_EXT_CUDA_GRAPHS", True)
+MAX_CAPTURES = 2  # per signature: the first capture, and one after an eviction
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def set_enabled(flag: bool) -> bool:
+    global _enabled
+    previous, _enabled = _enabled, flag
+    return previous
+
+
+class Counts(NamedTuple):
+    captures: int
+    replays: int
+    eager: int
+    cached: int
+
+
+def signature(args: tuple) -> tuple:
+    """Everything a captured call depends on, as a hashable tuple."""
+    def describe(a: Any):
+        if isinstance(a, torch.Tensor):
+            return (a.data_ptr(), a.dtype, a.device, tuple(a.shape), a.stride())
+        if isinstance(a, (list, tuple)):
+            return tuple(describe(v) for v in a)
+        return a
+    return describe(args) + (torch.get_float32_matmul_precision(),)
+
+
+def _first_tensor(args: tuple) -> torch.Tensor | None:
+    return next((a for a in args if isinstance(a, torch.Tensor)), None)
+
+
+class CudaGraph:
+    """One captured call: ``capture`` records ``fn(*args)``, ``replay`` reruns it."""
+
+    _streams: dict[int, torch.cuda.Stream] = {}
+
+    def capture(self, fn: Callable, args: tuple):
+        device = _first_tensor(args).device
+        stream = self._streams.setdefault(device.index, torch.cuda.Stream(device))
+        self.graph = torch.cuda.CUDAGraph()
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            self.graph.capture_begin(pool=torch.cuda.graph_pool_handle(), capture_error_mode="thread_local")
+            try:
+                outputs = fn(*args)
+            except BaseException:
+                try:
+                    self.graph.capture_end()
+                except RuntimeError:
+                    pass  # the capture is invalid anyway; the first error is the one to report
+                raise
+            self.graph.capture_end()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        return outputs
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class GraphReplay:
+    """``fn`` replayed as one CUDA graph per recurring signature (see the module doc)."""
+
+    def __init__(self, fn: Callable, *, graph_type: type = CudaGraph, device_type: str = "cuda",
+                 capacity: int | None = None):
+        self.fn, self.graph_type, self.device_type = fn, graph_type, device_type
+        self.capacity = _env_capacity() if capacity is None else capacity
+        self.graphs: OrderedDict[tuple, tuple[Any, list[torch.Tensor], Any]] = OrderedDict()
+        self.history: OrderedDict[tuple, list[int]] = OrderedDict()  # signature -> [sightings, captures]
+        self.counts = {"captures": 0, "replays": 0, "eager": 0}
+        self.broken = False
+        self.lock = threading.Lock()
+
+    def stats(self) -> Counts:
+        return Counts(**self.counts, cached=len(self.graphs))
+
+    def clear(self) -> None:
+        with self.lock:
+            self.graphs.clear()
+            self.history.clear()
+            self.counts = dict.fromkeys(self.counts, 0)
+            self.broken = False
+
+    def _eligible(self, args: tuple) -> bool:
+        if not _enabled or self.broken or self.capacity == 0:
+            return False
+        tensor = _first_tensor(args)
+        if tensor is None or tensor.device.type != self.device_type:
+            return False
+        return not (self.device_type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+    def _eager(self, args: tuple):
+        self.counts["eager"] += 1
+        return self.fn(*args)
+
+    def __call__(self, *args):
+        if not self._eligible(args):
+            return self._eager(args)
+        key = signature(args)
+        with self.lock:
+            entry = self.graphs.get(key)
+            if entry is None:
+                seen = self.history.setdefault(key, [0, 0])
+                self.history.move_to_end(key)
+                while len(self.history) > 4 * max(self.capacity, 1):
+                    self.history.popitem(last=False)
+                seen[0] += 1
+                if seen[0] < 2 or seen[1] >= MAX_CAPTURES:
+                    return self._eager(args)
+                entry = self._capture(args)
+                if entry is None:
+                    return self._eager(args)
+                seen[1] += 1
+                self.graphs[key] = entry
+                if len(self.graphs) > self.capacity:
+                    self.graphs.popitem(last=False)
+            else:
+                self.graphs.move_to_end(key)
+            graph, outputs, spec = entry
+            graph.replay()
+            self.counts["replays"] += 1
+            fresh = [torch.empty_like(t) for t in outputs]
+            torch._foreach_copy_(fresh, outputs)
+            return pytree.tree_unflatten(fresh, spec)
+
+    def _capture(self, args: tuple):
+        graph = self.graph_type()
+        try:
+            outputs = graph.capture(self.fn, args)
+        except Exception as exc:  # noqa: BLE001 - any failed capture falls back to eager
+            self.broken = True
+            self._failed = graph  # a failed capture's pool must outlive the process's use of it
+            warnings.warn(f"gunn_ext: CUDA graph capture failed ({exc}); running eagerly from now on",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        self.counts["captures"] += 1
+        flat, spec = pytree.tree_flatten(outputs)
+        return graph, flat, spec
