@@ -72,7 +72,7 @@ def measure(model, args, device) -> dict:
         return loss
 
     def captures() -> int:
-        return sum(s.captures for s in cuda_graphs.stats().values()) if cuda_graphs.available() else 0
+        return sum(s.captures for s in cuda_graphs.stats().values())
 
     model.train()
     # Graph keys include data pointers, which settle one layer at a time (and

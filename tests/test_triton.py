@@ -264,3 +264,13 @@ def test_runs_eagerly_inside_a_user_capture(graphs):
         static_x.copy_(new_x)
         graph.replay()
         assert_close(static_y, reference(new_x), torch.float32, "user graph replay")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter has nothing to tune")
+def test_autotuning_space_is_pruned():
+    from gunn_ext.triton_kernels import tuning
+    configs = lambda *a: [(c.num_warps, c.num_stages) for c in tuning.useful_configs(*a)]  # noqa: E731
+    assert configs(64 * 64, 1) == [(4, 2)]
+    assert configs(64 * 64, 8) == [(4, 2), (4, 3)]
+    assert configs(64 * 128, 8) == [(4, 2), (4, 3), (8, 3)]
+    assert configs(64 * 128, 2) == [(4, 2)]

@@ -32,6 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .tuning import autotune
+
 
 @triton.jit
 def dot(a, b, acc, DOT_PRECISION: tl.constexpr):
@@ -43,9 +45,10 @@ def dot(a, b, acc, DOT_PRECISION: tl.constexpr):
     """
     a = a.to(b.dtype)
     if DOT_PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -149,6 +152,9 @@ def store_column_partials(ws0_ptr, ws1_ptr, v0, v1, pid_m, offs_n, n_ok, N):
     tl.store(ws1_ptr + pid_m * N + offs_n, tl.sum(v1, axis=0), mask=n_ok)
 
 
+@autotune(("BLOCK_M", "BLOCK_N"), lambda a: triton.cdiv(a["K"], a["BLOCK_K"]),
+          key=["K", "N", "TAPS", "SPLIT", "BN_RELU", "BN_BACKWARD", "AFFINE", "RELU", "ACCUMULATE", "STATS",
+               "MASKED_GRAD", "BLOCK_N", "BLOCK_K"], restore=["c_ptr"])
 @triton.jit
 def fused_gemm_kernel(
         a_ptr, a_stride, x_ptr, x_stride,
@@ -206,6 +212,8 @@ def fused_gemm_kernel(
         store_column_partials(ws0_ptr, ws1_ptr, v, centred * centred, pid_m, offs_n, n_ok, N)
 
 
+@autotune(("BLOCK_M", "BLOCK_MID"), lambda a: triton.cdiv(a["MID"], a["BLOCK_K"]),
+          key=["MID", "N", "HAS_RESIDUAL", "ACCUMULATE", "BLOCK_MID", "BLOCK_K", "BLOCK_N"], restore=["out_ptr"])
 @triton.jit
 def eval_bottleneck_tail_kernel(
         a_ptr, a_stride,

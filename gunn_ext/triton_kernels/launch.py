@@ -1,13 +1,13 @@
 """Host-side launchers: block sizes, grids, workspaces and operand descriptions.
 
 Block sizes are fixed by the problem (channel dims padded to a power of two
->= 16, row tiles of ``BLOCK_M``); only warps and pipeline stages are tuned,
-so workspaces sized by the row tiling are known before a launch.
+>= 16, row tiles of ``BLOCK_M``), so workspaces sized by the row tiling are
+known before a launch; warps and pipeline stages are autotuned
+(:mod:`tuning`).
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
@@ -15,12 +15,12 @@ import triton
 
 from .gemm import eval_bottleneck_tail_kernel, fused_gemm_kernel
 from .norm import bn_add_kernel, bn_grad_partials_kernel, finalize_grad_kernel, finalize_stats_kernel
+from .tuning import INTERPRETED
 from .wgrad import weight_grad_kernel
 
 BLOCK_M = 64
 PARTIALS_BLOCK = 4096  # partials merged per step of a statistics kernel (BLOCK_T * BLOCK_C)
 WGRAD_PROGRAMS = 512  # target number of weight-gradient programs (all chunks, taps, tiles)
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def channel_block(c: int, cap: int = 128) -> int:
@@ -29,10 +29,6 @@ def channel_block(c: int, cap: int = 128) -> int:
 
 def k_block(k: int) -> int:
     return 16 if k <= 16 else 32
-
-
-def warps(block_elements: int) -> int:
-    return 4 if INTERPRETED or block_elements <= 64 * 64 else 8
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -193,8 +189,7 @@ def gemm(a: torch.Tensor, b: Weights, out: torch.Tensor, image: Image, *, prolog
         AFFINE=affine is not None, RELU=relu_from is not None, ACCUMULATE=accumulate,
         STATS=stats is not None, MASKED_GRAD=masked_grad is not None,
         DOT_PRECISION=dot_precision(a.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps(BLOCK_M * block_n))
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
 
 
 def partials_blocks(tiles: int, channels: int) -> tuple[int, int]:
@@ -263,7 +258,7 @@ def weight_grad(d: BNBackward, d_rows: torch.Tensor, a: torch.Tensor, a_prologue
         a, a.stride(0), a_norm.scale if a_norm else a, a_norm.shift if a_norm else a,
         ws, image.rows, nd, ka, image.height, image.width, rows_per_chunk,
         TAPS=taps, A_BN_RELU=a_prologue is not None, DOT_PRECISION=dot_precision(a.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_D=block_d, BLOCK_A=block_a, num_warps=warps(block_d * block_a))
+        BLOCK_M=BLOCK_M, BLOCK_D=block_d, BLOCK_A=block_a)
     return ws.sum(0)
 
 
@@ -284,5 +279,4 @@ def eval_bottleneck_tail(act1: torch.Tensor, w2: torch.Tensor, norm2: NormVector
         image.rows, mid, n, image.height, image.width,
         HAS_RESIDUAL=residual is not None, ACCUMULATE=accumulate,
         DOT_PRECISION=dot_precision(act1.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_MID=block_mid, BLOCK_K=k_block(mid), BLOCK_N=channel_block(n, cap=256),
-        num_warps=warps(BLOCK_M * block_mid))
+        BLOCK_M=BLOCK_M, BLOCK_MID=block_mid, BLOCK_K=k_block(mid), BLOCK_N=channel_block(n, cap=256))

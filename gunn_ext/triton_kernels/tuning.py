@@ -1,0 +1,55 @@
+"""Autotuning of the GEMM kernels: warps and pipeline stages, pruned per launch.
+
+Block sizes are fixed by the problem (channel blocks are the padded channel
+counts, row tiles are ``BLOCK_M`` so statistics workspaces are sized before a
+launch), which leaves a small space: three configs, pruned to those that can
+differ. Eight warps only pay on tiles larger than 64x64, a third pipeline
+stage only on loops of three or more steps; under the interpreter there is
+nothing to tune. Each kernel variant is tuned once per key, at its first call
+(which runs eagerly, before any CUDA graph capture).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Callable
+
+import triton
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+CONFIGS = [triton.Config({}, num_warps=4, num_stages=2),
+           triton.Config({}, num_warps=4, num_stages=3),
+           triton.Config({}, num_warps=8, num_stages=3)]
+
+
+def useful_configs(tile_elements: int, loop_steps: int) -> list[triton.Config]:
+    """The configs worth timing for an output tile of ``tile_elements`` and a
+    main loop of ``loop_steps`` steps (never empty: the first is always kept)."""
+    if INTERPRETED:
+        return CONFIGS[:1]
+    return [c for c in CONFIGS
+            if (c.num_warps == 4 or tile_elements > 64 * 64) and (c.num_stages == 2 or loop_steps >= 3)]
+
+
+def _quick_bench(kernel_call, quantiles):
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def autotune(tile: tuple[str, str], loop_steps: Callable[[dict], int], key: list[str],
+             restore: list[str] | None = None):
+    """``triton.autotune`` over :func:`useful_configs` for a kernel whose output
+    tile is ``tile`` (two block-size names) and whose main loop runs
+    ``loop_steps(args)`` times.
+
+    ``restore``: arguments the kernel accumulates into, restored between timed runs.
+    """
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        return useful_configs(args[tile[0]] * args[tile[1]], loop_steps(args))
+
+    options = dict(configs=CONFIGS, key=key, prune_configs_by={"early_config_prune": prune},
+                   restore_value=restore)
+    if "do_bench" in inspect.signature(triton.autotune).parameters:
+        options["do_bench"] = _quick_bench
+    return triton.autotune(**options)
