@@ -1,0 +1,137 @@
+"""Every Triton kernel variant the layer launches compiles for the GPU, here without one.
+
+The layer's forward and backward (training and eval) run on CPU tensors with
+the kernels replaced by recorders, at GUNN-15's first shape (240 channels,
+20 segments) and on a no-shortcut, two-unit layer. Each recorded launch is
+compiled by Triton to a cubin for sm_90 (H100 / H200): the compile-time rules
+(``tl.dot`` shapes, power-of-two blocks, types, shared memory) are checked by
+the real compiler; only running the cubin needs the GPU. float32 with TF32
+GEMMs compiles every config its autotuner would time; full-precision float32
+and bfloat16 compile each variant's first config (configs differ in
+scheduling, not in types). The compilations run in parallel processes.
+"""
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from conftest import make_layer  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                                reason="kernels are interpreted functions under TRITON_INTERPRET=1")
+
+KERNELS = ("fused_gemm_kernel", "eval_bottleneck_tail_kernel", "bn_add_kernel", "bn_grad_partials_kernel",
+           "finalize_grad_kernel", "finalize_stats_kernel", "weight_grad_kernel")
+POINTEE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+class Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the launch."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
+
+
+def argument_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + POINTEE[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {value!r}")
+
+
+def variants(launches, every_config: bool = True) -> list[tuple]:
+    """``(module, kernel, signature, constexprs, num_warps, num_stages)`` of each distinct compilation."""
+    seen = {}
+    for kernel, args, kwargs in launches:
+        tuned = isinstance(kernel, triton.runtime.Autotuner)
+        jit = kernel.fn if tuned else kernel
+        named = dict(zip(jit.arg_names, args))
+        constexprs = {p.name: kwargs[p.name] for p in jit.params if p.is_constexpr}
+        signature = {n: "constexpr" if n in constexprs else argument_type(named[n]) for n in jit.arg_names}
+        if tuned:
+            configs = kernel.early_config_prune(kernel.configs, named, **kwargs)
+        else:
+            configs = [triton.Config({}, num_warps=kwargs.get("num_warps", 4),
+                                     num_stages=kwargs.get("num_stages", 3))]
+        if not every_config:
+            configs = configs[:1]
+        for config in configs:
+            variant = (jit.__module__, jit.__name__, signature, constexprs, config.num_warps, config.num_stages)
+            seen.setdefault(repr(variant), variant)
+    return list(seen.values())
+
+
+def compile_for_sm90(variant) -> str | None:
+    """None if ``variant`` compiles to a cubin within the shared memory of an sm_90 SM, else why not."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, name, signature, constexprs, num_warps, num_stages = variant
+    kernel = getattr(sys.modules[module], name)
+    jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    what = f"{name} with {constexprs}, {num_warps} warps, {num_stages} stages"
+    try:
+        compiled = triton.compile(ASTSource(jit, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": num_warps, "num_stages": num_stages})
+    except Exception as exc:  # noqa: BLE001 - reported as the test's failure
+        return f"{what} does not compile for sm_90: {type(exc).__name__}: {exc}"
+    if not compiled.asm.get("cubin"):
+        return f"{what}: no cubin"
+    if compiled.metadata.shared > 227 * 1024:
+        return f"{what}: {compiled.metadata.shared} bytes of shared memory, more than an SM has"
+    return None
+
+
+GUNN15_A = dict(channels=240, segments=20)
+TWO_UNITS = dict(channels=48, segments=[12, 36], units=2, shortcut=False)
+CASES = [  # layer, dtype, float32 matmul precision, every autotuning config
+    (GUNN15_A, torch.float32, "high", True),
+    (TWO_UNITS, torch.float32, "high", True),
+    (GUNN15_A, torch.float32, "highest", False),
+    (GUNN15_A, torch.bfloat16, "high", False),
+]
+
+
+def record_launches(monkeypatch, layer_kwargs, dtype, precision) -> list:
+    """The kernel launches of a forward and backward, in training and in eval."""
+    from gunn_ext import ops
+    from gunn_ext.triton_kernels import launch, update
+
+    launches = []
+    for name in KERNELS:
+        monkeypatch.setattr(launch, name, Recorder(getattr(launch, name), launches))
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
+    layer = make_layer(**layer_kwargs, dtype=dtype)
+    x = torch.randn(2, layer.channels, 16, 16, dtype=dtype)
+    for training in (True, False):
+        args = ops.layer_arguments(layer, x, training)
+        y, mean, var = update.gradual_update_forward(*args)
+        x_, convs, weights, biases, _, _, *config = args
+        update.gradual_update_backward(torch.ones_like(y), x_, y, convs, weights, biases, mean, var, *config)
+    monkeypatch.undo()
+    return launches
+
+
+def test_every_launched_variant_compiles_for_sm90(monkeypatch):
+    compiled = {repr(v): v for layer, dtype, precision, every_config in CASES
+                for v in variants(record_launches(monkeypatch, layer, dtype, precision), every_config)}
+    compiled = list(compiled.values())
+    names = {v[1] for v in compiled}
+    assert names == set(KERNELS), f"kernels never launched: {set(KERNELS) - names}"
+    # fork: the workers find the kernels already imported (no CUDA is ever initialised here)
+    with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=multiprocessing.get_context("fork")) as pool:
+        failures = [f for f in pool.map(compile_for_sm90, compiled) if f]
+    assert not failures, "\n".join(failures)
