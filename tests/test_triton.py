@@ -169,13 +169,14 @@ def test_tolerances_are_tight_enough_to_fail():
 @kernels
 @pytest.mark.parametrize("block", [64, 4096], ids=["2 tiles a step", "every tile in one step"])
 def test_statistics_over_many_row_tiles(monkeypatch, block):
-    """BN statistics (GEMM epilogue partials) and BN-backward sums merged over 14 row tiles."""
+    """BN statistics (GEMM epilogue partials) and BN-backward sums merged over 14 row tiles
+    and two channel blocks."""
     from gunn_ext.triton_kernels import launch
     from gunn_ext.triton_kernels.update import Norms
 
     monkeypatch.setattr(launch, "PARTIALS_BLOCK", block)
     torch.manual_seed(0)
-    rows, k, c = 13 * launch.BLOCK_M + 5, 16, 20
+    rows, k, c = 13 * launch.BLOCK_M + 5, 16, 40
     a = torch.randn(rows, k, device=DEVICE) + 3.0  # a large mean: merging must not cancel
     w = torch.randn(c, k, 1, 1, device=DEVICE)
     weight, bias = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE)

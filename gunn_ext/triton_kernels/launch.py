@@ -194,8 +194,9 @@ def gemm(a: torch.Tensor, b: Weights, out: torch.Tensor, image: Image, *, prolog
 
 def partials_blocks(tiles: int, channels: int) -> tuple[int, int]:
     """``(BLOCK_T, BLOCK_C)`` of a kernel merging ``[tiles, channels]`` partials:
-    ``PARTIALS_BLOCK`` values a step, so a merge over 1024 tiles is 16 vector loads."""
-    block_c = channel_block(channels)
+    ``PARTIALS_BLOCK`` values a step (a merge over 1024 tiles is 8 vector loads),
+    one program per 32 channels."""
+    block_c = channel_block(channels, cap=32)
     return min(triton.next_power_of_2(tiles), max(1, PARTIALS_BLOCK // block_c)), block_c
 
 

@@ -5,8 +5,9 @@ counts, row tiles are ``BLOCK_M`` so statistics workspaces are sized before a
 launch), which leaves a small space: three configs, pruned to those that can
 differ. Eight warps only pay on tiles larger than 64x64, a third pipeline
 stage only on loops of three or more steps; under the interpreter there is
-nothing to tune. Each kernel variant is tuned once per key, at its first call
-(which runs eagerly, before any CUDA graph capture).
+nothing to tune. Each kernel variant is tuned once per key (its sizes, the
+number of rows included), at its first call, which runs eagerly, before any
+CUDA graph capture.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from .tuning import autotune
 
 
 @autotune(("BLOCK_D", "BLOCK_A"), lambda a: a["rows_per_chunk"] // a["BLOCK_M"],
-          key=["ND", "KA", "TAPS", "A_BN_RELU", "rows_per_chunk", "BLOCK_D", "BLOCK_A"])
+          key=["rows", "ND", "KA", "TAPS", "A_BN_RELU", "rows_per_chunk", "BLOCK_D", "BLOCK_A"])
 @triton.jit
 def weight_grad_kernel(
         d_ptr, d_stride, dx_ptr, dx_stride, d_alpha_ptr, d_beta_ptr, d_mean_ptr, d_delta_ptr,
