@@ -122,11 +122,17 @@ def test_compile_fullgraph():
 
 
 @kernels
-def test_opcheck():
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(layout):
+    """Schema, autograd registration, and fake kernels whose outputs (strides
+    included) match the real ones, also for a model moved to channels_last."""
     from gunn_ext import ops, triton_backend
 
     layer = make_layer(channels=4, segments=[1, 3], dtype=torch.float32, device=DEVICE)
     x = _input(4, (1, 3, 3)).requires_grad_()
+    if layout == "channels_last":
+        layer = layer.to(memory_format=torch.channels_last)
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
     args = ops.layer_arguments(layer, x, training=True)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.gunn_ext.triton_gradual_update, args, test_utils=utils)

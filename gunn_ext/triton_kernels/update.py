@@ -327,7 +327,7 @@ def gradual_update_backward(grad_y, x, y, conv_weights, bn_weights, bn_biases, m
 
 
 def _copies(sources, like) -> list[torch.Tensor]:
-    """Fresh tensors shaped and typed as ``like`` holding ``sources`` (a few foreach launches)."""
-    out = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
+    """Fresh tensors laid out as ``like`` holding ``sources`` (a few foreach launches)."""
+    out = [torch.empty_like(t) for t in like]
     torch._foreach_copy_(out, [s.view(t.shape) for s, t in zip(sources, out)])
     return out
