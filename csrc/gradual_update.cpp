@@ -12,6 +12,7 @@
 
 #include <numeric>
 #include <optional>
+#include <unordered_set>
 #include <vector>
 
 #include "fused_kernels.h"
@@ -448,9 +449,45 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
   return {in_layout_of(grad, shape, x), grad_convs, grad_w, grad_b};
 }
 
+namespace {
+
+// `values` as outputs of an op: each in its own storage and laid out as the
+// tensor it is the gradient of, which is what the fake kernel promises. The
+// orchestration's gradients can be views of one packed buffer, or come in
+// oneDNN's layout; only those are copied.
+std::vector<Tensor> as_outputs(std::vector<Tensor> values, at::TensorList like,
+                               std::unordered_set<const void*>& storages) {
+  for (size_t k = 0; k < values.size(); ++k) {
+    const bool shared = !storages.insert(values[k].storage().data()).second;
+    if (shared || values[k].strides() != like[k].strides()) {
+      values[k] = at::empty_like(like[k]).copy_(values[k]);
+      storages.insert(values[k].storage().data());
+    }
+  }
+  return values;
+}
+
+// The CPU registration of the backward; the CUDA one copies its results into
+// such outputs too (csrc/cuda/graph_replay.cpp).
+BackwardResult gradual_update_backward_cpu(
+    const Tensor& grad_y, const Tensor& x, const Tensor& y, at::TensorList conv_weights,
+    at::TensorList bn_weights, at::TensorList bn_biases, const Tensor& mean, const Tensor& var,
+    at::IntArrayRef segments, int64_t units, bool shortcut, bool sequential, bool training,
+    at::ArrayRef<double> eps) {
+  auto [grad_x, grad_convs, grad_w, grad_b] =
+      gradual_update_backward(grad_y, x, y, conv_weights, bn_weights, bn_biases, mean, var,
+                              segments, units, shortcut, sequential, training, eps);
+  std::unordered_set<const void*> storages{grad_x.storage().data()};
+  return {grad_x, as_outputs(std::move(grad_convs), conv_weights, storages),
+          as_outputs(std::move(grad_w), bn_weights, storages),
+          as_outputs(std::move(grad_b), bn_biases, storages)};
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(gunn_ext, CPU, m) {
   m.impl("gradual_update", &gradual_update);
-  m.impl("gradual_update_backward", &gradual_update_backward);
+  m.impl("gradual_update_backward", &gradual_update_backward_cpu);
 }
 
 // The CUDA registration (csrc/cuda/graph_replay.cpp) replays this same

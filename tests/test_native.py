@@ -118,6 +118,24 @@ def test_opcheck(training):
     torch.library.opcheck(torch.ops.gunn_ext.gradual_update.default, args)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck_backward(layout):
+    """The backward op's outputs match its fake kernel's, strides included, and
+    share no storage, also for a model moved to channels_last."""
+    from gunn_ext import ops
+    layer = make_layer(channels=6, segments=[2, 4], units=2)
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64)
+    if layout == "channels_last":
+        layer = layer.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    args = ops.layer_arguments(layer, x, training=True)
+    y, mean, var = ops.gradual_update(*args)
+    x, convs, weights, biases, _, _, *config = args
+    torch.library.opcheck(torch.ops.gunn_ext.gradual_update_backward.default,
+                          (torch.randn_like(y), x, y, convs, weights, biases, mean, var, *config),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_torch_compile_fullgraph():
     layer = make_layer(channels=6, segments=3, backend="native", dtype=torch.float32)
     reference = twin(layer, "reference")

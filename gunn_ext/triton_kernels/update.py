@@ -119,17 +119,12 @@ def _check(x, conv_weights, layout: Layout) -> None:
                          f"{tuple(x.shape)}")
 
 
-def _matrix(w: torch.Tensor) -> torch.Tensor:
-    return w.reshape(w.shape[0], -1)
-
-
 class Unit:
     """One update unit ``U_i``: its weights and its kernels."""
 
     def __init__(self, layout: Layout, convs, norms: Norms, image: Image, i: int):
         self.layout, self.convs, self.norms, self.image, self.i = layout, convs, norms, image, i
         self.n = layout.segments[i]
-        self.start = layout.starts[i]
 
     def skip(self, m: int) -> int:
         return self.n if self.layout.has_shortcut(m) else 0
