@@ -65,6 +65,16 @@ def test_matches_reference(case, train):
 
 
 @kernels
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_segments_wider_than_a_program(monkeypatch, train):
+    """Segments whose channels span several programs of the row-wise BN kernels."""
+    from gunn_ext.triton_kernels import launch
+    monkeypatch.setattr(launch, "ELEMENTWISE_CHANNELS", 16)
+    layer = make_layer(channels=23, segments=[3, 20], backend="reference", dtype=torch.float32, device=DEVICE)
+    run_and_compare(layer, twin(layer, "triton"), _input(23, SHAPES["5x6"]), train=train)
+
+
+@kernels
 def test_output_layout_follows_input():
     layer = make_layer(channels=4, segments=2, backend="triton", dtype=torch.float32, device=DEVICE).eval()
     x = _input(4, (1, 3, 3))

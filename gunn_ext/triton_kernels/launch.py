@@ -19,6 +19,7 @@ from .tuning import INTERPRETED
 from .wgrad import weight_grad_kernel
 
 BLOCK_M = 64
+ELEMENTWISE_CHANNELS = 256  # channels per program of the row-wise BN kernels
 PARTIALS_BLOCK = 4096  # partials merged per step of a statistics kernel (BLOCK_T * BLOCK_C)
 WGRAD_PROGRAMS = 512  # target number of weight-gradient programs (all chunks, taps, tiles)
 
@@ -224,9 +225,10 @@ def finalize_grad(ws: tuple[torch.Tensor, torch.Tensor], rows: int, norm: NormVe
 def bn_grad_partials(dy: torch.Tensor, x: torch.Tensor, norm: NormVectors):
     channels = x.shape[1]
     ws = stats_workspace(x.shape[0], channels, x.device)
-    bn_grad_partials_kernel[(row_tiles(x.shape[0]),)](
+    block = channel_block(channels, cap=ELEMENTWISE_CHANNELS)
+    bn_grad_partials_kernel[(row_tiles(x.shape[0]), triton.cdiv(channels, block))](
         dy, dy.stride(0), x, x.stride(0), norm.mean, norm.invstd, ws[0], ws[1], x.shape[0], channels,
-        BLOCK_M=BLOCK_M, BLOCK_C=channel_block(channels, cap=1024))
+        BLOCK_M=BLOCK_M, BLOCK_C=block)
     return ws
 
 
@@ -235,11 +237,12 @@ def bn_add(out: torch.Tensor, x1: torch.Tensor, norm1: NormVectors, *, accumulat
     """``out = (out if accumulate) + bn1(x1) [+ bn2(x2) | + x2]``."""
     rows, channels = out.shape
     n2 = norm2 if norm2 is not None else norm1
-    bn_add_kernel[(row_tiles(rows),)](
+    block = channel_block(channels, cap=ELEMENTWISE_CHANNELS)
+    bn_add_kernel[(row_tiles(rows), triton.cdiv(channels, block))](
         out, out.stride(0), x1, x1.stride(0), norm1.scale, norm1.shift,
         x2 if x2 is not None else x1, (x2 if x2 is not None else x1).stride(0), n2.scale, n2.shift,
         rows, channels, ACCUMULATE=accumulate, HAS_X2=x2 is not None, NORM_X2=norm2 is not None,
-        BLOCK_M=BLOCK_M, BLOCK_C=channel_block(channels, cap=1024))
+        BLOCK_M=BLOCK_M, BLOCK_C=block)
 
 
 def weight_grad(d: BNBackward, d_rows: torch.Tensor, a: torch.Tensor, a_prologue: BNRelu | None,

@@ -99,7 +99,7 @@ def bn_grad_partials_kernel(dy_ptr, dy_stride, x_ptr, x_stride, mean_ptr, invstd
     """Per-tile ``sum(dy)`` and ``sum(dy * xhat)`` of a BN without ReLU."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.arange(0, BLOCK_C)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     mask = (offs_m < rows)[:, None] & c_ok[None, :]
     rows64 = offs_m.to(tl.int64)[:, None]
@@ -118,7 +118,7 @@ def bn_add_kernel(out_ptr, out_stride, x1_ptr, x1_stride, scale1_ptr, shift1_ptr
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """``out = (out if ACCUMULATE) + bn1(x1) [+ bn2(x2) | + x2]``."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.arange(0, BLOCK_C)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     safe_c = tl.where(c_ok, offs_c, 0)
     mask = (offs_m < rows)[:, None] & c_ok[None, :]
