@@ -75,6 +75,16 @@ def test_segments_wider_than_a_program(monkeypatch, train):
 
 
 @kernels
+def test_eval_bottlenecks_too_wide_for_the_fused_tail(monkeypatch):
+    """Eval bottlenecks wider than the fused tail's tile run as separate GEMMs (here one of two)."""
+    from gunn_ext.triton_kernels import launch
+    monkeypatch.setattr(launch, "EVAL_TAIL_CHANNELS", 16)
+    layer = make_layer(channels=16, segments=[4, 12], units=2, backend="reference", dtype=torch.float32,
+                       device=DEVICE)
+    run_and_compare(layer, twin(layer, "triton"), _input(16, SHAPES["batch 1, 3x7"]), train=False)
+
+
+@kernels
 def test_output_layout_follows_input():
     layer = make_layer(channels=4, segments=2, backend="triton", dtype=torch.float32, device=DEVICE).eval()
     x = _input(4, (1, 3, 3))

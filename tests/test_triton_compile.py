@@ -2,7 +2,8 @@
 
 The layer's forward and backward (training and eval) run on CPU tensors with
 the kernels replaced by recorders, at GUNN-15's first shape (240 channels,
-20 segments) and on a no-shortcut, two-unit layer. Each recorded launch is
+20 segments) and on a no-shortcut, two-unit layer (in eval also with its
+bottlenecks too wide for the fused tail). Each recorded launch is
 compiled by Triton to a cubin for sm_90 (H100 / H200): the compile-time rules
 (``tl.dot`` shapes, power-of-two blocks, types, shared memory) are checked by
 the real compiler; only running the cubin needs the GPU. float32 with TF32
@@ -97,15 +98,16 @@ def compile_for_sm90(variant) -> str | None:
 
 GUNN15_A = dict(channels=240, segments=20)
 TWO_UNITS = dict(channels=48, segments=[12, 36], units=2, shortcut=False)
-CASES = [  # layer, dtype, float32 matmul precision, every autotuning config
-    (GUNN15_A, torch.float32, "high", True),
-    (TWO_UNITS, torch.float32, "high", True),
-    (GUNN15_A, torch.float32, "highest", False),
-    (GUNN15_A, torch.bfloat16, "high", False),
+CASES = [  # layer, dtype, float32 matmul precision, every autotuning config, launch settings
+    (GUNN15_A, torch.float32, "high", True, {}),
+    (TWO_UNITS, torch.float32, "high", True, {}),
+    (TWO_UNITS, torch.float32, "high", False, {"EVAL_TAIL_CHANNELS": 16}),  # eval without the fused tail
+    (GUNN15_A, torch.float32, "highest", False, {}),
+    (GUNN15_A, torch.bfloat16, "high", False, {}),
 ]
 
 
-def record_launches(monkeypatch, layer_kwargs, dtype, precision) -> list:
+def record_launches(monkeypatch, layer_kwargs, dtype, precision, settings) -> list:
     """The kernel launches of a forward and backward, in training and in eval."""
     from gunn_ext import ops
     from gunn_ext.triton_kernels import launch, update
@@ -113,6 +115,8 @@ def record_launches(monkeypatch, layer_kwargs, dtype, precision) -> list:
     launches = []
     for name in KERNELS:
         monkeypatch.setattr(launch, name, Recorder(getattr(launch, name), launches))
+    for name, value in settings.items():
+        monkeypatch.setattr(launch, name, value)
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
     layer = make_layer(**layer_kwargs, dtype=dtype)
     x = torch.randn(2, layer.channels, 16, 16, dtype=dtype)
@@ -126,8 +130,9 @@ def record_launches(monkeypatch, layer_kwargs, dtype, precision) -> list:
 
 
 def test_every_launched_variant_compiles_for_sm90(monkeypatch):
-    compiled = {repr(v): v for layer, dtype, precision, every_config in CASES
-                for v in variants(record_launches(monkeypatch, layer, dtype, precision), every_config)}
+    compiled = {repr(v): v for layer, dtype, precision, every_config, settings in CASES
+                for v in variants(record_launches(monkeypatch, layer, dtype, precision, settings),
+                                  every_config)}
     compiled = list(compiled.values())
     names = {v[1] for v in compiled}
     assert names == set(KERNELS), f"kernels never launched: {set(KERNELS) - names}"

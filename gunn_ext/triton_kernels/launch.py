@@ -19,6 +19,7 @@ from .tuning import INTERPRETED
 from .wgrad import weight_grad_kernel
 
 BLOCK_M = 64
+EVAL_TAIL_CHANNELS = 256  # most mid channels (K * n) the fused eval tail holds in one tile
 ELEMENTWISE_CHANNELS = 256  # channels per program of the row-wise BN kernels
 PARTIALS_BLOCK = 4096  # partials merged per step of a statistics kernel (BLOCK_T * BLOCK_C)
 WGRAD_PROGRAMS = 512  # target number of weight-gradient programs (all chunks, taps, tiles)
@@ -272,10 +273,8 @@ def eval_bottleneck_tail(act1: torch.Tensor, w2: torch.Tensor, norm2: NormVector
     """``out (+)= residual + bn3(relu(bn2(conv3x3(act1, w2))) @ w3^T)``, eval BN."""
     mid, n = w2.shape[0], w3.shape[0]
     b2, b3 = Weights.conv3x3(w2), Weights.linear(w3)
-    block_mid = channel_block(mid, cap=256)
-    if mid > block_mid:
-        raise ValueError(f"the eval kernel holds all K*n={mid} mid channels in one tile; "
-                         f"at most {block_mid} are supported")
+    block_mid = channel_block(mid, cap=EVAL_TAIL_CHANNELS)
+    assert mid <= block_mid, f"the fused eval tail holds at most {block_mid} mid channels, got {mid}"
     res = residual if residual is not None else out
     eval_bottleneck_tail_kernel[(row_tiles(image.rows),)](
         act1, act1.stride(0), b2.tensor, b2.stride_tap, b2.stride_k, b2.stride_n, norm2.scale, norm2.shift,

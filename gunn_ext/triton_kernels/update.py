@@ -11,7 +11,8 @@ segment ``c_i`` is a column block updated in place. Per bottleneck, training::
 Eval applies every BN (running statistics) as ``x * scale + shift`` in the
 epilogue of the convolution before it and runs a bottleneck as two kernels:
 the merged 1x1 GEMM (+ BN, ReLU), then the 3x3 conv, its BN and ReLU, the
-last 1x1 GEMM, its BN and the residual, fused. ``[Ws; W1]`` is never
+last 1x1 GEMM, its BN and the residual, fused (bottlenecks of more than
+``EVAL_TAIL_CHANNELS`` mid channels run the last two as separate GEMMs). ``[Ws; W1]`` is never
 concatenated: the GEMMs read both weights in place.
 
 Backward is Algorithm 1 with the merged residual (Eq. 6): walking segments
@@ -194,19 +195,28 @@ class Unit:
 
     def forward_eval(self, source: torch.Tensor, target: torch.Tensor) -> None:
         """Eval: ``target += U(source)``, every BN applied with its running statistics."""
-        h = None
+        image, h = self.image, None
         for m in range(self.layout.units):
             k = self.layout.first(self.i, m)
-            skip = self.skip(m)
-            pre1 = source.new_empty((self.image.rows, skip + self.convs[k].shape[0]))
-            launch.gemm(source if m == 0 else h, Weights.linear(*self.first_weights(m)), pre1, self.image,
+            skip, mid = self.skip(m), self.convs[k].shape[0]
+            pre1 = source.new_empty((image.rows, skip + mid))
+            launch.gemm(source if m == 0 else h, Weights.linear(*self.first_weights(m)), pre1, image,
                         affine=self.first_norm(m), relu_from=skip)
             last = m + 1 == self.layout.units
-            out = target if last else source.new_empty((self.image.rows, self.n))
+            out = target if last else source.new_empty((image.rows, self.n))
             residual = pre1[:, :skip] if skip else h
-            launch.eval_bottleneck_tail(pre1[:, skip:], self.convs[k + 1], self.norm(m, 1),
-                                        self.convs[k + 2], self.norm(m, 2), out, self.image,
-                                        residual=residual, accumulate=last)
+            if mid <= launch.EVAL_TAIL_CHANNELS:
+                launch.eval_bottleneck_tail(pre1[:, skip:], self.convs[k + 1], self.norm(m, 1),
+                                            self.convs[k + 2], self.norm(m, 2), out, image,
+                                            residual=residual, accumulate=last)
+            else:  # too wide for one tile: the 3x3 and the last 1x1 as GEMMs, BN in their epilogues
+                act2 = source.new_empty((image.rows, mid))
+                launch.gemm(pre1[:, skip:], Weights.conv3x3(self.convs[k + 1]), act2, image,
+                            affine=self.norm(m, 1), relu_from=0)
+                launch.gemm(act2, Weights.linear(self.convs[k + 2]), out, image, affine=self.norm(m, 2),
+                            accumulate=last)
+                if residual is not None:
+                    out += residual
             h = out
 
     def backward(self, tapes: list[dict], grad_unit: torch.Tensor, grad_state: torch.Tensor,
