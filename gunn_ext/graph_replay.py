@@ -17,6 +17,7 @@ The switches are :mod:`gunn_ext.cuda_graphs`'.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -80,31 +81,50 @@ def _first_tensor(args: tuple) -> torch.Tensor | None:
 
 
 class CudaGraph:
-    """One captured call: ``capture`` records ``fn(*args)``, ``replay`` reruns it."""
+    """One captured call: ``capture`` records ``fn(*args)``, ``launch`` replays it
+    on the current stream, ``record_use`` marks the point after which nothing
+    the caller issued reads the graph's memory, and ``busy`` says whether the
+    device has not passed that point yet."""
 
     _streams: dict[int, torch.cuda.Stream] = {}
 
     def capture(self, fn: Callable, args: tuple):
         device = _first_tensor(args).device
-        stream = self._streams.setdefault(device.index, torch.cuda.Stream(device))
-        self.graph = torch.cuda.CUDAGraph()
+        if device.index not in self._streams:
+            self._streams[device.index] = torch.cuda.Stream(device)
+        stream = self._streams[device.index]
+        self.graph, self.done = torch.cuda.CUDAGraph(), torch.cuda.Event()
+        pool = torch.cuda.graph_pool_handle()
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            self.graph.capture_begin(pool=torch.cuda.graph_pool_handle(), capture_error_mode="thread_local")
+            self.graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
                 outputs = fn(*args)
-            except BaseException:
+            finally:
                 try:
                     self.graph.capture_end()
                 except RuntimeError:
-                    pass  # the capture is invalid anyway; the first error is the one to report
-                raise
-            self.graph.capture_end()
+                    # An invalidated capture raises before the allocator stops routing
+                    # this thread's allocations to the graph's pool.
+                    try:
+                        torch._C._cuda_endAllocateToPool(device.index, pool)
+                    except RuntimeError:
+                        pass  # it had stopped already
+                    raise
         torch.cuda.current_stream(device).wait_stream(stream)
         return outputs
 
-    def replay(self) -> None:
+    def launch(self) -> None:
         self.graph.replay()
+
+    def record_use(self) -> None:
+        self.done.record()
+
+    def busy(self) -> bool:
+        return not self.done.query()
+
+
+_LOCK = threading.Lock()  # captures share a side stream per device: one call at a time
 
 
 class GraphReplay:
@@ -116,24 +136,24 @@ class GraphReplay:
         self.capacity = _env_capacity() if capacity is None else capacity
         self.graphs: OrderedDict[tuple, tuple[Any, list[torch.Tensor], Any]] = OrderedDict()
         self.history: OrderedDict[tuple, list[int]] = OrderedDict()  # signature -> [sightings, captures]
+        self.retired: list = []  # dropped graphs whose last replay may still be running
         self.counts = {"captures": 0, "replays": 0, "eager": 0}
         self.broken = False
-        self.lock = threading.Lock()
 
     def stats(self) -> Counts:
         return Counts(**self.counts, cached=len(self.graphs))
 
     def clear(self) -> None:
-        with self.lock:
+        with _LOCK:
+            self.retired += [graph for graph, _, _ in self.graphs.values()]
             self.graphs.clear()
             self.history.clear()
             self.counts = dict.fromkeys(self.counts, 0)
             self.broken = False
 
-    def _eligible(self, args: tuple) -> bool:
+    def _eligible(self, tensor: torch.Tensor | None) -> bool:
         if not _enabled or self.broken or self.capacity == 0:
             return False
-        tensor = _first_tensor(args)
         if tensor is None or tensor.device.type != self.device_type:
             return False
         return not (self.device_type == "cuda" and torch.cuda.is_current_stream_capturing())
@@ -143,34 +163,43 @@ class GraphReplay:
         return self.fn(*args)
 
     def __call__(self, *args):
-        if not self._eligible(args):
-            return self._eager(args)
-        key = signature(args)
-        with self.lock:
-            entry = self.graphs.get(key)
+        tensor = _first_tensor(args)
+        on_gpu = tensor is not None and tensor.device.type == "cuda"
+        with torch.cuda.device(tensor.device) if on_gpu else contextlib.nullcontext():
+            if not self._eligible(tensor):
+                return self._eager(args)
+            # The stream too: replays of one graph from two streams would share its memory.
+            key = signature(args) + ((torch.cuda.current_stream().cuda_stream,) if on_gpu else ())
+            with _LOCK:
+                return self._replay(key, args)
+
+    def _replay(self, key: tuple, args: tuple):
+        self.retired = [graph for graph in self.retired if graph.busy()]
+        entry = self.graphs.get(key)
+        if entry is None:
+            seen = self.history.setdefault(key, [0, 0])
+            self.history.move_to_end(key)
+            while len(self.history) > 4 * max(self.capacity, 1):
+                self.history.popitem(last=False)
+            seen[0] += 1
+            if seen[0] < 2 or seen[1] >= MAX_CAPTURES:
+                return self._eager(args)
+            entry = self._capture(args)
             if entry is None:
-                seen = self.history.setdefault(key, [0, 0])
-                self.history.move_to_end(key)
-                while len(self.history) > 4 * max(self.capacity, 1):
-                    self.history.popitem(last=False)
-                seen[0] += 1
-                if seen[0] < 2 or seen[1] >= MAX_CAPTURES:
-                    return self._eager(args)
-                entry = self._capture(args)
-                if entry is None:
-                    return self._eager(args)
-                seen[1] += 1
-                self.graphs[key] = entry
-                if len(self.graphs) > self.capacity:
-                    self.graphs.popitem(last=False)
-            else:
-                self.graphs.move_to_end(key)
-            graph, outputs, spec = entry
-            graph.replay()
-            self.counts["replays"] += 1
-            fresh = [torch.empty_like(t) for t in outputs]
-            torch._foreach_copy_(fresh, outputs)
-            return pytree.tree_unflatten(fresh, spec)
+                return self._eager(args)
+            seen[1] += 1
+            self.graphs[key] = entry
+            if len(self.graphs) > self.capacity:
+                self.retired.append(self.graphs.popitem(last=False)[1][0])
+        else:
+            self.graphs.move_to_end(key)
+        graph, outputs, spec = entry
+        graph.launch()
+        self.counts["replays"] += 1
+        fresh = [torch.empty_like(t) for t in outputs]
+        torch._foreach_copy_(fresh, outputs)
+        graph.record_use()
+        return pytree.tree_unflatten(fresh, spec)
 
     def _capture(self, args: tuple):
         graph = self.graph_type()
@@ -178,9 +207,9 @@ class GraphReplay:
             outputs = graph.capture(self.fn, args)
         except Exception as exc:  # noqa: BLE001 - any failed capture falls back to eager
             self.broken = True
-            self._failed = graph  # a failed capture's pool must outlive the process's use of it
+            self.failed = graph  # kept: its pool may hold allocations made during the capture
             warnings.warn(f"gunn_ext: CUDA graph capture failed ({exc}); running eagerly from now on",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
             return None
         self.counts["captures"] += 1
         flat, spec = pytree.tree_flatten(outputs)

@@ -14,6 +14,8 @@ from gunn_ext import cuda_graphs, graph_replay
 
 
 class RecordingGraph:
+    running = False  # whether the device would still be running the last replay
+
     def capture(self, fn, args):
         self.fn, self.args = fn, args
         self.outputs = fn(*args)
@@ -21,11 +23,17 @@ class RecordingGraph:
             t.fill_(float("nan"))
         return self.outputs
 
-    def replay(self):
+    def launch(self):
         fresh = self.fn(*self.args)
         for static, value in zip(torch.utils._pytree.tree_leaves(self.outputs),
                                  torch.utils._pytree.tree_leaves(fresh)):
             static.copy_(value)
+
+    def record_use(self):
+        pass
+
+    def busy(self):
+        return RecordingGraph.running
 
 
 class FailingGraph:
@@ -98,6 +106,20 @@ def test_eviction_and_capture_limit():
     stats = replay.stats()
     assert stats.captures == 2 * graph_replay.MAX_CAPTURES and stats.cached == 1
     assert stats.eager + stats.replays == 16  # a capture replays too
+
+
+def test_dropped_graphs_live_until_their_last_replay_is_done(monkeypatch):
+    replay, _ = replayer(capacity=1)
+    a, b = torch.randn(2, 2), torch.randn(3, 3)
+    monkeypatch.setattr(RecordingGraph, "running", True)
+    for x in (a, a, b, b):  # a is captured, then evicted by b's capture
+        replay(x, [], 1.0)
+    assert len(replay.retired) == 1
+    replay.clear()
+    assert len(replay.retired) == 2
+    monkeypatch.setattr(RecordingGraph, "running", False)
+    replay(a, [], 1.0)
+    assert replay.retired == []
 
 
 def test_switched_off():

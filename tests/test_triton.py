@@ -294,6 +294,20 @@ def test_runs_eagerly_inside_a_user_capture(graphs):
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter has nothing to tune")
+def test_autotuning_restores_only_accumulated_outputs():
+    """Timed runs of an accumulating launch get their output back; others are not copied."""
+    from gunn_ext.triton_kernels.gemm import fused_gemm_kernel
+    out = torch.zeros(3)
+    for accumulate in (True, False):
+        args = {"c_ptr": out, "ACCUMULATE": accumulate}
+        fused_gemm_kernel.pre_hook(args)
+        out.add_(1.0)
+        fused_gemm_kernel.post_hook(args, exception=None)
+        assert torch.equal(out, torch.zeros(3) if accumulate else torch.ones(3))
+        fused_gemm_kernel.pre_hook(args, reset_only=True)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter has nothing to tune")
 def test_autotuning_space_is_pruned():
     from gunn_ext.triton_kernels import tuning
     configs = lambda *a: [(c.num_warps, c.num_stages) for c in tuning.useful_configs(*a)]  # noqa: E731

@@ -2,8 +2,8 @@
 
 The layer's forward and backward (training and eval) run on CPU tensors with
 the kernels replaced by recorders, at GUNN-15's first shape (240 channels,
-20 segments) and on a no-shortcut, two-unit layer (in eval also with its
-bottlenecks too wide for the fused tail). Each recorded launch is
+20 segments), on a no-shortcut, two-unit layer and, in eval, on layers whose
+bottlenecks are too wide for the fused tail. Each recorded launch is
 compiled by Triton to a cubin for sm_90 (H100 / H200): the compile-time rules
 (``tl.dot`` shapes, power-of-two blocks, types, shared memory) are checked by
 the real compiler; only running the cubin needs the GPU. float32 with TF32
@@ -98,17 +98,23 @@ def compile_for_sm90(variant) -> str | None:
 
 GUNN15_A = dict(channels=240, segments=20)
 TWO_UNITS = dict(channels=48, segments=[12, 36], units=2, shortcut=False)
-CASES = [  # layer, dtype, float32 matmul precision, every autotuning config, launch settings
-    (GUNN15_A, torch.float32, "high", True, {}),
-    (TWO_UNITS, torch.float32, "high", True, {}),
-    (TWO_UNITS, torch.float32, "high", False, {"EVAL_TAIL_CHANNELS": 16}),  # eval without the fused tail
-    (GUNN15_A, torch.float32, "highest", False, {}),
-    (GUNN15_A, torch.bfloat16, "high", False, {}),
+WIDEST_TAIL = dict(channels=128, segments=1)  # 256 mid channels: the widest fused eval tail in fp32
+WIDE = dict(channels=256, segments=1, expansion=1)  # 256 -> 256 channels: no fused eval tail in fp32
+CASES = [  # layer, and what differs from: float32, TF32 GEMMs, every autotuning config, train and eval
+    dict(layer=GUNN15_A),
+    dict(layer=TWO_UNITS),
+    dict(layer=TWO_UNITS, settings={"EVAL_TAIL_CHANNELS": 16}, every_config=False, modes=(False,)),
+    dict(layer=WIDEST_TAIL, modes=(False,)),
+    dict(layer=WIDE, modes=(False,)),
+    dict(layer=WIDE, dtype=torch.bfloat16, every_config=False, modes=(False,)),
+    dict(layer=GUNN15_A, precision="highest", every_config=False),
+    dict(layer=GUNN15_A, dtype=torch.bfloat16, every_config=False),
 ]
+DEFAULTS = dict(dtype=torch.float32, precision="high", every_config=True, settings={}, modes=(True, False))
 
 
-def record_launches(monkeypatch, layer_kwargs, dtype, precision, settings) -> list:
-    """The kernel launches of a forward and backward, in training and in eval."""
+def record_launches(monkeypatch, layer, dtype, precision, settings, modes, **_) -> list:
+    """The kernel launches of a forward and backward, in training and / or in eval (``modes``)."""
     from gunn_ext import ops
     from gunn_ext.triton_kernels import launch, update
 
@@ -118,9 +124,9 @@ def record_launches(monkeypatch, layer_kwargs, dtype, precision, settings) -> li
     for name, value in settings.items():
         monkeypatch.setattr(launch, name, value)
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
-    layer = make_layer(**layer_kwargs, dtype=dtype)
+    layer = make_layer(**layer, dtype=dtype)
     x = torch.randn(2, layer.channels, 16, 16, dtype=dtype)
-    for training in (True, False):
+    for training in modes:
         args = ops.layer_arguments(layer, x, training)
         y, mean, var = update.gradual_update_forward(*args)
         x_, convs, weights, biases, _, _, *config = args
@@ -130,9 +136,9 @@ def record_launches(monkeypatch, layer_kwargs, dtype, precision, settings) -> li
 
 
 def test_every_launched_variant_compiles_for_sm90(monkeypatch):
-    compiled = {repr(v): v for layer, dtype, precision, every_config, settings in CASES
-                for v in variants(record_launches(monkeypatch, layer, dtype, precision, settings),
-                                  every_config)}
+    cases = [{**DEFAULTS, **case} for case in CASES]
+    compiled = {repr(v): v for case in cases
+                for v in variants(record_launches(monkeypatch, **case), case["every_config"])}
     compiled = list(compiled.values())
     names = {v[1] for v in compiled}
     assert names == set(KERNELS), f"kernels never launched: {set(KERNELS) - names}"

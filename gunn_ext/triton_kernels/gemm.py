@@ -154,7 +154,7 @@ def store_column_partials(ws0_ptr, ws1_ptr, v0, v1, pid_m, offs_n, n_ok, N):
 
 @autotune(("BLOCK_M", "BLOCK_N"), lambda a: triton.cdiv(a["K"], a["BLOCK_K"]),
           key=["rows", "K", "N", "TAPS", "SPLIT", "BN_RELU", "BN_BACKWARD", "AFFINE", "RELU", "ACCUMULATE", "STATS",
-               "MASKED_GRAD", "BLOCK_N", "BLOCK_K"], restore=["c_ptr"])
+               "MASKED_GRAD", "BLOCK_N", "BLOCK_K"], accumulates_into="c_ptr")
 @triton.jit
 def fused_gemm_kernel(
         a_ptr, a_stride, x_ptr, x_stride,
@@ -213,7 +213,8 @@ def fused_gemm_kernel(
 
 
 @autotune(("BLOCK_M", "BLOCK_MID"), lambda a: triton.cdiv(a["MID"], a["BLOCK_K"]),
-          key=["rows", "MID", "N", "HAS_RESIDUAL", "ACCUMULATE", "BLOCK_MID", "BLOCK_K", "BLOCK_N"], restore=["out_ptr"])
+          key=["rows", "MID", "N", "HAS_RESIDUAL", "ACCUMULATE", "BLOCK_MID", "BLOCK_K", "BLOCK_N"],
+          accumulates_into="out_ptr")
 @triton.jit
 def eval_bottleneck_tail_kernel(
         a_ptr, a_stride,

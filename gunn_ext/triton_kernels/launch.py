@@ -20,6 +20,7 @@ from .wgrad import weight_grad_kernel
 
 BLOCK_M = 64
 EVAL_TAIL_CHANNELS = 256  # most mid channels (K * n) the fused eval tail holds in one tile
+EVAL_TAIL_BYTES = 128 * 1024  # most bytes of its [mid, n] conv3 weight tile (staged in shared memory)
 ELEMENTWISE_CHANNELS = 256  # channels per program of the row-wise BN kernels
 PARTIALS_BLOCK = 4096  # partials merged per step of a statistics kernel (BLOCK_T * BLOCK_C)
 WGRAD_PROGRAMS = 512  # target number of weight-gradient programs (all chunks, taps, tiles)
@@ -267,6 +268,13 @@ def weight_grad(d: BNBackward, d_rows: torch.Tensor, a: torch.Tensor, a_prologue
     return ws.sum(0)
 
 
+def fits_eval_tail(mid: int, n: int, dtype: torch.dtype) -> bool:
+    """Whether the fused eval tail can hold a bottleneck of ``mid`` mid and ``n``
+    output channels (float32 at expansion 1 with n > 128 is too large)."""
+    tile = channel_block(mid, cap=EVAL_TAIL_CHANNELS) * channel_block(n, cap=EVAL_TAIL_CHANNELS)
+    return mid <= EVAL_TAIL_CHANNELS and tile * dtype.itemsize <= EVAL_TAIL_BYTES
+
+
 def eval_bottleneck_tail(act1: torch.Tensor, w2: torch.Tensor, norm2: NormVectors,
                          w3: torch.Tensor, norm3: NormVectors, out: torch.Tensor, image: Image, *,
                          residual: torch.Tensor | None, accumulate: bool) -> None:
@@ -274,7 +282,7 @@ def eval_bottleneck_tail(act1: torch.Tensor, w2: torch.Tensor, norm2: NormVector
     mid, n = w2.shape[0], w3.shape[0]
     b2, b3 = Weights.conv3x3(w2), Weights.linear(w3)
     block_mid = channel_block(mid, cap=EVAL_TAIL_CHANNELS)
-    assert mid <= block_mid, f"the fused eval tail holds at most {block_mid} mid channels, got {mid}"
+    assert fits_eval_tail(mid, n, act1.dtype), f"a bottleneck of {mid} -> {n} channels is too wide"
     res = residual if residual is not None else out
     eval_bottleneck_tail_kernel[(row_tiles(image.rows),)](
         act1, act1.stride(0), b2.tensor, b2.stride_tap, b2.stride_k, b2.stride_n, norm2.scale, norm2.shift,
@@ -282,4 +290,4 @@ def eval_bottleneck_tail(act1: torch.Tensor, w2: torch.Tensor, norm2: NormVector
         image.rows, mid, n, image.height, image.width,
         HAS_RESIDUAL=residual is not None, ACCUMULATE=accumulate,
         DOT_PRECISION=dot_precision(act1.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_MID=block_mid, BLOCK_K=k_block(mid), BLOCK_N=channel_block(n, cap=256))
+        BLOCK_M=BLOCK_M, BLOCK_MID=block_mid, BLOCK_K=k_block(mid), BLOCK_N=channel_block(n, cap=EVAL_TAIL_CHANNELS))

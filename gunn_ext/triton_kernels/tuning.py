@@ -38,19 +38,31 @@ def _quick_bench(kernel_call, quantiles):
 
 
 def autotune(tile: tuple[str, str], loop_steps: Callable[[dict], int], key: list[str],
-             restore: list[str] | None = None):
+             accumulates_into: str | None = None):
     """``triton.autotune`` over :func:`useful_configs` for a kernel whose output
     tile is ``tile`` (two block-size names) and whose main loop runs
     ``loop_steps(args)`` times.
 
-    ``restore``: arguments the kernel accumulates into, restored between timed runs.
+    ``accumulates_into``: the output argument that launches with ``ACCUMULATE``
+    add into; it is restored after each timed run (only then: a copy of a large
+    output per run would both cost memory and swamp the timings).
     """
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         return useful_configs(args[tile[0]] * args[tile[1]], loop_steps(args))
 
+    saved = []
+
+    def pre_hook(args, reset_only=False):
+        if not reset_only and accumulates_into and args["ACCUMULATE"]:
+            saved.append(args[accumulates_into].clone())
+
+    def post_hook(args, exception=None):
+        if saved:
+            args[accumulates_into].copy_(saved.pop())
+
     options = dict(configs=CONFIGS, key=key, prune_configs_by={"early_config_prune": prune},
-                   restore_value=restore)
+                   pre_hook=pre_hook, post_hook=post_hook)
     if "do_bench" in inspect.signature(triton.autotune).parameters:
         options["do_bench"] = _quick_bench
     return triton.autotune(**options)

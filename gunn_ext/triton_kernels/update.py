@@ -11,8 +11,8 @@ segment ``c_i`` is a column block updated in place. Per bottleneck, training::
 Eval applies every BN (running statistics) as ``x * scale + shift`` in the
 epilogue of the convolution before it and runs a bottleneck as two kernels:
 the merged 1x1 GEMM (+ BN, ReLU), then the 3x3 conv, its BN and ReLU, the
-last 1x1 GEMM, its BN and the residual, fused (bottlenecks of more than
-``EVAL_TAIL_CHANNELS`` mid channels run the last two as separate GEMMs). ``[Ws; W1]`` is never
+last 1x1 GEMM, its BN and the residual, fused (bottlenecks too wide for one
+tile, :func:`launch.fits_eval_tail`, run the last two as separate GEMMs). ``[Ws; W1]`` is never
 concatenated: the GEMMs read both weights in place.
 
 Backward is Algorithm 1 with the merged residual (Eq. 6): walking segments
@@ -205,7 +205,7 @@ class Unit:
             last = m + 1 == self.layout.units
             out = target if last else source.new_empty((image.rows, self.n))
             residual = pre1[:, :skip] if skip else h
-            if mid <= launch.EVAL_TAIL_CHANNELS:
+            if launch.fits_eval_tail(mid, self.n, source.dtype):
                 launch.eval_bottleneck_tail(pre1[:, skip:], self.convs[k + 1], self.norm(m, 1),
                                             self.convs[k + 2], self.norm(m, 2), out, image,
                                             residual=residual, accumulate=last)
