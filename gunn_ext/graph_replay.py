@@ -2,18 +2,19 @@
 
 The same policy as the native op's replay (``csrc/cuda/graph_replay.cpp``):
 a call is identified by its signature, the shapes, strides, dtypes, devices
-and data pointers of every tensor argument, the other arguments and the
-float32 matmul precision. The first sighting of a signature runs eagerly
-(compiling and autotuning the kernels), the second captures the call into a
-CUDA graph with a private memory pool, later ones replay it: one graph launch
-instead of hundreds of kernel launches from Python. A signature evicted from
+and data pointers of every tensor argument, the other arguments, the float32
+matmul precision and the current stream. The first sighting of a signature
+runs eagerly (compiling and autotuning the kernels), the second captures the
+call into a CUDA graph with a private memory pool, later ones replay it: one
+graph launch instead of hundreds of kernel launches from Python. A signature evicted from
 the LRU cache and seen again is captured once more at most, then runs
 eagerly. Replays write into the graph's own outputs, which are copied into
-fresh tensors for the caller, so no two calls share an output.
+fresh tensors for the caller, so no two calls share an output; a graph
+dropped from the cache is released once the device is past its last replay.
 
 Calls on a stream that is already capturing (a user's own graph,
 ``torch.compile(mode="reduce-overhead")``) run eagerly inside that capture.
-The switches are :mod:`gunn_ext.cuda_graphs`'.
+The switches are those of :mod:`gunn_ext.cuda_graphs`.
 """
 from __future__ import annotations
 
