@@ -153,8 +153,8 @@ def store_column_partials(ws0_ptr, ws1_ptr, v0, v1, pid_m, offs_n, n_ok, N):
 
 
 @autotune(("BLOCK_M", "BLOCK_N"), lambda a: triton.cdiv(a["K"], a["BLOCK_K"]),
-          key=["rows", "K", "N", "TAPS", "SPLIT", "BN_RELU", "BN_BACKWARD", "AFFINE", "RELU", "ACCUMULATE", "STATS",
-               "MASKED_GRAD", "BLOCK_N", "BLOCK_K"], accumulates_into="c_ptr")
+          key=["rows", "K", "N", "TAPS", "SPLIT", "BN_RELU", "BN_BACKWARD", "AFFINE", "RELU", "ACCUMULATE",
+               "STATS", "MASKED_GRAD", "BLOCK_N", "BLOCK_K"], accumulates_into="c_ptr")
 @triton.jit
 def fused_gemm_kernel(
         a_ptr, a_stride, x_ptr, x_stride,

@@ -290,4 +290,5 @@ def eval_bottleneck_tail(act1: torch.Tensor, w2: torch.Tensor, norm2: NormVector
         image.rows, mid, n, image.height, image.width,
         HAS_RESIDUAL=residual is not None, ACCUMULATE=accumulate,
         DOT_PRECISION=dot_precision(act1.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_MID=block_mid, BLOCK_K=k_block(mid), BLOCK_N=channel_block(n, cap=EVAL_TAIL_CHANNELS))
+        BLOCK_M=BLOCK_M, BLOCK_MID=block_mid, BLOCK_K=k_block(mid),
+        BLOCK_N=channel_block(n, cap=EVAL_TAIL_CHANNELS))
