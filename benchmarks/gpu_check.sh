@@ -102,8 +102,8 @@ PYTEST=("$PYTHON" -P -m pytest -q -rfE -p no:cacheprovider)
 BENCH=("$PYTHON" "$ROOT/benchmarks/seq_update.py")
 
 if [[ "$HAVE_CUDA" == "1" ]]; then
-  run_step tests_cuda 120 "${PYTEST[@]}" "$ROOT/tests" -m cuda -rP --ignore="$ROOT/tests/test_triton.py" \
-    --junitxml="$RESULTS/tests_cuda.xml"
+  run_step tests_cuda 120 "${PYTEST[@]}" "$ROOT/tests" -m cuda -k "not triton" -rP \
+    --ignore="$ROOT/tests/test_triton.py" --junitxml="$RESULTS/tests_cuda.xml"
   SHAPES=("gunn15_a 20 240 32" "gunn15_b 25 300 16" "gunn15_c 30 360 8")
   # Triton compiles each kernel variant at its first call, one at a time: compile
   # every variant the benchmarks will launch in parallel processes first (batch
@@ -141,7 +141,8 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
   SUFFIX="_compile"
   bench_shape float32 "${SHAPES[2]}" 150 "${BENCH[@]}" --backends reference,native,compile
   # Then: the Triton kernels' tests compiled for the GPU, bf16, graphs off.
-  run_step tests_triton 120 "${PYTEST[@]}" "$ROOT/tests/test_triton.py" -rP --junitxml="$RESULTS/tests_triton.xml"
+  run_step tests_triton 120 "${PYTEST[@]}" "$ROOT/tests/test_triton.py" "$ROOT/tests/test_cuda.py" \
+    -k "triton or not test_cuda" -rP --junitxml="$RESULTS/tests_triton.xml"
   SUFFIX=""
   bench_shape bfloat16 "${SHAPES[0]}" 40 "${BENCH[@]}" --no-compile
   bench_shape float32 "${SHAPES[1]}" 40 "${BENCH[@]}" --no-compile

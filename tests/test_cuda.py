@@ -1,4 +1,5 @@
-"""The native backend on the GPU: CUDA fused kernels, graph replay, determinism, memory.
+"""The native backend on the GPU: CUDA fused kernels, graph replay (the triton ops' too),
+determinism, memory.
 
 Run on a machine with a CUDA GPU; every test here is skipped without one.
 """
@@ -12,7 +13,7 @@ import torch  # noqa: E402
 
 from conftest import (LOW_PRECISION, assert_close, check_against_truth,  # noqa: E402
                       forward_backward, make_layer, relative_norm, run_and_compare, twin)
-from gunn_ext import cuda_graphs  # noqa: E402
+from gunn_ext import backends, cuda_graphs  # noqa: E402
 
 pytestmark = [
     pytest.mark.cuda,
@@ -100,11 +101,19 @@ def test_low_precision(dtype, train, channels_last):
             assert relative_norm(n, r) <= LOW_PRECISION[dtype], f"buffer {name}"
 
 
+# Graph replay: the native op's (C++) and the triton ops' (gunn_ext.graph_replay).
+REPLAYED = ["native", pytest.param("triton", marks=pytest.mark.skipif(
+    not backends.INSTALL["triton_installed"], reason="triton is not installed"))]
+STATS = {"native": ("forward", "backward"), "triton": ("triton_forward", "triton_backward")}
+
+
+@pytest.mark.parametrize("backend", REPLAYED)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("kind", ["gunn", "sunn"])
-def test_graph_replay_equals_eager(train, kind, deterministic):
+def test_graph_replay_equals_eager(train, kind, backend, deterministic):
+    forward_stats, backward_stats = STATS[backend]
     layer = make_layer(kind, channels=24, segments=[4, 8, 12], units=2, dtype=torch.float32,
-                       device="cuda", backend="native").train(train)
+                       device="cuda", backend=backend).train(train)
     x = torch.randn(8, 24, 8, 8, device="cuda").to(memory_format=torch.channels_last)
     grad = torch.randn_like(x)
     with cuda_graphs.disabled():
@@ -117,17 +126,18 @@ def test_graph_replay_equals_eager(train, kind, deterministic):
         for k, (a, b) in enumerate(zip(replayed, eager)):
             assert torch.equal(a, b), f"step {step}: result {k} differs from the eager run"
         del replayed
-        if cuda_graphs.stats()["backward"].replays >= 2:
+        if cuda_graphs.stats()[backward_stats].replays >= 2:
             break
     stats = cuda_graphs.stats()
-    assert stats["forward"].captures >= 1 and stats["forward"].replays >= 1, stats
-    assert stats["backward"].captures >= 1 and stats["backward"].replays >= 1, stats
+    assert stats[forward_stats].captures >= 1 and stats[forward_stats].replays >= 1, stats
+    assert stats[backward_stats].captures >= 1 and stats[backward_stats].replays >= 1, stats
 
 
-def test_graph_replay_follows_new_values():
+@pytest.mark.parametrize("backend", REPLAYED)
+def test_graph_replay_follows_new_values(backend):
     """A replay reads the current contents of its inputs, parameters and running stats."""
     layer = make_layer(channels=12, segments=3, dtype=torch.float32, device="cuda",
-                       backend="native").eval()
+                       backend=backend).eval()
     reference = twin(layer, "reference")
     x = torch.randn(4, 12, 6, 6, device="cuda")
     with torch.no_grad():
@@ -140,12 +150,13 @@ def test_graph_replay_follows_new_values():
             y = layer(x)
             assert_close(y, reference(x), torch.float32, f"step {step}")
             del y
-    assert cuda_graphs.stats()["forward"].replays >= 1
+    assert cuda_graphs.stats()[STATS[backend][0]].replays >= 1
 
 
-def test_runs_eagerly_inside_a_user_capture():
+@pytest.mark.parametrize("backend", REPLAYED)
+def test_runs_eagerly_inside_a_user_capture(backend):
     layer = make_layer(channels=12, segments=3, dtype=torch.float32, device="cuda",
-                       backend="native").eval()
+                       backend=backend).eval()
     reference = twin(layer, "reference")
     static_x = torch.randn(4, 12, 5, 7, device="cuda")
     side = torch.cuda.Stream()
