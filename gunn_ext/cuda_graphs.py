@@ -20,18 +20,10 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
-from typing import NamedTuple
-
 import torch
 
 from . import graph_replay, ops
-
-
-class CacheStats(NamedTuple):
-    captures: int
-    replays: int
-    eager: int
-    cached: int
+from .graph_replay import Counts as CacheStats
 
 
 def available() -> bool:
@@ -77,7 +69,7 @@ def stats() -> dict[str, CacheStats]:
     if available():
         counts = list(torch.ops.gunn_ext.cuda_graphs_stats())
         out.update(forward=CacheStats(*counts[:4]), backward=CacheStats(*counts[4:]))
-    out.update({name: CacheStats(*replay.stats()) for name, replay in _triton_replays().items()})
+    out.update({name: replay.stats() for name, replay in _triton_replays().items()})
     return out
 
 

@@ -60,6 +60,7 @@ def set_enabled(flag: bool) -> bool:
 
 
 class Counts(NamedTuple):
+    """Calls of one op: captured, replayed, run eagerly; graphs cached now."""
     captures: int
     replays: int
     eager: int

@@ -224,11 +224,18 @@ def finalize_grad(ws: tuple[torch.Tensor, torch.Tensor], rows: int, norm: NormVe
         TRAINING=training, BLOCK_T=block_t, BLOCK_C=block_c)
 
 
+def elementwise_launch(rows: int, channels: int) -> tuple[tuple[int, int], int]:
+    """Grid and channel block of a row-wise BN kernel: ``BLOCK_M`` rows by up to
+    ``ELEMENTWISE_CHANNELS`` channels a program."""
+    block = channel_block(channels, cap=ELEMENTWISE_CHANNELS)
+    return (row_tiles(rows), triton.cdiv(channels, block)), block
+
+
 def bn_grad_partials(dy: torch.Tensor, x: torch.Tensor, norm: NormVectors):
     channels = x.shape[1]
     ws = stats_workspace(x.shape[0], channels, x.device)
-    block = channel_block(channels, cap=ELEMENTWISE_CHANNELS)
-    bn_grad_partials_kernel[(row_tiles(x.shape[0]), triton.cdiv(channels, block))](
+    grid, block = elementwise_launch(x.shape[0], channels)
+    bn_grad_partials_kernel[grid](
         dy, dy.stride(0), x, x.stride(0), norm.mean, norm.invstd, ws[0], ws[1], x.shape[0], channels,
         BLOCK_M=BLOCK_M, BLOCK_C=block)
     return ws
@@ -239,8 +246,8 @@ def bn_add(out: torch.Tensor, x1: torch.Tensor, norm1: NormVectors, *, accumulat
     """``out = (out if accumulate) + bn1(x1) [+ bn2(x2) | + x2]``."""
     rows, channels = out.shape
     n2 = norm2 if norm2 is not None else norm1
-    block = channel_block(channels, cap=ELEMENTWISE_CHANNELS)
-    bn_add_kernel[(row_tiles(rows), triton.cdiv(channels, block))](
+    grid, block = elementwise_launch(rows, channels)
+    bn_add_kernel[grid](
         out, out.stride(0), x1, x1.stride(0), norm1.scale, norm1.shift,
         x2 if x2 is not None else x1, (x2 if x2 is not None else x1).stride(0), n2.scale, n2.shift,
         rows, channels, ACCUMULATE=accumulate, HAS_X2=x2 is not None, NORM_X2=norm2 is not None,
