@@ -39,15 +39,29 @@ def useful_configs(tile_elements: int, loop_steps: int) -> list[triton.Config]:
             if (c.num_warps == 4 or tile_elements > 64 * 64) and (c.num_stages == 2 or loop_steps >= 3)]
 
 
+class OptionalFlags(triton.runtime.Heuristics):
+    """``triton.heuristics`` setting each constexpr flag to whether the argument it
+    names was given (not ``None``), read by position: no per-launch dict of all
+    arguments, as the generic heuristics build once per flag."""
+
+    def __init__(self, fn, flags: dict[str, str]):
+        super().__init__(fn, fn.arg_names, {flag: _is_given(name) for flag, name in flags.items()})
+        self.positions = {flag: (fn.arg_names.index(name), name) for flag, name in flags.items()}
+
+    def run(self, *args, **kwargs):
+        for flag, (index, name) in self.positions.items():
+            kwargs[flag] = (args[index] if index < len(args) else kwargs[name]) is not None
+        return self.fn.run(*args, **kwargs)
+
+
 def optional_flags(**flags: str):
-    """``triton.heuristics`` setting each constexpr ``flag`` to whether the argument
-    it names was given: ``optional_flags(STATS="sum_ptr")`` sets ``STATS`` to
-    ``sum_ptr is not None``. Outermost decorator, so autotuning sees the flags."""
-    return triton.heuristics({flag: _is_given(argument) for flag, argument in flags.items()})
+    """Decorator: ``optional_flags(STATS="sum_ptr")`` sets the constexpr ``STATS``
+    to ``sum_ptr is not None`` at each launch. Outermost, so autotuning sees the flags."""
+    return lambda fn: OptionalFlags(fn, flags)
 
 
-def _is_given(argument: str) -> Callable[[dict], bool]:
-    return lambda args: args[argument] is not None
+def _is_given(name: str) -> Callable[[dict], bool]:
+    return lambda args: args[name] is not None
 
 
 def _quick_bench(kernel_call, quantiles):
