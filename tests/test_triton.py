@@ -247,6 +247,22 @@ def test_autotuning_restores_only_accumulated_outputs():
     assert torch.equal(out, torch.ones(3))
 
 
+@pytest.mark.skipif(INTERPRETED, reason="checked by the parent process")
+def test_optional_flags_follow_the_arguments_given():
+    """A kernel's flag is whether its optional argument is not None, passed by position or by name."""
+    from gunn_ext.triton_kernels import tuning
+
+    class Kernel:
+        arg_names = ["x_ptr", "y_ptr", "HAS_Y"]
+
+        def run(self, *args, **kwargs):
+            return kwargs["HAS_Y"]
+
+    flagged = tuning.optional_flags(HAS_Y="y_ptr")(Kernel())
+    assert [flagged.run(1, None), flagged.run(1, 2)] == [False, True]
+    assert [flagged.run(1, y_ptr=None), flagged.run(1, y_ptr=2)] == [False, True]
+
+
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter has nothing to tune")
 def test_autotuning_space_is_pruned():
     from gunn_ext.triton_kernels import tuning

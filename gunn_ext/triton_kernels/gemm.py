@@ -30,8 +30,9 @@ a launcher of the same name without ``_kernel`` in :mod:`launch`::
     input_grad_accumulate_kernel  out += A' (*) B with the BN-backward prologue
     eval_bottleneck_tail_kernel   eval: the 3x3 conv, the last 1x1 conv and their BNs fused
 
-An absent optional input is ``None``; the flags in capitals say which were
-given (:func:`tuning.optional_flags`) and key the autotuning.
+An absent optional input is ``None``; a constexpr flag named for it
+(``BN_RELU``, ``STACKED``, ``STATS``, ``RELU``, ``HAS_RESIDUAL``) says whether it
+was given (:func:`tuning.optional_flags`), names the variant and keys its autotuning.
 """
 from __future__ import annotations
 
