@@ -43,8 +43,6 @@ class Recorder:
 
 
 def argument_type(value) -> str:
-    if value is None:  # an absent optional input: specialised away, as Triton's launcher does
-        return "constexpr"
     if isinstance(value, torch.Tensor):
         return "*" + POINTEE[value.dtype]
     if isinstance(value, bool):
@@ -68,7 +66,7 @@ def variants(launches, every_config: bool = True) -> list[tuple]:
         jit = kernel.fn if tuned else kernel
         named = dict(zip(jit.arg_names, args))
         constexprs = {p.name: kwargs[p.name] for p in jit.params if p.is_constexpr}
-        constexprs.update({n: None for n, value in named.items() if value is None})
+        constexprs.update({n: None for n, value in named.items() if value is None})  # as Triton specialises
         signature = {n: "constexpr" if n in constexprs else argument_type(named[n]) for n in jit.arg_names}
         if tuned:
             configs = kernel.early_config_prune(kernel.configs, named, **kwargs)
