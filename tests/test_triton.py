@@ -209,7 +209,7 @@ def test_statistics_over_many_row_tiles(monkeypatch, block):
     norm = Norms([weight], [bias], [1e-5]).all.with_gradients()
     out = torch.empty(rows, c, device=DEVICE)
     ws = launch.stats_workspace(rows, c, DEVICE)
-    launch.gemm(a, launch.Weights.linear(w), out, launch.Image(rows, 1, rows), stats=ws)
+    launch.conv(a, launch.Weights.linear(w), out, launch.Image(rows, 1, rows), stats=ws)
     launch.finalize_stats(ws, rows, norm)
 
     pre = a.double() @ w.view(c, k).double().T
@@ -229,15 +229,38 @@ def test_statistics_over_many_row_tiles(monkeypatch, block):
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter has nothing to tune")
 def test_autotuning_restores_only_accumulated_outputs():
     """Timed runs of an accumulating launch get their output back; others are not copied."""
-    from gunn_ext.triton_kernels.gemm import fused_gemm_kernel
+    from gunn_ext.triton_kernels.gemm import conv_bn_kernel
+    tuner = conv_bn_kernel.fn  # under the flags of its optional inputs
     out = torch.zeros(3)
     for accumulate in (True, False):
-        args = {"c_ptr": out, "ACCUMULATE": accumulate}
-        fused_gemm_kernel.pre_hook(args)
+        args = {"out_ptr": out, "ACCUMULATE": accumulate}
+        tuner.pre_hook(args)
         out.add_(1.0)
-        fused_gemm_kernel.post_hook(args, exception=None)
+        tuner.post_hook(args, exception=None)
         assert torch.equal(out, torch.zeros(3) if accumulate else torch.ones(3))
-        fused_gemm_kernel.pre_hook(args, reset_only=True)
+        tuner.pre_hook(args, reset_only=True)
+    from gunn_ext.triton_kernels.gemm import input_grad_accumulate_kernel
+    always = input_grad_accumulate_kernel.fn  # no ACCUMULATE flag: adds into out_ptr on every launch
+    always.pre_hook({"out_ptr": out})
+    out.add_(1.0)
+    always.post_hook({"out_ptr": out}, exception=None)
+    assert torch.equal(out, torch.ones(3))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="checked by the parent process")
+def test_optional_flags_follow_the_arguments_given():
+    """A kernel's flag is whether its optional argument is not None, passed by position or by name."""
+    from gunn_ext.triton_kernels import tuning
+
+    class Kernel:
+        arg_names = ["x_ptr", "y_ptr", "HAS_Y"]
+
+        def run(self, *args, **kwargs):
+            return kwargs["HAS_Y"]
+
+    flagged = tuning.optional_flags(HAS_Y="y_ptr")(Kernel())
+    assert [flagged.run(1, None), flagged.run(1, 2)] == [False, True]
+    assert [flagged.run(1, y_ptr=None), flagged.run(1, y_ptr=2)] == [False, True]
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter has nothing to tune")

@@ -26,8 +26,9 @@ from conftest import make_layer  # noqa: E402
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="kernels are interpreted functions under TRITON_INTERPRET=1")
 
-KERNELS = ("fused_gemm_kernel", "eval_bottleneck_tail_kernel", "bn_add_kernel", "bn_grad_partials_kernel",
-           "finalize_grad_kernel", "finalize_stats_kernel", "weight_grad_kernel")
+KERNELS = ("conv_kernel", "conv_bn_kernel", "input_grad_bn_relu_kernel", "input_grad_accumulate_kernel",
+           "eval_bottleneck_tail_kernel", "bn_add_kernel", "bn_grad_partials_kernel", "finalize_grad_kernel",
+           "finalize_stats_kernel", "weight_grad_kernel")
 POINTEE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -57,10 +58,15 @@ def variants(launches, every_config: bool = True) -> list[tuple]:
     """``(module, kernel, signature, constexprs, num_warps, num_stages)`` of each distinct compilation."""
     seen = {}
     for kernel, args, kwargs in launches:
+        if isinstance(kernel, triton.runtime.Heuristics):  # flags of the optional inputs
+            named = dict(zip(kernel.arg_names, args))
+            kwargs = {**kwargs, **{flag: rule({**named, **kwargs}) for flag, rule in kernel.values.items()}}
+            kernel = kernel.fn
         tuned = isinstance(kernel, triton.runtime.Autotuner)
         jit = kernel.fn if tuned else kernel
         named = dict(zip(jit.arg_names, args))
         constexprs = {p.name: kwargs[p.name] for p in jit.params if p.is_constexpr}
+        constexprs.update({n: None for n, value in named.items() if value is None})  # as Triton specialises
         signature = {n: "constexpr" if n in constexprs else argument_type(named[n]) for n in jit.arg_names}
         if tuned:
             configs = kernel.early_config_prune(kernel.configs, named, **kwargs)
@@ -81,8 +87,9 @@ def compile_for_sm90(variant) -> str | None:
     from triton.compiler import ASTSource
 
     module, name, signature, constexprs, num_warps, num_stages = variant
-    kernel = getattr(sys.modules[module], name)
-    jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    jit = getattr(sys.modules[module], name)
+    while not isinstance(jit, triton.JITFunction):  # under autotuning and flags
+        jit = jit.fn
     what = f"{name} with {constexprs}, {num_warps} warps, {num_stages} stages"
     try:
         compiled = triton.compile(ASTSource(jit, signature, constexprs), target=GPUTarget("cuda", 90, 32),

@@ -1,5 +1,13 @@
 """Host-side launchers: block sizes, grids, workspaces and operand descriptions.
 
+One launcher per kernel, named after it (see :mod:`gemm`, :mod:`norm`,
+:mod:`wgrad`): the convolutions are :func:`conv` (training forward and
+recomputation), :func:`conv_bn` (eval), :func:`input_grad_bn_relu` and
+:func:`input_grad_accumulate` (backward), :func:`weight_grad` and
+:func:`eval_bottleneck_tail`. Operands are described by :class:`Weights`,
+:class:`NormVectors` and the prologues :class:`BNRelu` and :class:`BNBackward`;
+an absent optional input reaches its kernel as ``None``.
+
 Block sizes are fixed by the problem (channel dims padded to a power of two
 >= 16, row tiles of ``BLOCK_M``), so workspaces sized by the row tiling are
 known before a launch; warps and pipeline stages are autotuned
@@ -13,7 +21,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .gemm import eval_bottleneck_tail_kernel, fused_gemm_kernel
+from .gemm import (conv_bn_kernel, conv_kernel, eval_bottleneck_tail_kernel, input_grad_accumulate_kernel,
+                   input_grad_bn_relu_kernel)
 from .norm import bn_add_kernel, bn_grad_partials_kernel, finalize_grad_kernel, finalize_stats_kernel
 from .tuning import INTERPRETED
 from .wgrad import weight_grad_kernel
@@ -57,8 +66,8 @@ class Weights:
     """Operand ``B[tap, k, n]`` of a GEMM, as strides into a conv weight.
 
     ``second``: a weight stacked after ``tensor`` along its output channels
-    (``[W_s; W_1]``), read in place from index ``split`` of axis ``split_axis``
-    (1: ``n``, 2: ``k``; 0: none).
+    (``[W_s; W_1]``), read in place from index ``split`` of axis ``stack_axis``
+    (``"n"`` or ``"k"``).
     """
     tensor: torch.Tensor
     stride_tap: int
@@ -69,7 +78,7 @@ class Weights:
     taps: int
     second: torch.Tensor | None = None
     split: int = 0
-    split_axis: int = 0
+    stack_axis: str | None = None
 
     @staticmethod
     def linear(w: torch.Tensor, second: torch.Tensor | None = None) -> Weights:
@@ -77,7 +86,7 @@ class Weights:
         out, inp = w.shape[0], w.shape[1]
         if second is None:
             return Weights(w, 0, 1, inp, inp, out, 1)
-        return Weights(w, 0, 1, inp, inp, out + second.shape[0], 1, second, out, 1)
+        return Weights(w, 0, 1, inp, inp, out + second.shape[0], 1, second, out, "n")
 
     @staticmethod
     def linear_transposed(w: torch.Tensor, second: torch.Tensor | None = None) -> Weights:
@@ -85,7 +94,7 @@ class Weights:
         out, inp = w.shape[0], w.shape[1]
         if second is None:
             return Weights(w, 0, inp, 1, out, inp, 1)
-        return Weights(w, 0, inp, 1, out + second.shape[0], inp, 1, second, out, 2)
+        return Weights(w, 0, inp, 1, out + second.shape[0], inp, 1, second, out, "k")
 
     @staticmethod
     def conv3x3(w: torch.Tensor) -> Weights:
@@ -98,6 +107,13 @@ class Weights:
         """``B[t, co, ci] = W[co, ci, 8 - t]``: the input gradient as a 3x3 conv."""
         co, ci = w.shape[0], w.shape[1]
         return Weights(w.view(-1)[8:], -1, 9 * ci, 9, co, ci, 9)
+
+    def arguments(self, stack_axis: str | None) -> tuple:
+        """``(w_ptr, w_second_ptr, split, w_stride_tap, w_stride_k, w_stride_n)`` of a
+        kernel whose stacked weights lie along ``stack_axis`` (None: it takes one weight)."""
+        assert self.stack_axis in (None, stack_axis), f"weights stacked along {self.stack_axis}"
+        stacked = (self.second, self.split) if stack_axis else ()
+        return (self.tensor, *stacked, self.stride_tap, self.stride_k, self.stride_n)
 
 
 @dataclass
@@ -141,14 +157,13 @@ class BNBackward:
     norm: NormVectors
 
 
-def _prologue_args(prologue, fallback: torch.Tensor):
-    if isinstance(prologue, BNRelu):
-        n = prologue.norm
-        return fallback, (n.scale, n.shift, n.scale, n.scale), True, False
-    if isinstance(prologue, BNBackward):
-        n = prologue.norm
-        return prologue.x, (n.alpha, n.beta, n.mean, n.delta), False, True
-    return fallback, (fallback,) * 4, False, False
+def _row_stride(t: torch.Tensor | None) -> int | None:
+    return t.stride(0) if t is not None else None
+
+
+def _bn_relu_arguments(prologue: BNRelu | None) -> tuple:
+    """``(scale, shift)`` of a BN + ReLU prologue: ``(None, None)`` without one."""
+    return (prologue.norm.scale, prologue.norm.shift) if prologue is not None else (None, None)
 
 
 def row_tiles(rows: int) -> int:
@@ -160,39 +175,70 @@ def stats_workspace(rows: int, channels: int, device) -> tuple[torch.Tensor, tor
     return ws[0], ws[1]
 
 
-def gemm(a: torch.Tensor, b: Weights, out: torch.Tensor, image: Image, *, prologue=None,
-         affine: NormVectors | None = None, relu_from: int | None = None, accumulate: bool = False,
-         stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-         masked_grad: tuple[torch.Tensor, NormVectors, tuple[torch.Tensor, torch.Tensor]] | None = None):
-    """``out (+)= epilogue(prologue(a) (*) b)``; see :mod:`gemm` for the fused work.
+def _gemm_launch(a: torch.Tensor, b: Weights, image: Image) -> tuple[tuple[int, int], dict]:
+    """Grid and compile-time tiling of a GEMM over ``b``: ``[BLOCK_M, BLOCK_N]`` output tiles."""
+    meta = dict(TAPS=b.taps, DOT_PRECISION=dot_precision(a.dtype),
+                BLOCK_M=BLOCK_M, BLOCK_N=channel_block(b.n), BLOCK_K=k_block(b.k))
+    return (row_tiles(image.rows), triton.cdiv(b.n, meta["BLOCK_N"])), meta
 
-    ``affine``: eval BN of ``out`` (``scale``, ``shift``);
-    ``stats``: workspaces for the forward BN statistics of ``out``;
-    ``masked_grad``: ``(x, norm, workspaces)``, ``out`` being dL/d relu(bn(x)).
-    """
-    x, (p0, p1, p2, p3), bn_relu, bn_backward = _prologue_args(prologue, a)
-    if masked_grad is not None:
-        e_x, e_norm, (ws0, ws1) = masked_grad
-        e = (e_x, e_x.stride(0), e_norm.mean, e_norm.invstd, e_norm.scale, e_norm.shift)
-    else:
-        e = (out, 0, out, out, out, out)
-        ws0, ws1 = stats if stats is not None else (out, out)
-    block_n, block_k = channel_block(b.n), k_block(b.k)
-    grid = (row_tiles(image.rows), triton.cdiv(b.n, block_n))
-    fused_gemm_kernel[grid](
-        a, a.stride(0), x, x.stride(0),
-        b.tensor, b.second if b.second is not None else b.tensor, b.split,
-        b.stride_tap, b.stride_k, b.stride_n,
+
+def _sizes(b: Weights, image: Image) -> tuple[int, ...]:
+    return image.rows, b.k, b.n, image.height, image.width
+
+
+def _bn_backward_arguments(a: torch.Tensor, prologue: BNBackward) -> tuple:
+    n = prologue.norm
+    return a, a.stride(0), prologue.x, prologue.x.stride(0), n.alpha, n.beta, n.mean, n.delta
+
+
+def conv(a: torch.Tensor, b: Weights, out: torch.Tensor, image: Image, *, prologue: BNRelu | None = None,
+         stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """``out = prologue(a) (*) b`` (see :mod:`gemm`); with ``stats`` (:func:`stats_workspace`),
+    the per-tile partials of ``out``'s BN statistics too, for :func:`finalize_stats`."""
+    grid, meta = _gemm_launch(a, b, image)
+    sums = stats if stats is not None else (None, None)
+    conv_kernel[grid](
+        a, a.stride(0), *_bn_relu_arguments(prologue),
+        *b.arguments("n"),
+        out, out.stride(0), *sums,
+        *_sizes(b, image), **meta)
+
+
+def conv_bn(a: torch.Tensor, b: Weights, out: torch.Tensor, image: Image, *, bn: NormVectors,
+            relu_from: int | None = None, accumulate: bool = False) -> None:
+    """Eval: ``out (+)= bn(a (*) b)`` with ``bn``'s ``scale`` and ``shift``, ReLU on
+    the columns from ``relu_from`` (none if None)."""
+    grid, meta = _gemm_launch(a, b, image)
+    conv_bn_kernel[grid](
+        a, a.stride(0),
+        *b.arguments("n"),
+        out, out.stride(0), bn.scale, bn.shift, relu_from,
+        *_sizes(b, image), ACCUMULATE=accumulate, **meta)
+
+
+def input_grad_bn_relu(grad: torch.Tensor, b: Weights, out: torch.Tensor, image: Image, *,
+                       prologue: BNBackward, x: torch.Tensor, x_bn: NormVectors,
+                       sums: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """``out = dL/dbn(x)`` of a convolution whose input was ``relu(x_bn(x))``, from
+    ``grad = dL/dbn(prologue.x)`` after it; ``sums`` (:func:`stats_workspace`) get the
+    per-tile ``sum(dy)`` and ``sum(dy * xhat)`` of ``x_bn``'s backward, for :func:`finalize_grad`."""
+    grid, meta = _gemm_launch(grad, b, image)
+    input_grad_bn_relu_kernel[grid](
+        *_bn_backward_arguments(grad, prologue),
+        *b.arguments(None),
+        out, out.stride(0), x, x.stride(0), x_bn.mean, x_bn.invstd, x_bn.scale, x_bn.shift, *sums,
+        *_sizes(b, image), **meta)
+
+
+def input_grad_accumulate(grad: torch.Tensor, b: Weights, out: torch.Tensor, image: Image, *,
+                          prologue: BNBackward) -> None:
+    """``out += dL/d input`` of a convolution, from ``grad = dL/dbn(prologue.x)`` after it."""
+    grid, meta = _gemm_launch(grad, b, image)
+    input_grad_accumulate_kernel[grid](
+        *_bn_backward_arguments(grad, prologue),
+        *b.arguments("k"),
         out, out.stride(0),
-        p0, p1, p2, p3,
-        affine.scale if affine else out, affine.shift if affine else out, relu_from or 0,
-        *e, ws0, ws1,
-        image.rows, b.k, b.n, image.height, image.width,
-        TAPS=b.taps, SPLIT=b.split_axis, BN_RELU=bn_relu, BN_BACKWARD=bn_backward,
-        AFFINE=affine is not None, RELU=relu_from is not None, ACCUMULATE=accumulate,
-        STATS=stats is not None, MASKED_GRAD=masked_grad is not None,
-        DOT_PRECISION=dot_precision(a.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
+        *_sizes(b, image), **meta)
 
 
 def partials_blocks(tiles: int, channels: int) -> tuple[int, int]:
@@ -245,13 +291,12 @@ def bn_add(out: torch.Tensor, x1: torch.Tensor, norm1: NormVectors, *, accumulat
            x2: torch.Tensor | None = None, norm2: NormVectors | None = None) -> None:
     """``out = (out if accumulate) + bn1(x1) [+ bn2(x2) | + x2]``."""
     rows, channels = out.shape
-    n2 = norm2 if norm2 is not None else norm1
+    scale2, shift2 = (norm2.scale, norm2.shift) if norm2 is not None else (None, None)
     grid, block = elementwise_launch(rows, channels)
     bn_add_kernel[grid](
         out, out.stride(0), x1, x1.stride(0), norm1.scale, norm1.shift,
-        x2 if x2 is not None else x1, (x2 if x2 is not None else x1).stride(0), n2.scale, n2.shift,
-        rows, channels, ACCUMULATE=accumulate, HAS_X2=x2 is not None, NORM_X2=norm2 is not None,
-        BLOCK_M=BLOCK_M, BLOCK_C=block)
+        x2, _row_stride(x2), scale2, shift2,
+        rows, channels, ACCUMULATE=accumulate, BLOCK_M=BLOCK_M, BLOCK_C=block)
 
 
 def weight_grad(d: BNBackward, d_rows: torch.Tensor, a: torch.Tensor, a_prologue: BNRelu | None,
@@ -264,13 +309,11 @@ def weight_grad(d: BNBackward, d_rows: torch.Tensor, a: torch.Tensor, a_prologue
     rows_per_chunk = BLOCK_M * triton.cdiv(row_tiles(image.rows), chunks)
     chunks = triton.cdiv(image.rows, rows_per_chunk)
     ws = torch.empty((chunks, nd, ka, taps), dtype=torch.float32, device=a.device)
-    n = d.norm
-    a_norm = a_prologue.norm if a_prologue is not None else None
     weight_grad_kernel[(chunks, taps, tiles)](
-        d_rows, d_rows.stride(0), d.x, d.x.stride(0), n.alpha, n.beta, n.mean, n.delta,
-        a, a.stride(0), a_norm.scale if a_norm else a, a_norm.shift if a_norm else a,
+        *_bn_backward_arguments(d_rows, d),
+        a, a.stride(0), *_bn_relu_arguments(a_prologue),
         ws, image.rows, nd, ka, image.height, image.width, rows_per_chunk,
-        TAPS=taps, A_BN_RELU=a_prologue is not None, DOT_PRECISION=dot_precision(a.dtype),
+        TAPS=taps, DOT_PRECISION=dot_precision(a.dtype),
         BLOCK_M=BLOCK_M, BLOCK_D=block_d, BLOCK_A=block_a)
     return ws.sum(0)
 
@@ -290,12 +333,11 @@ def eval_bottleneck_tail(act1: torch.Tensor, w2: torch.Tensor, norm2: NormVector
     b2, b3 = Weights.conv3x3(w2), Weights.linear(w3)
     block_mid = channel_block(mid, cap=EVAL_TAIL_CHANNELS)
     assert fits_eval_tail(mid, n, act1.dtype), f"a bottleneck of {mid} -> {n} channels is too wide"
-    res = residual if residual is not None else out
     eval_bottleneck_tail_kernel[(row_tiles(image.rows),)](
         act1, act1.stride(0), b2.tensor, b2.stride_tap, b2.stride_k, b2.stride_n, norm2.scale, norm2.shift,
-        b3.tensor, b3.stride_k, b3.stride_n, norm3.scale, norm3.shift, res, res.stride(0), out, out.stride(0),
-        image.rows, mid, n, image.height, image.width,
-        HAS_RESIDUAL=residual is not None, ACCUMULATE=accumulate,
+        b3.tensor, b3.stride_k, b3.stride_n, norm3.scale, norm3.shift,
+        residual, _row_stride(residual), out, out.stride(0),
+        image.rows, mid, n, image.height, image.width, ACCUMULATE=accumulate,
         DOT_PRECISION=dot_precision(act1.dtype),
         BLOCK_M=BLOCK_M, BLOCK_MID=block_mid, BLOCK_K=k_block(mid),
         BLOCK_N=channel_block(n, cap=EVAL_TAIL_CHANNELS))

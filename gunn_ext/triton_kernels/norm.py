@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .tuning import optional_flags
+
 
 @triton.jit
 def finalize_stats_kernel(sum_ptr, m2_ptr, tiles, C, rows, tile_rows,
@@ -111,6 +113,7 @@ def bn_grad_partials_kernel(dy_ptr, dy_stride, x_ptr, x_stride, mean_ptr, invstd
     tl.store(ws1_ptr + pid * C + offs_c, tl.sum(tl.where(mask, dy * xhat, 0.0), axis=0), mask=c_ok)
 
 
+@optional_flags(HAS_X2="x2_ptr", NORM_X2="scale2_ptr")
 @triton.jit
 def bn_add_kernel(out_ptr, out_stride, x1_ptr, x1_stride, scale1_ptr, shift1_ptr,
                   x2_ptr, x2_stride, scale2_ptr, shift2_ptr, rows, C,

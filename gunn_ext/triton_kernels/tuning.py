@@ -1,4 +1,10 @@
-"""Autotuning of the GEMM kernels: warps and pipeline stages, pruned per launch.
+"""Compile-time choices of the kernels: flags for optional arguments, and autotuning.
+
+An optional input of a kernel is ``None`` when absent; a named constexpr flag
+says whether it was given (:func:`optional_flags`), so a variant reads as what
+it computes and its autotuning is keyed by it.
+
+Warps and pipeline stages are autotuned, pruned per launch.
 
 Block sizes are fixed by the problem (channel blocks are the padded channel
 counts, row tiles are ``BLOCK_M`` so statistics workspaces are sized before a
@@ -33,6 +39,31 @@ def useful_configs(tile_elements: int, loop_steps: int) -> list[triton.Config]:
             if (c.num_warps == 4 or tile_elements > 64 * 64) and (c.num_stages == 2 or loop_steps >= 3)]
 
 
+class OptionalFlags(triton.runtime.Heuristics):
+    """``triton.heuristics`` setting each constexpr flag to whether the argument it
+    names was given (not ``None``), read by position: no per-launch dict of all
+    arguments, as the generic heuristics build once per flag."""
+
+    def __init__(self, fn, flags: dict[str, str]):
+        super().__init__(fn, fn.arg_names, {flag: _is_given(name) for flag, name in flags.items()})
+        self.positions = {flag: (fn.arg_names.index(name), name) for flag, name in flags.items()}
+
+    def run(self, *args, **kwargs):
+        for flag, (index, name) in self.positions.items():
+            kwargs[flag] = (args[index] if index < len(args) else kwargs[name]) is not None
+        return self.fn.run(*args, **kwargs)
+
+
+def optional_flags(**flags: str):
+    """Decorator: ``optional_flags(STATS="sum_ptr")`` sets the constexpr ``STATS``
+    to ``sum_ptr is not None`` at each launch. Outermost, so autotuning sees the flags."""
+    return lambda fn: OptionalFlags(fn, flags)
+
+
+def _is_given(name: str) -> Callable[[dict], bool]:
+    return lambda args: args[name] is not None
+
+
 def _quick_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
@@ -43,8 +74,9 @@ def autotune(tile: tuple[str, str], loop_steps: Callable[[dict], int], key: list
     tile is ``tile`` (two block-size names) and whose main loop runs
     ``loop_steps(args)`` times.
 
-    ``accumulates_into``: the output argument that launches with ``ACCUMULATE``
-    add into; it is restored after each timed run (only then: a copy of a large
+    ``accumulates_into``: the output argument the kernel adds into (when its
+    ``ACCUMULATE`` flag is set, or always for a kernel without that flag); it is
+    restored after each timed run of such a launch (only then: a copy of a large
     output per run would both cost memory and swamp the timings).
     """
     def prune(configs, named_args, **kwargs):
@@ -54,7 +86,7 @@ def autotune(tile: tuple[str, str], loop_steps: Callable[[dict], int], key: list
     saved = []
 
     def pre_hook(args, reset_only=False):
-        if not reset_only and accumulates_into and args["ACCUMULATE"]:
+        if not reset_only and accumulates_into and args.get("ACCUMULATE", True):
             saved.append(args[accumulates_into].clone())
 
     def post_hook(args, exception=None):

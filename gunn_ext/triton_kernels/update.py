@@ -162,7 +162,7 @@ class Unit:
                   self.norm(m, 2)))
         for a, b, out, prologue, out_norm in steps:
             ws = launch.stats_workspace(rows, out.shape[1], out.device) if stats else None
-            launch.gemm(a, b, out, image, prologue=prologue, stats=ws)
+            launch.conv(a, b, out, image, prologue=prologue, stats=ws)
             if stats:
                 launch.finalize_stats(ws, rows, out_norm)
         return dict(input=source, pre1=pre1, pre2=pre2, pre3=pre3)
@@ -200,8 +200,8 @@ class Unit:
             k = self.layout.first(self.i, m)
             skip, mid = self.skip(m), self.convs[k].shape[0]
             pre1 = source.new_empty((image.rows, skip + mid))
-            launch.gemm(source if m == 0 else h, Weights.linear(*self.first_weights(m)), pre1, image,
-                        affine=self.first_norm(m), relu_from=skip)
+            launch.conv_bn(source if m == 0 else h, Weights.linear(*self.first_weights(m)), pre1, image,
+                           bn=self.first_norm(m), relu_from=skip)
             last = m + 1 == self.layout.units
             out = target if last else source.new_empty((image.rows, self.n))
             residual = pre1[:, :skip] if skip else h
@@ -211,10 +211,10 @@ class Unit:
                                             residual=residual, accumulate=last)
             else:  # too wide for one tile: the 3x3 and the last 1x1 as GEMMs, BN in their epilogues
                 act2 = source.new_empty((image.rows, mid))
-                launch.gemm(pre1[:, skip:], Weights.conv3x3(self.convs[k + 1]), act2, image,
-                            affine=self.norm(m, 1), relu_from=0)
-                launch.gemm(act2, Weights.linear(self.convs[k + 2]), out, image, affine=self.norm(m, 2),
-                            accumulate=last)
+                launch.conv_bn(pre1[:, skip:], Weights.conv3x3(self.convs[k + 1]), act2, image,
+                               bn=self.norm(m, 1), relu_from=0)
+                launch.conv_bn(act2, Weights.linear(self.convs[k + 2]), out, image, bn=self.norm(m, 2),
+                               accumulate=last)
                 if residual is not None:
                     out += residual
             h = out
@@ -237,8 +237,8 @@ class Unit:
             w3 = self.convs[k + 2]
             grad2 = t["pre2"].new_empty((rows, mid))
             ws = launch.stats_workspace(rows, mid, grad2.device)
-            launch.gemm(grad_unit, Weights.linear_transposed(w3), grad2, image, prologue=d3,
-                        masked_grad=(t["pre2"], bn2, ws))
+            launch.input_grad_bn_relu(grad_unit, Weights.linear_transposed(w3), grad2, image, prologue=d3,
+                                      x=t["pre2"], x_bn=bn2, sums=ws)
             launch.finalize_grad(ws, rows, bn2, training)
             grad_convs[k + 2] = launch.weight_grad(d3, grad_unit, t["pre2"], BNRelu(bn2), image, 1)
 
@@ -246,8 +246,8 @@ class Unit:
             w2 = self.convs[k + 1]
             grad1 = t["pre1"].new_empty((rows, skip + mid))
             ws = launch.stats_workspace(rows, mid, grad1.device)
-            launch.gemm(grad2, Weights.conv3x3_transposed(w2), grad1[:, skip:], image, prologue=d2,
-                        masked_grad=(t["pre1"][:, skip:], bn1, ws))
+            launch.input_grad_bn_relu(grad2, Weights.conv3x3_transposed(w2), grad1[:, skip:], image,
+                                      prologue=d2, x=t["pre1"][:, skip:], x_bn=bn1, sums=ws)
             launch.finalize_grad(ws, rows, bn1, training)
             grad_convs[k + 1] = launch.weight_grad(d2, grad2, t["pre1"][:, skip:], BNRelu(bn1), image, 9)
 
@@ -260,12 +260,12 @@ class Unit:
             if skip:
                 grad_convs[self.layout.first_gemm(self.i, m)] = dw1[:skip]
             if m == 0:
-                launch.gemm(grad1, Weights.linear_transposed(*w1), grad_state, image, prologue=d1,
-                            accumulate=True)
+                launch.input_grad_accumulate(grad1, Weights.linear_transposed(*w1), grad_state, image,
+                                             prologue=d1)
             else:  # h_m = h_{m-1} + B_m(h_{m-1})
                 grad_prev = grad_unit.clone()
-                launch.gemm(grad1, Weights.linear_transposed(*w1), grad_prev, image, prologue=d1,
-                            accumulate=True)
+                launch.input_grad_accumulate(grad1, Weights.linear_transposed(*w1), grad_prev, image,
+                                             prologue=d1)
                 grad_unit = grad_prev
 
 

@@ -14,9 +14,10 @@ import triton
 import triton.language as tl
 
 from .gemm import dot, load_operand, tap_offsets
-from .tuning import autotune
+from .tuning import autotune, optional_flags
 
 
+@optional_flags(A_BN_RELU="a_scale_ptr")
 @autotune(("BLOCK_D", "BLOCK_A"), lambda a: a["rows_per_chunk"] // a["BLOCK_M"],
           key=["rows", "ND", "KA", "TAPS", "A_BN_RELU", "rows_per_chunk", "BLOCK_D", "BLOCK_A"])
 @triton.jit
@@ -26,7 +27,11 @@ def weight_grad_kernel(
         ws_ptr, rows, ND, KA, H, W, rows_per_chunk,
         TAPS: tl.constexpr, A_BN_RELU: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr):
-    """``ws[chunk, d, a, tap] = sum_{r in chunk} D'[r, d] A'[r + off_tap, a]`` (conv weight layout)."""
+    """``ws[chunk, d, a, tap] = sum_{r in chunk} D'[r, d] A'[r + off_tap, a]`` (conv weight layout).
+
+    ``D' = alpha D + beta (X_d - mean) + delta`` (``X_d`` at ``dx_ptr``) and
+    ``A' = relu(A * a_scale + a_shift)`` (A_BN_RELU) or ``A``; see :mod:`gemm`.
+    """
     chunk = tl.program_id(0)
     tap = tl.program_id(1)
     tiles_a = tl.cdiv(KA, BLOCK_A)
@@ -41,10 +46,11 @@ def weight_grad_kernel(
     for r0 in range(start, stop, BLOCK_M):
         offs_m = r0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < stop
-        d = load_operand(d_ptr, d_stride, dx_ptr, dx_stride, offs_m, offs_d, m_ok, ND, H, W, 0, 0,
-                         d_alpha_ptr, d_beta_ptr, d_mean_ptr, d_delta_ptr, False, True)
-        a = load_operand(a_ptr, a_stride, a_ptr, a_stride, offs_m, offs_a, m_ok, KA, H, W, dh, dw,
-                         a_scale_ptr, a_shift_ptr, a_scale_ptr, a_scale_ptr, A_BN_RELU, False)
+        d = load_operand(d_ptr, d_stride, offs_m, offs_d, m_ok, ND, H, W, 0, 0,
+                         x_ptr=dx_ptr, x_stride=dx_stride, alpha_ptr=d_alpha_ptr, beta_ptr=d_beta_ptr,
+                         mean_ptr=d_mean_ptr, delta_ptr=d_delta_ptr)  # [BLOCK_M, BLOCK_D]
+        a = load_operand(a_ptr, a_stride, offs_m, offs_a, m_ok, KA, H, W, dh, dw,
+                         scale_ptr=a_scale_ptr, shift_ptr=a_shift_ptr)  # [BLOCK_M, BLOCK_A]
         a = a.to(a_ptr.dtype.element_ty)
         acc = dot(tl.trans(d), a, acc, DOT_PRECISION)
     out = ws_ptr + (((chunk * ND + offs_d[:, None]).to(tl.int64) * KA + offs_a[None, :]) * TAPS + tap)
