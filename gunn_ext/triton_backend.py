@@ -15,6 +15,8 @@ only when an op runs.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -40,7 +42,7 @@ BACKWARD = graph_replay.GraphReplay(_backward)
 @torch.library.custom_op(f"{_NS}::triton_gradual_update", mutates_args=())
 def triton_gradual_update(
         x: Tensor, conv_weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
-        running_mean: Tensor | None, running_var: Tensor | None, segments: list[int], expansion: int,
+        running_mean: Optional[Tensor], running_var: Optional[Tensor], segments: list[int], expansion: int,
         bottlenecks: int, shortcut: bool, sequential: bool, training: bool, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return FORWARD(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, segments,

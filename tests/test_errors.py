@@ -26,6 +26,13 @@ def test_bad_constructor_arguments(kwargs, match):
         GUNNLayer(**kwargs)
 
 
+def test_units_keyword_is_now_bottlenecks():
+    with pytest.raises(TypeError, match="units= is now bottlenecks="):
+        GUNNLayer(12, 3, units=2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'unit'"):
+        SUNNLayer(12, 3, unit=2)
+
+
 def test_bad_shortcut_type():
     with pytest.raises(TypeError, match="shortcut must be a bool"):
         SUNNLayer(4, 2, shortcut="yes")
