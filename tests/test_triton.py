@@ -206,7 +206,7 @@ def test_statistics_over_many_row_tiles(monkeypatch, block):
     a = torch.randn(rows, k, device=DEVICE) + 3.0  # a large mean: merging must not cancel
     w = torch.randn(c, k, 1, 1, device=DEVICE)
     weight, bias = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE)
-    norm = Norms([weight], [bias], [1e-5]).all.with_gradients()
+    norm = Norms(weight, bias, 1e-5).all.with_gradients()
     out = torch.empty(rows, c, device=DEVICE)
     ws = launch.stats_workspace(rows, c, DEVICE)
     launch.gemm(a, launch.Weights.linear(w), out, launch.Image(rows, 1, rows), stats=ws)
