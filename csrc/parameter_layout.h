@@ -147,7 +147,8 @@ class ParameterLayout {
                        const std::optional<at::Tensor>& running_var, bool training) const {
     check_parameters(x, conv_weight, bn_weight, bn_bias);
     if (!training) {
-      for (const auto& [name, t] : {std::pair{"running_mean", &running_mean}, {"running_var", &running_var}}) {
+      for (const auto& [name, t] :
+           {std::pair{"running_mean", &running_mean}, {"running_var", &running_var}}) {
         TORCH_CHECK(t->has_value() && (*t)->defined(), "gunn_ext: ", name,
                     " is needed in eval mode (training=False), got None");
         check_statistic(name, **t, x);

@@ -98,7 +98,6 @@ class UpdateUnit(nn.Module):
 
 _NORM_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _FLAT_PARAMETERS = ("conv_weight", "bn_weight", "bn_bias")
-_FLAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 class UpdateUnits(nn.ModuleList):
@@ -134,13 +133,13 @@ class UpdateUnits(nn.ModuleList):
         self.register_buffer("running_mean", torch.zeros(layout.norm_channels))
         self.register_buffer("running_var", torch.ones(layout.norm_channels))
         self.register_buffer("num_batches_tracked", torch.zeros(layout.norm_count, dtype=torch.long))
-        self._rows = []  # (conv, conv slot, norm, norm slot, row), in layout order
+        self._rows = []  # (conv, conv slot, norm, norm slot), in layout order
         for i, conv_path, conv_slot, norm_path, norm_slot in layout.modules():
             conv, norm = self[i].get_submodule(conv_path), self[i].get_submodule(norm_path)
             del conv.weight
             for name in _NORM_TENSORS:
                 delattr(norm, name)
-            self._rows.append((conv, conv_slot, norm, norm_slot, norm_slot.row))
+            self._rows.append((conv, conv_slot, norm, norm_slot))
         # state_dict entries (key, module, attribute) in module registration order.
         self._state_entries = [
             (f"{path}.{name}", module, name)
@@ -155,35 +154,39 @@ class UpdateUnits(nn.ModuleList):
     def bind_views(self) -> None:
         """Point every module's tensors at the current flat tensors."""
         with torch.enable_grad():  # the parameter views carry gradients to the flat ones
-            for conv, conv_slot, norm, norm_slot, _ in self._rows:
+            for conv, conv_slot, norm, norm_slot in self._rows:
                 conv.__dict__["weight"] = conv_slot.of(self.conv_weight)
                 norm.__dict__["weight"] = norm_slot.of(self.bn_weight)
                 norm.__dict__["bias"] = norm_slot.of(self.bn_bias)
         with torch.no_grad():
-            for _, _, norm, norm_slot, k in self._rows:
+            for _, _, norm, norm_slot in self._rows:
                 for name in ("running_mean", "running_var"):
                     flat = self._buffers[name]
                     norm.__dict__[name] = None if flat is None else norm_slot.of(flat)
                 counts = self._buffers["num_batches_tracked"]
-                norm.__dict__["num_batches_tracked"] = None if counts is None else counts[k]
+                norm.__dict__["num_batches_tracked"] = None if counts is None else counts[norm_slot.row]
 
     @contextlib.contextmanager
     def split_views(self):
         """Within the block, the modules' parameters are the outputs of one
         ``split_with_sizes`` per flat parameter: autograd then sums their
-        gradients in one node instead of one full-size gradient per module."""
+        gradients in one node instead of one full-size gradient per module.
+        Outside it they are ``narrow`` views, which stay valid when an
+        optimizer updates the flat tensors in place (``split_with_sizes``
+        outputs do not)."""
         rows = self._rows
         convs = self.conv_weight.split_with_sizes([r[1].numel for r in rows])
         sizes = [r[3].numel for r in rows]
         weights, biases = self.bn_weight.split_with_sizes(sizes), self.bn_bias.split_with_sizes(sizes)
         saved = [(conv.__dict__["weight"], norm.__dict__["weight"], norm.__dict__["bias"])
-                 for conv, _, norm, _, _ in rows]
-        for (conv, conv_slot, norm, _, _), c, w, b in zip(rows, convs, weights, biases):
-            conv.__dict__["weight"], norm.__dict__["weight"], norm.__dict__["bias"] = c.view(conv_slot.shape), w, b
+                 for conv, _, norm, _ in rows]
+        for (conv, conv_slot, norm, _), c, w, b in zip(rows, convs, weights, biases):
+            conv.__dict__["weight"] = c.view(conv_slot.shape)
+            norm.__dict__["weight"], norm.__dict__["bias"] = w, b
         try:
             yield
         finally:
-            for (conv, _, norm, _, _), (c, w, b) in zip(rows, saved):
+            for (conv, _, norm, _), (c, w, b) in zip(rows, saved):
                 conv.__dict__["weight"], norm.__dict__["weight"], norm.__dict__["bias"] = c, w, b
 
     def _apply(self, fn, recurse=True):
@@ -202,8 +205,7 @@ class UpdateUnits(nn.ModuleList):
 
     def __deepcopy__(self, memo):
         # The views are not leaves, which deepcopy refuses: copy without them.
-        attributes = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-        saved = [(m, {a: m.__dict__.pop(a) for a in attributes if a in m.__dict__})
+        saved = [(m, {a: m.__dict__.pop(a) for a in _NORM_TENSORS if a in m.__dict__})
                  for row in self._rows for m in (row[0], row[2])]
         try:
             other = type(self).__new__(type(self))

@@ -139,7 +139,8 @@ def update_running_stats(units, mean: torch.Tensor, var: torch.Tensor, count: in
                                     dtype=torch.float64, device=counts.device)
             per_norm = torch.where(per_norm.isnan(), 1.0 / counts.double(), per_norm)
             sizes = torch.tensor(units.layout.norm_sizes(), device=counts.device)
-            momentum = per_norm.repeat_interleave(sizes, output_size=running_mean.shape[0]).to(running_mean.dtype)
+            momentum = per_norm.repeat_interleave(sizes, output_size=running_mean.shape[0])
+            momentum = momentum.to(running_mean.dtype)
         running_mean.lerp_(mean.to(running_mean.dtype), momentum)
         running_var.lerp_(unbiased.to(running_var.dtype), momentum)
 

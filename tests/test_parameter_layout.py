@@ -45,7 +45,8 @@ def test_first_gemm_is_shortcut_then_conv1(config):
                 norm_parts.insert(0, layout.shortcut_bn(i))
             merged = torch.cat([p.of(flat).flatten(1) for p in parts])
             assert torch.equal(layout.first_gemm(i, m).of(flat), merged)
-            assert torch.equal(layout.first_norms(i, m).of(norms), torch.cat([p.of(norms) for p in norm_parts]))
+            assert torch.equal(layout.first_norms(i, m).of(norms),
+                               torch.cat([p.of(norms) for p in norm_parts]))
 
 
 @pytest.mark.parametrize("config, match", [
@@ -63,7 +64,8 @@ def test_a_few_tensors_whatever_the_segments(segments):
     """Autograd, optimizers and DDP see three parameters and three buffers per layer,
     and the op takes a fixed number of tensors."""
     layer = GUNNLayer(12, segments, bottlenecks=2, shortcut=True)
-    assert [n for n, _ in layer.named_parameters()] == ["units.conv_weight", "units.bn_weight", "units.bn_bias"]
+    assert [n for n, _ in layer.named_parameters()] == ["units.conv_weight", "units.bn_weight",
+                                                        "units.bn_bias"]
     assert [n for n, _ in layer.named_buffers()] == ["units.running_mean", "units.running_var",
                                                      "units.num_batches_tracked"]
     x = torch.randn(2, 12, 3, 3)

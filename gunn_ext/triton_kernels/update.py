@@ -209,7 +209,8 @@ class Unit:
             launch.gemm(grad2, Weights.conv3x3_transposed(w2), grad1[:, skip:], image, prologue=d2,
                         masked_grad=(t["pre1"][:, skip:], bn1, ws))
             launch.finalize_grad(ws, rows, bn1, training)
-            grad_convs.append((conv2, launch.weight_grad(d2, grad2, t["pre1"][:, skip:], BNRelu(bn1), image, 9)))
+            grad_convs.append(
+                (conv2, launch.weight_grad(d2, grad2, t["pre1"][:, skip:], BNRelu(bn1), image, 9)))
 
             if skip:
                 grad1[:, :skip].copy_(grad_unit)
