@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=_positive_int, default=8, help="height = width")
     parser.add_argument("--batch", type=_positive_int, help="default: 16 on CPU, 64 on GPU")
     parser.add_argument("--expansion", type=_positive_int, default=2)
-    parser.add_argument("--units", type=_positive_int, default=1, help="bottlenecks per update unit")
+    parser.add_argument("--bottlenecks", type=_positive_int, default=1, help="bottlenecks per update unit")
     parser.add_argument("--no-shortcut", dest="shortcut", action="store_false")
     parser.add_argument("--layer", choices=("gunn", "sunn"), default="gunn")
     parser.add_argument("--mode", choices=("train", "eval"), default="train",
@@ -154,7 +154,7 @@ class Workload:
 def make_layer(args: argparse.Namespace) -> torch.nn.Module:
     torch.manual_seed(args.seed)
     cls = GUNNLayer if args.layer == "gunn" else SUNNLayer
-    layer = cls(args.channels, args.segments, expansion=args.expansion, units=args.units,
+    layer = cls(args.channels, args.segments, expansion=args.expansion, bottlenecks=args.bottlenecks,
                 shortcut=args.shortcut, backend="reference")
     return layer.train(args.mode == "train")
 
@@ -394,7 +394,7 @@ def _git_commit() -> str | None:
 
 def describe_config(args: argparse.Namespace) -> str:
     return (f"{args.layer.upper()} layer: {args.channels} channels, {args.segments} segments, "
-            f"expansion {args.expansion}, units {args.units}, shortcut {'on' if args.shortcut else 'off'}; "
+            f"expansion {args.expansion}, bottlenecks {args.bottlenecks}, shortcut {'on' if args.shortcut else 'off'}; "
             f"input {args.batch}x{args.channels}x{args.size}x{args.size} {args.dtype} on {args.device}, "
             f"{args.mode} mode; median (p20-p80) of {args.repeats} after {args.warmup} warm-up")
 

@@ -10,13 +10,13 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
-#include <numeric>
 #include <optional>
-#include <unordered_set>
 #include <vector>
 
+#include "conventions.h"
 #include "fused_kernels.h"
 #include "gradual_update.h"
+#include "parameter_layout.h"
 
 namespace gunn_ext {
 namespace {
@@ -26,18 +26,6 @@ using at::Tensor;
 struct Shape {
   int64_t batch, channels, height, width;
   int64_t rows() const { return batch * height * width; }
-};
-
-// The layer's structure, decoded from the op's arguments.
-struct Layout {
-  std::vector<int64_t> segments, starts;
-  int64_t units;
-  bool shortcut, sequential, training;
-
-  int64_t per_unit() const { return (shortcut ? 1 : 0) + 3 * units; }
-  // Index of bottleneck m's first conv / norm within the flat lists for unit i.
-  int64_t first(int64_t i, int64_t m) const { return i * per_unit() + (shortcut ? 1 : 0) + 3 * m; }
-  int64_t shortcut_index(int64_t i) const { return i * per_unit(); }
 };
 
 // [B, C, H, W] in any layout -> [rows, C] row-major (a view when channels_last).
@@ -50,125 +38,51 @@ Tensor as_image(const Tensor& rows, const Shape& s) {
   return rows.view({s.batch, s.height, s.width, rows.size(1)}).permute({0, 3, 1, 2});
 }
 
-bool wants_channels_last(const Tensor& x) {
-  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
-}
-
-// The result in the layout promised by the fake kernel (see ops.py).
+// The result in the output memory format (conventions.h).
 Tensor in_layout_of(const Tensor& rows, const Shape& s, const Tensor& like) {
   Tensor image = as_image(rows, s);
-  return wants_channels_last(like) ? image : image.contiguous();
+  return output_is_channels_last(like) ? image : image.contiguous();
 }
 
-Tensor stats_options_tensor(const Tensor& x, int64_t n) {
-  const auto dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return at::empty({n}, x.options().dtype(dtype));
-}
-
-Tensor conv_matrix(const Tensor& w) { return w.view({w.size(0), -1}); }
-
-void check_arguments(const Tensor& x, at::TensorList conv_weights, at::TensorList bn_weights,
-                     at::TensorList bn_biases, const Layout& layout, at::ArrayRef<double> eps) {
+void check_input(const Tensor& x) {
   TORCH_CHECK(x.dim() == 4, "gunn_ext: x must be 4-D (batch, channels, height, width), got ",
               x.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "gunn_ext: x must be floating point, got ",
               x.scalar_type());
   TORCH_CHECK(x.numel() > 0, "gunn_ext: x must not be empty, got shape ", x.sizes());
-  TORCH_CHECK(layout.units >= 1, "gunn_ext: units must be >= 1, got ", layout.units);
-  const int64_t channels = x.size(1);
-  int64_t total = 0;
-  for (int64_t n : layout.segments) {
-    TORCH_CHECK(n >= 1, "gunn_ext: segments must be >= 1, got ", at::IntArrayRef(layout.segments));
-    total += n;
-  }
-  TORCH_CHECK(total == channels, "gunn_ext: segments ", at::IntArrayRef(layout.segments), " sum to ", total,
-              " but x has ", channels, " channels");
-  const int64_t expected = static_cast<int64_t>(layout.segments.size()) * layout.per_unit();
-  TORCH_CHECK(static_cast<int64_t>(conv_weights.size()) == expected,
-              "gunn_ext: conv_weights must hold ", expected, " tensors, got ", conv_weights.size());
-  TORCH_CHECK(bn_weights.size() == conv_weights.size() && bn_biases.size() == conv_weights.size() &&
-                  eps.size() == conv_weights.size(),
-              "gunn_ext: bn_weights, bn_biases and eps must hold ", expected, " entries each");
-  const auto stat_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  for (size_t k = 0; k < conv_weights.size(); ++k) {
-    const Tensor& w = conv_weights[k];
-    TORCH_CHECK(w.device() == x.device(), "gunn_ext: conv_weights[", k, "] is on ", w.device(),
-                " but x is on ", x.device());
-    TORCH_CHECK(w.scalar_type() == x.scalar_type(), "gunn_ext: conv_weights[", k, "] has dtype ",
-                w.scalar_type(), " but x has ", x.scalar_type());
-    TORCH_CHECK(w.dim() == 4, "gunn_ext: conv_weights[", k, "] must be 4-D, got ", w.sizes());
-    for (const Tensor& p : {bn_weights[k], bn_biases[k]}) {
-      TORCH_CHECK(p.device() == x.device(), "gunn_ext: BN parameter ", k, " is on ", p.device(),
-                  " but x is on ", x.device());
-      TORCH_CHECK(p.scalar_type() == x.scalar_type() || p.scalar_type() == stat_dtype,
-                  "gunn_ext: BN parameter ", k, " has dtype ", p.scalar_type(), "; expected ",
-                  x.scalar_type(), " or ", stat_dtype);
-      TORCH_CHECK(p.dim() == 1 && p.size(0) == w.size(0), "gunn_ext: BN parameter ", k,
-                  " must have shape [", w.size(0), "], got ", p.sizes());
-    }
-  }
-  for (size_t i = 0; i < layout.segments.size(); ++i) {
-    const int64_t n = layout.segments[i];
-    if (layout.shortcut) {
-      const Tensor& w = conv_weights[layout.shortcut_index(i)];
-      TORCH_CHECK(w.sizes() == at::IntArrayRef({n, channels, 1, 1}), "gunn_ext: shortcut weight of unit ", i,
-                  " must have shape [", n, ", ", channels, ", 1, 1], got ", w.sizes());
-    }
-    for (int64_t m = 0; m < layout.units; ++m) {
-      const int64_t k = layout.first(i, m);
-      const int64_t in = m == 0 ? channels : n, mid = conv_weights[k].size(0);
-      TORCH_CHECK(conv_weights[k].sizes() == at::IntArrayRef({mid, in, 1, 1}), "gunn_ext: conv1 of unit ", i,
-                  " bottleneck ", m, " must have shape [K*", n, ", ", in, ", 1, 1], got ",
-                  conv_weights[k].sizes());
-      TORCH_CHECK(conv_weights[k + 1].sizes() == at::IntArrayRef({mid, mid, 3, 3}), "gunn_ext: conv2 of unit ", i,
-                  " bottleneck ", m, " must have shape [", mid, ", ", mid, ", 3, 3], got ",
-                  conv_weights[k + 1].sizes());
-      TORCH_CHECK(conv_weights[k + 2].sizes() == at::IntArrayRef({n, mid, 1, 1}), "gunn_ext: conv3 of unit ", i,
-                  " bottleneck ", m, " must have shape [", n, ", ", mid, ", 1, 1], got ",
-                  conv_weights[k + 2].sizes());
-    }
-  }
 }
 
-// Per-channel BN parameters of all norms, packed in list order, with a view
+// Per-channel BN parameters of all norms in the statistics dtype, with a view
 // per norm made once (views cost a dispatcher call each).
 struct Norms {
   Norm all;
-  std::vector<int64_t> offsets;  // offsets[k] = first channel of norm k
-  std::vector<Norm> each;
+  std::vector<Norm> each;  // by the norm's row in the layout
 
-  const Norm& at(int64_t k) const { return each[k]; }
-  // Norms k .. k + count - 1 as one run of channels (for their statistics).
-  Norm run(int64_t k, int64_t count) const {
-    return count == 1 ? each[k] : all.slice(offsets[k], offsets[k + count] - offsets[k]);
+  const Norm& at(const Slot& norm) const { return each[norm.row]; }
+  // A run of channels spanning one or more norms (for their statistics).
+  Norm run(const Slot& channels) const {
+    const Norm& first = each[channels.row];
+    return first.mean.numel() == channels.numel() ? first : all.slice(channels.offset, channels.numel());
   }
 };
 
-std::vector<Norm> split_norms(const Norm& all, at::IntArrayRef sizes, at::ArrayRef<double> eps) {
+std::vector<Norm> split_norms(const Norm& all, at::IntArrayRef sizes, double eps) {
   const auto split = [&](const Tensor& t) {
     return t.defined() ? t.split_with_sizes(sizes) : std::vector<Tensor>(sizes.size());
   };
   const auto mean = split(all.mean), var = split(all.var), weight = split(all.weight),
              bias = split(all.bias);
   std::vector<Norm> each(sizes.size());
-  for (size_t k = 0; k < sizes.size(); ++k)
-    each[k] = {mean[k], var[k], weight[k], bias[k], eps.empty() ? 0.0 : eps[k]};
+  for (size_t k = 0; k < sizes.size(); ++k) each[k] = {mean[k], var[k], weight[k], bias[k], eps};
   return each;
 }
 
-Norms pack_norms(at::TensorList bn_weights, at::TensorList bn_biases, at::ArrayRef<double> eps,
-                 Tensor mean, Tensor var) {
+Norms pack_norms(const ParameterLayout& layout, const Tensor& bn_weight, const Tensor& bn_bias,
+                 double eps, Tensor mean, Tensor var) {
   Norms n;
-  n.offsets.assign(1, 0);
-  std::vector<int64_t> sizes;
-  for (const Tensor& w : bn_weights) {
-    sizes.push_back(w.size(0));
-    n.offsets.push_back(n.offsets.back() + w.size(0));
-  }
   const auto dtype = mean.scalar_type();
-  n.all = {std::move(mean), std::move(var), at::cat(bn_weights).to(dtype),
-           at::cat(bn_biases).to(dtype)};
-  n.each = split_norms(n.all, sizes, eps);
+  n.all = {std::move(mean), std::move(var), bn_weight.to(dtype), bn_bias.to(dtype), eps};
+  n.each = split_norms(n.all, layout.norm_sizes(), eps);
   return n;
 }
 
@@ -187,48 +101,42 @@ struct BottleneckTape {
 // The computation of one update unit, shared by forward and backward.
 class Unit {
  public:
-  Unit(const Layout& layout, at::TensorList convs, const Norms& norms, const Shape& shape,
-       const FusedKernels& kernels, int64_t index)
-      : layout_(layout), convs_(convs), norms_(norms), shape_(shape), k_(kernels), i_(index),
-        n_(layout.segments[index]), start_(layout.starts[index]) {}
+  Unit(const ParameterLayout& layout, bool training, const Tensor& conv_weight, const Norms& norms,
+       const Shape& shape, const FusedKernels& kernels, int64_t index)
+      : layout_(layout), training_(training), convs_(conv_weight), norms_(norms), shape_(shape),
+        k_(kernels), i_(index), n_(layout.segments[index]), start_(layout.starts[index]) {}
 
-  // The merged first GEMM's weight: [shortcut; conv1] of bottleneck m.
-  Tensor first_weight(int64_t m) const {
-    Tensor w1 = conv_matrix(convs_[layout_.first(i_, m)]);
-    if (m == 0 && layout_.shortcut)
-      return at::cat({conv_matrix(convs_[layout_.shortcut_index(i_)]), w1});
-    return w1;
-  }
-  int64_t first_norm(int64_t m) const {
-    return (m == 0 && layout_.shortcut) ? layout_.shortcut_index(i_) : layout_.first(i_, m);
-  }
-  bool has_shortcut(int64_t m) const { return m == 0 && layout_.shortcut; }
+  // The merged first GEMM's weight: [shortcut; conv1] of bottleneck m, one slice of conv_weight.
+  Tensor first_weight(int64_t m) const { return layout_.first_gemm(i_, m).of(convs_); }
+  int64_t skip(int64_t m) const { return layout_.has_shortcut(m) ? n_ : 0; }
 
   // Runs bottleneck m from pre1 (the first GEMM's output) on; fills the tape.
   void bottleneck_tail(int64_t m, BottleneckTape& t, bool compute_stats) const {
-    const int64_t k = layout_.first(i_, m), skip = has_shortcut(m) ? n_ : 0;
-    const int64_t mid = convs_[k].size(0);
-    if (compute_stats) stats(t.pre1, first_norm(m), has_shortcut(m) ? 2 : 1);
-    Tensor pre1 = t.pre1.narrow(1, skip, mid);
+    const int64_t mid = layout_.mid(i_);
+    if (compute_stats) {
+      const Norm first = norms_.run(layout_.first_norms(i_, m));
+      k_.column_stats(t.pre1, first.mean, first.var);
+    }
+    Tensor pre1 = t.pre1.narrow(1, skip(m), mid);
     t.act1 = at::empty({shape_.rows(), mid}, pre1.options());
-    k_.bn_relu(pre1, norms_.at(k), t.act1);
-    t.pre2 = conv3x3(t.act1, convs_[k + 1], shape_);
-    if (compute_stats) stats(t.pre2, k + 1, 1);
+    k_.bn_relu(pre1, norms_.at(layout_.bn1(i_, m)), t.act1);
+    t.pre2 = conv3x3(t.act1, layout_.conv2(i_, m).of(convs_), shape_);
+    if (compute_stats) stats(t.pre2, layout_.bn2(i_, m));
     t.act2 = at::empty_like(t.pre2);
-    k_.bn_relu(t.pre2, norms_.at(k + 1), t.act2);
-    t.pre3 = at::mm(t.act2, conv_matrix(convs_[k + 2]).t());
-    if (compute_stats) stats(t.pre3, k + 2, 1);
+    k_.bn_relu(t.pre2, norms_.at(layout_.bn2(i_, m)), t.act2);
+    t.pre3 = at::mm(t.act2, layout_.conv3(i_, m).matrix_of(convs_).t());
+    if (compute_stats) stats(t.pre3, layout_.bn3(i_, m));
   }
 
   // out (+)= bn3(pre3) + (shortcut BN of pre1 | extra).
   void combine(int64_t m, const BottleneckTape& t, Tensor& out, bool accumulate,
                const Tensor& extra) const {
-    const int64_t k = layout_.first(i_, m);
-    if (has_shortcut(m)) {
-      const Norm& sc = norms_.at(layout_.shortcut_index(i_));
-      k_.bn_add(out, accumulate, t.pre3, norms_.at(k + 2), t.pre1.narrow(1, 0, n_), &sc);
+    const Norm& bn3 = norms_.at(layout_.bn3(i_, m));
+    if (layout_.has_shortcut(m)) {
+      const Norm& sc = norms_.at(layout_.shortcut_bn(i_));
+      k_.bn_add(out, accumulate, t.pre3, bn3, t.pre1.narrow(1, 0, n_), &sc);
     } else {
-      k_.bn_add(out, accumulate, t.pre3, norms_.at(k + 2), extra, nullptr);
+      k_.bn_add(out, accumulate, t.pre3, bn3, extra, nullptr);
     }
   }
 
@@ -236,9 +144,9 @@ class Unit {
   // ([rows, n] column block of the state). Returns the tape.
   std::vector<BottleneckTape> forward(const Tensor& source, Tensor target, bool compute_stats,
                                       const std::optional<std::pair<Tensor, Tensor>>& split = {}) const {
-    std::vector<BottleneckTape> tape(layout_.units);
+    std::vector<BottleneckTape> tape(layout_.bottlenecks);
     Tensor h;
-    for (int64_t m = 0; m < layout_.units; ++m) {
+    for (int64_t m = 0; m < layout_.bottlenecks; ++m) {
       BottleneckTape& t = tape[m];
       const Tensor w = first_weight(m);
       if (m > 0) {
@@ -254,7 +162,7 @@ class Unit {
         t.pre1 = at::mm(source, w.t());
       }
       bottleneck_tail(m, t, compute_stats);
-      const bool last = m + 1 == layout_.units;
+      const bool last = m + 1 == layout_.bottlenecks;
       if (last) {
         combine(m, t, target, true, h);
       } else if (m == 0) {
@@ -270,130 +178,108 @@ class Unit {
   }
 
   // dL/dpre of a BN (+ ReLU) given dL/dout; writes the parameter gradients.
-  void norm_backward(const Tensor& dout, const Tensor& pre, int64_t k, bool has_relu,
-                     const std::vector<Norm>& grads, const Tensor& dpre) const {
-    const Tensor& gw = grads[k].weight;
-    const Tensor& gb = grads[k].bias;
-    const Norm& norm = norms_.at(k);
-    k_.bn_backward_reduce(dout, pre, norm, has_relu, gb, gw);
-    k_.bn_backward_apply(dout, pre, norm, has_relu, layout_.training, gb, gw, dpre);
+  void norm_backward(const Tensor& dout, const Tensor& pre, const Slot& slot, bool has_relu,
+                     const Norms& grads, const Tensor& dpre) const {
+    const Norm& g = grads.at(slot);
+    const Norm& norm = norms_.at(slot);
+    k_.bn_backward_reduce(dout, pre, norm, has_relu, g.bias, g.weight);
+    k_.bn_backward_apply(dout, pre, norm, has_relu, training_, g.bias, g.weight, dpre);
   }
 
   // Backpropagates dL/dU through the unit. Adds dL/dstate into `grad_state`
-  // ([rows, N]); conv weight gradients go to grad_convs, BN ones to grads.
+  // ([rows, N]); the weight gradients go to their slots of `grad_convs` (flat
+  // like conv_weight), the BN ones to `grads`.
   void backward(const std::vector<BottleneckTape>& tape, Tensor grad_unit, Tensor& grad_state,
-                const std::pair<Tensor, Tensor>& state, std::vector<Tensor>& grad_convs,
-                const std::vector<Norm>& grads) const {
-    for (int64_t m = layout_.units - 1; m >= 0; --m) {
+                const std::pair<Tensor, Tensor>& state, const Tensor& grad_convs,
+                const Norms& grads) const {
+    for (int64_t m = layout_.bottlenecks - 1; m >= 0; --m) {
       const BottleneckTape& t = tape[m];
-      const int64_t k = layout_.first(i_, m), mid = convs_[k].size(0);
-      const int64_t skip = has_shortcut(m) ? n_ : 0;
+      const int64_t mid = layout_.mid(i_), skip_m = skip(m);
+      const Slot conv2 = layout_.conv2(i_, m), conv3 = layout_.conv3(i_, m);
       Tensor d3 = at::empty_like(t.pre3);
-      norm_backward(grad_unit, t.pre3, k + 2, false, grads, d3);
-      grad_convs[k + 2] = at::mm(d3.t(), t.act2).view_as(convs_[k + 2]);
-      Tensor d_act2 = at::mm(d3, conv_matrix(convs_[k + 2]));
+      norm_backward(grad_unit, t.pre3, layout_.bn3(i_, m), false, grads, d3);
+      Tensor grad_w3 = conv3.matrix_of(grad_convs);
+      at::mm_out(grad_w3, d3.t(), t.act2);
+      Tensor d_act2 = at::mm(d3, conv3.matrix_of(convs_));
       Tensor d2 = at::empty_like(t.pre2);
-      norm_backward(d_act2, t.pre2, k + 1, true, grads, d2);
+      norm_backward(d_act2, t.pre2, layout_.bn2(i_, m), true, grads, d2);
       auto [d_act1, d_w2, unused] = at::convolution_backward(
-          as_image(d2, shape_), as_image(t.act1, shape_), convs_[k + 1], std::nullopt, {1, 1},
+          as_image(d2, shape_), as_image(t.act1, shape_), conv2.of(convs_), std::nullopt, {1, 1},
           {1, 1}, {1, 1}, false, {0, 0}, 1, {true, true, false});
-      grad_convs[k + 1] = d_w2;
-      Tensor d1 = at::empty({shape_.rows(), skip + mid}, t.pre1.options());
-      norm_backward(as_rows(d_act1), t.pre1.narrow(1, skip, mid), k, true, grads,
-                    d1.narrow(1, skip, mid));
-      if (skip) {
-        norm_backward(grad_unit, t.pre1.narrow(1, 0, n_), layout_.shortcut_index(i_), false,
-                      grads, d1.narrow(1, 0, n_));
+      conv2.of(grad_convs).copy_(d_w2);
+      Tensor d1 = at::empty({shape_.rows(), skip_m + mid}, t.pre1.options());
+      norm_backward(as_rows(d_act1), t.pre1.narrow(1, skip_m, mid), layout_.bn1(i_, m), true, grads,
+                    d1.narrow(1, skip_m, mid));
+      if (skip_m) {
+        norm_backward(grad_unit, t.pre1.narrow(1, 0, n_), layout_.shortcut_bn(i_), false, grads,
+                      d1.narrow(1, 0, n_));
       }
       const Tensor w = first_weight(m);
-      Tensor dw;
+      Tensor dw = layout_.first_gemm(i_, m).of(grad_convs);  // [shortcut; conv1] as one matrix
       if (m > 0) {
-        dw = at::mm(d1.t(), t.input);
+        at::mm_out(dw, d1.t(), t.input);
         grad_unit = at::addmm(grad_unit, d1, w);  // h_m = h_{m-1} + B_m(h_{m-1})
       } else {
-        // dW^T = state^T d1, the state split as in forward.
+        // dW = d1^T state, the state split by columns as in forward.
         const auto& [updated, original] = state;
-        Tensor dwt = at::empty({w.size(1), w.size(0)}, d1.options());
         const int64_t from = updated.defined() ? start_ : 0;
         if (from > 0) {
-          Tensor head = dwt.narrow(0, 0, from);
-          at::mm_out(head, updated.narrow(1, 0, from).t(), d1);
+          Tensor head = dw.narrow(1, 0, from);
+          at::mm_out(head, d1.t(), updated.narrow(1, 0, from));
         }
-        Tensor tail = dwt.narrow(0, from, w.size(1) - from);
-        at::mm_out(tail, original.narrow(1, from, w.size(1) - from).t(), d1);
-        dw = dwt.t();
+        Tensor tail = dw.narrow(1, from, w.size(1) - from);
+        at::mm_out(tail, d1.t(), original.narrow(1, from, w.size(1) - from));
         grad_state.addmm_(d1, w);  // Eq. 6: the identity path is already in grad_state
-      }
-      grad_convs[k] = dw.narrow(0, skip, mid).contiguous().view_as(convs_[k]);
-      if (skip) {
-        const int64_t s = layout_.shortcut_index(i_);
-        grad_convs[s] = dw.narrow(0, 0, n_).contiguous().view_as(convs_[s]);
       }
     }
   }
 
  private:
-  void stats(const Tensor& pre, int64_t k, int64_t count) const {
-    const Norm n = norms_.run(k, count);
+  void stats(const Tensor& pre, const Slot& norm) const {
+    const Norm& n = norms_.at(norm);
     k_.column_stats(pre, n.mean, n.var);
   }
 
-  const Layout& layout_;
-  at::TensorList convs_;
+  const ParameterLayout& layout_;
+  bool training_;
+  const Tensor& convs_;
   const Norms& norms_;
   const Shape& shape_;
   const FusedKernels& k_;
   int64_t i_, n_, start_;
 };
 
-Layout make_layout(at::IntArrayRef segments, int64_t units, bool shortcut, bool sequential,
-                   bool training) {
-  Layout l{segments.vec(), {}, units, shortcut, sequential, training};
-  int64_t start = 0;
-  for (int64_t n : l.segments) {
-    l.starts.push_back(start);
-    start += n;
-  }
-  return l;
-}
-
 Shape shape_of(const Tensor& x) { return {x.size(0), x.size(1), x.size(2), x.size(3)}; }
 
 }  // namespace
 
-ForwardResult gradual_update(
-    const Tensor& x, at::TensorList conv_weights, at::TensorList bn_weights,
-    at::TensorList bn_biases, at::TensorList running_means, at::TensorList running_vars,
-    at::IntArrayRef segments, int64_t units, bool shortcut, bool sequential, bool training,
-    at::ArrayRef<double> eps) {
+ForwardResult gradual_update(const Tensor& x, const Tensor& conv_weight, const Tensor& bn_weight,
+                             const Tensor& bn_bias, const std::optional<Tensor>& running_mean,
+                             const std::optional<Tensor>& running_var, at::IntArrayRef segments,
+                             int64_t expansion, int64_t bottlenecks, bool shortcut, bool sequential,
+                             bool training, double eps) {
   // The op fixes its own dtypes: its GEMMs and convolutions must not autocast.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const Layout layout = make_layout(segments, units, shortcut, sequential, training);
-  check_arguments(x, conv_weights, bn_weights, bn_biases, layout, eps);
+  check_input(x);
+  const ParameterLayout layout(x.size(1), segments, expansion, bottlenecks, shortcut);
+  layout.check_arguments(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training);
   const Shape shape = shape_of(x);
-  TORCH_CHECK(!training || shape.rows() > 1,
-              "gunn_ext: expected more than 1 value per channel when training, got input of shape ",
-              x.sizes());
-  const int64_t total = std::accumulate(bn_weights.begin(), bn_weights.end(), int64_t(0),
-                                        [](int64_t s, const Tensor& w) { return s + w.size(0); });
+  const auto stats_options = x.options().dtype(stats_dtype(x.scalar_type()));
   Tensor mean, var;
   if (training) {
-    mean = stats_options_tensor(x, total);
-    var = stats_options_tensor(x, total);
-  } else {
-    TORCH_CHECK(running_means.size() == bn_weights.size() && running_vars.size() == bn_weights.size(),
-                "gunn_ext: eval mode needs running_means and running_vars for all ", bn_weights.size(),
-                " norms, got ", running_means.size(), " and ", running_vars.size());
-    mean = at::cat(running_means).to(stats_options_tensor(x, 0).options());
-    var = at::cat(running_vars).to(mean.options());
+    mean = at::empty({layout.norm_channels()}, stats_options);
+    var = at::empty({layout.norm_channels()}, stats_options);
+  } else {  // copies: the outputs never alias the running statistics
+    mean = running_mean->to(stats_options, false, true);
+    var = running_var->to(stats_options, false, true);
   }
-  const Norms norms = pack_norms(bn_weights, bn_biases, eps, mean, var);
+  const Norms norms = pack_norms(layout, bn_weight, bn_bias, eps, mean, var);
   const FusedKernels& kernels = fused_kernels(x.device().type());
 
   Tensor input = as_rows(x);
   Tensor state = input.clone();  // also the output buffer, updated in place
   for (size_t i = 0; i < layout.segments.size(); ++i) {
-    const Unit unit(layout, conv_weights, norms, shape, kernels, i);
+    const Unit unit(layout, training, conv_weight, norms, shape, kernels, i);
     unit.forward(sequential ? state : input,
                  state.narrow(1, layout.starts[i], layout.segments[i]), training);
   }
@@ -401,30 +287,33 @@ ForwardResult gradual_update(
 }
 
 BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, const Tensor& y,
-                        at::TensorList conv_weights, at::TensorList bn_weights,
-                        at::TensorList bn_biases, const Tensor& mean, const Tensor& var,
-                        at::IntArrayRef segments, int64_t units, bool shortcut, bool sequential,
-                        bool training, at::ArrayRef<double> eps) {
+                                       const Tensor& conv_weight, const Tensor& bn_weight,
+                                       const Tensor& bn_bias, const Tensor& mean, const Tensor& var,
+                                       at::IntArrayRef segments, int64_t expansion,
+                                       int64_t bottlenecks, bool shortcut, bool sequential,
+                                       bool training, double eps) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const Layout layout = make_layout(segments, units, shortcut, sequential, training);
-  check_arguments(x, conv_weights, bn_weights, bn_biases, layout, eps);
+  check_input(x);
+  const ParameterLayout layout(x.size(1), segments, expansion, bottlenecks, shortcut);
+  layout.check_parameters(x, conv_weight, bn_weight, bn_bias);
+  layout.check_statistic("mean", mean, x);
+  layout.check_statistic("var", var, x);
   TORCH_CHECK(grad_y.sizes() == x.sizes() && y.sizes() == x.sizes(),
               "gunn_ext: grad_y and y must have the shape of x ", x.sizes(), ", got ",
               grad_y.sizes(), " and ", y.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "gunn_ext: grad_y has dtype ",
+              grad_y.scalar_type(), " but x has ", x.scalar_type());
   const Shape shape = shape_of(x);
-  const Norms norms = pack_norms(bn_weights, bn_biases, eps, mean, var);
+  const Norms norms = pack_norms(layout, bn_weight, bn_bias, eps, mean, var);
   const FusedKernels& kernels = fused_kernels(x.device().type());
-  const Norm grad_all{Tensor(), Tensor(), at::empty_like(norms.all.weight),
-                      at::empty_like(norms.all.bias)};
-  std::vector<int64_t> sizes;
-  for (const Tensor& w : bn_weights) sizes.push_back(w.size(0));
-  const std::vector<Norm> grads = split_norms(grad_all, sizes, {});
-  std::vector<Tensor> grad_convs(conv_weights.size());
+  Norms grads;
+  grads.all = {Tensor(), Tensor(), at::empty_like(norms.all.weight), at::empty_like(norms.all.bias)};
+  grads.each = split_norms(grads.all, layout.norm_sizes(), eps);
+  // Every slot is written: one gradient per convolution.
+  const Tensor grad_convs = at::empty({layout.conv_numel()}, conv_weight.options());
 
   const Tensor original = as_rows(x);
   const Tensor updated = sequential ? as_rows(y) : Tensor();
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "gunn_ext: grad_y has dtype ",
-              grad_y.scalar_type(), " but x has ", x.scalar_type());
   // One gradient buffer, accumulated in place (Eq. 6). GUNN reads each
   // segment's gradient from it after the later segments have added theirs;
   // SUNN's units all read dL/dy, so it keeps that apart.
@@ -434,63 +323,18 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
   const Tensor read_from = sequential ? grad : incoming;
   const std::pair<Tensor, Tensor> state{updated, original};
   for (int64_t i = static_cast<int64_t>(layout.segments.size()) - 1; i >= 0; --i) {
-    const Unit unit(layout, conv_weights, norms, shape, kernels, i);
+    const Unit unit(layout, training, conv_weight, norms, shape, kernels, i);
     Tensor scratch = at::empty({shape.rows(), layout.segments[i]}, x.options());
     auto tape = sequential ? unit.forward(Tensor(), scratch, false, state)
                            : unit.forward(original, scratch, false);
     unit.backward(tape, read_from.narrow(1, layout.starts[i], layout.segments[i]), grad, state,
                   grad_convs, grads);
   }
-  std::vector<Tensor> grad_w, grad_b;
-  for (size_t k = 0; k < bn_weights.size(); ++k) {
-    grad_w.push_back(grads[k].weight.to(bn_weights[k].scalar_type()));
-    grad_b.push_back(grads[k].bias.to(bn_biases[k].scalar_type()));
-  }
-  return {in_layout_of(grad, shape, x), grad_convs, grad_w, grad_b};
+  return {in_layout_of(grad, shape, x), grad_convs, grads.all.weight.to(bn_weight.scalar_type()),
+          grads.all.bias.to(bn_bias.scalar_type())};
 }
 
-namespace {
-
-// `values` as outputs of an op: each in its own storage and laid out as the
-// tensor it is the gradient of, which is what the fake kernel promises. The
-// orchestration's gradients can be views of one packed buffer, or come in
-// oneDNN's layout; only those are copied.
-std::vector<Tensor> as_outputs(std::vector<Tensor> values, at::TensorList like,
-                               std::unordered_set<const void*>& storages) {
-  for (size_t k = 0; k < values.size(); ++k) {
-    const bool shared = !storages.insert(values[k].storage().data()).second;
-    if (shared || values[k].strides() != like[k].strides()) {
-      values[k] = at::empty_like(like[k]).copy_(values[k]);
-      storages.insert(values[k].storage().data());
-    }
-  }
-  return values;
-}
-
-// The CPU registration of the backward; the CUDA one copies its results into
-// such outputs too (csrc/cuda/graph_replay.cpp).
-BackwardResult gradual_update_backward_cpu(
-    const Tensor& grad_y, const Tensor& x, const Tensor& y, at::TensorList conv_weights,
-    at::TensorList bn_weights, at::TensorList bn_biases, const Tensor& mean, const Tensor& var,
-    at::IntArrayRef segments, int64_t units, bool shortcut, bool sequential, bool training,
-    at::ArrayRef<double> eps) {
-  auto [grad_x, grad_convs, grad_w, grad_b] =
-      gradual_update_backward(grad_y, x, y, conv_weights, bn_weights, bn_biases, mean, var,
-                              segments, units, shortcut, sequential, training, eps);
-  std::unordered_set<const void*> storages{grad_x.storage().data()};
-  return {grad_x, as_outputs(std::move(grad_convs), conv_weights, storages),
-          as_outputs(std::move(grad_w), bn_weights, storages),
-          as_outputs(std::move(grad_b), bn_biases, storages)};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(gunn_ext, CPU, m) {
-  m.impl("gradual_update", &gradual_update);
-  m.impl("gradual_update_backward", &gradual_update_backward_cpu);
-}
-
-// The CUDA registration (csrc/cuda/graph_replay.cpp) replays this same
-// orchestration as CUDA graphs and calls it through the dispatcher.
+// The device registrations: csrc/cpu/gradual_update_cpu.cpp and
+// csrc/cuda/graph_replay.cpp.
 
 }  // namespace gunn_ext

@@ -43,16 +43,18 @@ const FusedKernels& fused_kernels(c10::DeviceType device) {
   return *k;
 }
 
+// The tensors are flat, laid out as parameter_layout.h (and the docstring of
+// gunn_ext/parameter_layout.py) describes.
 TORCH_LIBRARY(gunn_ext, m) {
   m.def(
-      "gradual_update(Tensor x, Tensor[] conv_weights, Tensor[] bn_weights, Tensor[] bn_biases, "
-      "Tensor[] running_means, Tensor[] running_vars, int[] segments, int units, bool shortcut, "
-      "bool sequential, bool training, float[] eps) -> (Tensor, Tensor, Tensor)");
+      "gradual_update(Tensor x, Tensor conv_weight, Tensor bn_weight, Tensor bn_bias, "
+      "Tensor? running_mean, Tensor? running_var, int[] segments, int expansion, int bottlenecks, "
+      "bool shortcut, bool sequential, bool training, float eps) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "gradual_update_backward(Tensor grad_y, Tensor x, Tensor y, Tensor[] conv_weights, "
-      "Tensor[] bn_weights, Tensor[] bn_biases, Tensor mean, Tensor var, int[] segments, "
-      "int units, bool shortcut, bool sequential, bool training, float[] eps) "
-      "-> (Tensor, Tensor[], Tensor[], Tensor[])");
+      "gradual_update_backward(Tensor grad_y, Tensor x, Tensor y, Tensor conv_weight, "
+      "Tensor bn_weight, Tensor bn_bias, Tensor mean, Tensor var, int[] segments, int expansion, "
+      "int bottlenecks, bool shortcut, bool sequential, bool training, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace gunn_ext

@@ -109,7 +109,7 @@ def check_input(layer, x) -> None:
         raise ValueError(f"input must have channels={layer.channels} (dim 1), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
-    weight = layer.units[0].bottlenecks[0].conv1.weight
+    weight = layer.conv_weight
     if weight.device != x.device:
         raise ValueError(f"input is on {x.device} but the layer's parameters are on {weight.device}; "
                          f"move one of them (layer.to({str(x.device)!r}))")

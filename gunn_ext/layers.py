@@ -13,7 +13,7 @@ GUNN (gradually updated) applies the units one after another, in place::
 SUNN (simultaneously updated) is the baseline with the same units, all
 reading the layer input: ``y[:, c_i] = x[:, c_i] + U_i(x)``.
 
-Update unit (``units = M`` stacked bottlenecks, expansion ``K``, ``n = |c_i|``)::
+Update unit (``bottlenecks = M`` stacked bottlenecks, expansion ``K``, ``n = |c_i|``)::
 
     B_m(h) = bn3(conv1x1(relu(bn2(conv3x3(relu(bn1(conv1x1(h))))))))
              conv1: (N or n) -> K n,  conv2: K n -> K n,  conv3: K n -> n
@@ -21,9 +21,14 @@ Update unit (``units = M`` stacked bottlenecks, expansion ``K``, ``n = |c_i|``):
     h_1    = S(x) + B_1(x)            (without shortcut: h_1 = B_1(x))
     h_m    = h_{m-1} + B_m(h_{m-1})   m = 2 .. M
     U(x)   = h_M
+
+The units' tensors live in a few flat tensors (:class:`UpdateUnits`), laid
+out as :mod:`gunn_ext.parameter_layout` specifies.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 from collections.abc import Sequence
 
@@ -31,8 +36,9 @@ import torch
 from torch import nn
 
 from . import backends
+from .parameter_layout import ParameterLayout
 
-__all__ = ["Bottleneck", "UpdateUnit", "GUNNLayer", "SUNNLayer"]
+__all__ = ["Bottleneck", "UpdateUnit", "UpdateUnits", "GUNNLayer", "SUNNLayer"]
 
 
 class Bottleneck(nn.Module):
@@ -58,11 +64,11 @@ class UpdateUnit(nn.Module):
     """The update ``U_i`` of one segment: ``in_channels -> out_channels``."""
 
     def __init__(self, in_channels: int, out_channels: int, expansion: int,
-                 units: int, shortcut: bool):
+                 bottlenecks: int, shortcut: bool):
         super().__init__()
         self.bottlenecks = nn.ModuleList(
             Bottleneck(in_channels if m == 0 else out_channels, out_channels, expansion)
-            for m in range(units))
+            for m in range(bottlenecks))
         if shortcut:
             self.shortcut_conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
             self.shortcut_bn = nn.BatchNorm2d(out_channels)
@@ -80,7 +86,7 @@ class UpdateUnit(nn.Module):
         return h
 
     def convs(self) -> list[nn.Conv2d]:
-        """Convolutions in the order the compiled ops take them."""
+        """Convolutions in the order of :mod:`gunn_ext.parameter_layout`."""
         head = [self.shortcut_conv] if self.has_shortcut else []
         return head + [c for b in self.bottlenecks for c in (b.conv1, b.conv2, b.conv3)]
 
@@ -88,6 +94,217 @@ class UpdateUnit(nn.Module):
         """BatchNorms in the same order as :meth:`convs`."""
         head = [self.shortcut_bn] if self.has_shortcut else []
         return head + [n for b in self.bottlenecks for n in (b.bn1, b.bn2, b.bn3)]
+
+
+_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_FLAT_PARAMETERS = ("conv_weight", "bn_weight", "bn_bias")
+
+
+class UpdateUnits(nn.ModuleList):
+    """The ``P`` update units of a layer, with all their tensors in flat storage.
+
+    Parameters ``conv_weight``, ``bn_weight``, ``bn_bias`` and buffers
+    ``running_mean``, ``running_var``, ``num_batches_tracked`` hold every
+    convolution and BatchNorm of the units in the order of ``layout`` (a
+    :class:`~gunn_ext.parameter_layout.ParameterLayout`), as ``nn.LSTM``
+    flattens its weights. Autograd, optimizers, DDP and the running-statistics
+    update see these six tensors, whatever the number of segments.
+
+    The units' modules stay plain ``nn.Conv2d`` and ``nn.BatchNorm2d``: their
+    ``weight``, ``bias``, ``running_mean``, ``running_var`` and
+    ``num_batches_tracked`` are views into the flat tensors (plain attributes,
+    not registered parameters), so a module called on its own computes with,
+    updates and backpropagates into the flat storage. The views are rebound
+    whenever the flat tensors are replaced (``.to()`` and other conversions,
+    ``load_state_dict(assign=True)``, copies, unpickling).
+
+    ``state_dict()`` has the per-module keys (``0.bottlenecks.0.conv1.weight``,
+    ...), in module order, not the flat tensors: checkpoints are the same as
+    with one parameter per module.
+    """
+
+    def __init__(self, layout: ParameterLayout):
+        super().__init__(UpdateUnit(layout.channels, n, layout.expansion, layout.bottlenecks,
+                                    layout.shortcut) for n in layout.segments)
+        self.layout = layout
+        self.conv_weight = nn.Parameter(torch.empty(layout.conv_numel))
+        self.bn_weight = nn.Parameter(torch.ones(layout.norm_channels))
+        self.bn_bias = nn.Parameter(torch.zeros(layout.norm_channels))
+        self.register_buffer("running_mean", torch.zeros(layout.norm_channels))
+        self.register_buffer("running_var", torch.ones(layout.norm_channels))
+        self.register_buffer("num_batches_tracked", torch.zeros(layout.norm_count, dtype=torch.long))
+        self._rows = []  # (conv, conv slot, norm, norm slot), in layout order
+        for i, conv_path, conv_slot, norm_path, norm_slot in layout.modules():
+            conv, norm = self[i].get_submodule(conv_path), self[i].get_submodule(norm_path)
+            del conv.weight
+            for name in _NORM_TENSORS:
+                delattr(norm, name)
+            self._rows.append((conv, conv_slot, norm, norm_slot))
+        # state_dict entries (key, module, attribute) in module registration order.
+        self._state_entries = [
+            (f"{path}.{name}", module, name)
+            for path, module in self.named_modules() if path
+            for name in (("weight",) if isinstance(module, nn.Conv2d) else
+                         _NORM_TENSORS if isinstance(module, nn.BatchNorm2d) else ())]
+        self._loaded_keys: set[str] = set()
+        self.register_load_state_dict_post_hook(_forget_loaded_keys)
+        self.bind_views()
+
+    # Views ---------------------------------------------------------------
+    def bind_views(self) -> None:
+        """Point every module's tensors at the current flat tensors."""
+        with torch.enable_grad():  # the parameter views carry gradients to the flat ones
+            for conv, conv_slot, norm, norm_slot in self._rows:
+                conv.__dict__["weight"] = conv_slot.of(self.conv_weight)
+                norm.__dict__["weight"] = norm_slot.of(self.bn_weight)
+                norm.__dict__["bias"] = norm_slot.of(self.bn_bias)
+        with torch.no_grad():
+            for _, _, norm, norm_slot in self._rows:
+                for name in ("running_mean", "running_var"):
+                    flat = self._buffers[name]
+                    norm.__dict__[name] = None if flat is None else norm_slot.of(flat)
+                counts = self._buffers["num_batches_tracked"]
+                norm.__dict__["num_batches_tracked"] = None if counts is None else counts[norm_slot.row]
+
+    @contextlib.contextmanager
+    def split_views(self):
+        """Within the block, the modules' parameters are the outputs of one
+        ``split_with_sizes`` per flat parameter: autograd then sums their
+        gradients in one node instead of one full-size gradient per module.
+        Outside it they are ``narrow`` views, which stay valid when an
+        optimizer updates the flat tensors in place (``split_with_sizes``
+        outputs do not)."""
+        rows = self._rows
+        convs = self.conv_weight.split_with_sizes([r[1].numel for r in rows])
+        sizes = [r[3].numel for r in rows]
+        weights, biases = self.bn_weight.split_with_sizes(sizes), self.bn_bias.split_with_sizes(sizes)
+        saved = [(conv.__dict__["weight"], norm.__dict__["weight"], norm.__dict__["bias"])
+                 for conv, _, norm, _ in rows]
+        for (conv, conv_slot, norm, _), c, w, b in zip(rows, convs, weights, biases):
+            conv.__dict__["weight"] = c.view(conv_slot.shape)
+            norm.__dict__["weight"], norm.__dict__["bias"] = w, b
+        try:
+            yield
+        finally:
+            for (conv, _, norm, _), (c, w, b) in zip(rows, saved):
+                conv.__dict__["weight"], norm.__dict__["weight"], norm.__dict__["bias"] = c, w, b
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self.bind_views()
+        return result
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):  # a plain list of units: a slice has no flat storage
+            return nn.ModuleList(list(self._modules.values())[index])
+        return super().__getitem__(index)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.bind_views()
+
+    def __deepcopy__(self, memo):
+        # The views are not leaves, which deepcopy refuses: copy without them.
+        saved = [(m, {a: m.__dict__.pop(a) for a in _NORM_TENSORS if a in m.__dict__})
+                 for row in self._rows for m in (row[0], row[2])]
+        try:
+            other = type(self).__new__(type(self))
+            memo[id(self)] = other
+            other.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        finally:
+            for module, values in saved:
+                module.__dict__.update(values)
+        return other
+
+    # BatchNorm options ---------------------------------------------------
+    @property
+    def norms(self) -> tuple[nn.BatchNorm2d, ...]:
+        return tuple(row[2] for row in self._rows)
+
+    @property
+    def eps(self) -> float:
+        """The ``eps`` of every BatchNorm (the native and triton ops take one value)."""
+        values = {row[2].eps for row in self._rows}
+        if len(values) != 1:
+            raise ValueError(f"the BatchNorms of a layer must share one eps, got {sorted(values)}; "
+                             "set it with layer.eps = value")
+        return values.pop()
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        for row in self._rows:
+            row[2].eps = value
+
+    # state_dict: per-module keys ------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for key, module, name in self._state_entries:
+            value = module.__dict__[name]
+            if value is not None:
+                destination[prefix + key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        loaded = []  # (module, attribute, tensor)
+        for key, module, name in self._state_entries:
+            current = module.__dict__[name]
+            if current is None:
+                continue
+            full = prefix + key
+            self._loaded_keys.add(full)
+            if full not in state_dict:
+                missing_keys.append(full)
+                continue
+            value = state_dict[full]
+            if not isinstance(value, torch.Tensor):
+                error_msgs.append(f'While copying the parameter named "{full}", expected torch.Tensor '
+                                  f"or Tensor-like object from checkpoint but received {type(value)}")
+            elif value.shape != current.shape:
+                error_msgs.append(f"size mismatch for {full}: copying a param with shape {value.shape} "
+                                  f"from checkpoint, the shape in current model is {current.shape}.")
+            else:
+                loaded.append((module, name, value))
+        if strict:
+            for key in state_dict:
+                if key.startswith(prefix) and key[len(prefix):].split(".", 1)[0] not in self._modules:
+                    unexpected_keys.append(key)
+        if assign:
+            self._assign(loaded)
+        else:
+            with torch.no_grad():
+                for module, name, value in loaded:
+                    module.__dict__[name].copy_(value)
+
+    def _assign(self, loaded) -> None:
+        """``load_state_dict(assign=True)``: new flat tensors in the loaded tensors' dtype and device."""
+        by_flat = {}
+        for module, name, value in loaded:
+            flat = ("conv_weight" if isinstance(module, nn.Conv2d) else
+                    {"weight": "bn_weight", "bias": "bn_bias"}.get(name, name))
+            by_flat.setdefault(flat, []).append((module, name, value))
+        for flat_name, items in by_flat.items():
+            old = getattr(self, flat_name)
+            new = torch.empty(old.shape, dtype=items[0][2].dtype, device=items[0][2].device)
+            if old.device.type != "meta" and new.device.type != "meta":
+                new.copy_(old.detach())
+            with torch.no_grad():
+                offsets = {id(t): t.storage_offset() - old.storage_offset()
+                           for t in (module.__dict__[name] for module, name, _ in items)}
+                for module, name, value in items:
+                    current = module.__dict__[name]
+                    new.narrow(0, offsets[id(current)], current.numel()).copy_(value.reshape(-1))
+            if flat_name in _FLAT_PARAMETERS:
+                setattr(self, flat_name, nn.Parameter(new, requires_grad=old.requires_grad))
+            else:
+                self._buffers[flat_name] = new
+        self.bind_views()
+
+
+def _forget_loaded_keys(units: UpdateUnits, incompatible_keys) -> None:
+    """The units' modules hold no registered tensors, so they report the keys
+    that :class:`UpdateUnits` loaded as unexpected: drop those."""
+    loaded, units._loaded_keys = units._loaded_keys, set()
+    incompatible_keys.unexpected_keys[:] = [k for k in incompatible_keys.unexpected_keys if k not in loaded]
 
 
 def _partition(channels: int, segments: int | Sequence[int]) -> tuple[int, ...]:
@@ -134,35 +351,57 @@ class _SegmentedLayer(nn.Module):
     sequential: bool
 
     def __init__(self, channels: int, segments: int | Sequence[int], expansion: int = 2,
-                 units: int = 1, shortcut: bool = False, backend: str = "auto"):
+                 bottlenecks: int = 1, shortcut: bool = False, backend: str = "auto", **removed):
+        if "units" in removed:
+            raise TypeError("units= is now bottlenecks= (stacked bottlenecks per update unit); "
+                            "layer.units is the list of the P update units")
+        if removed:
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument "
+                            f"{next(iter(removed))!r}")
         super().__init__()
         self.channels = channels
         self.segments = _partition(channels, segments)
         self.expansion = _positive_int("expansion", expansion)
-        self.num_units = _positive_int("units", units)
+        self.bottlenecks = _positive_int("bottlenecks", bottlenecks)
         if not isinstance(shortcut, bool):
             raise TypeError(f"shortcut must be a bool, got {shortcut!r}")
         self.shortcut = shortcut
         self.backend = backends.check_name(backend)
-        self.units = nn.ModuleList(
-            UpdateUnit(channels, n, self.expansion, self.num_units, shortcut)
-            for n in self.segments)
+        self.units = UpdateUnits(ParameterLayout(channels, self.segments, self.expansion,
+                                                 self.bottlenecks, shortcut))
         init_paper(self)
+
+    @property
+    def layout(self) -> ParameterLayout:
+        return self.units.layout
+
+    # The flat tensors, held by (and shared with the layers sharing) ``units``.
+    conv_weight = property(lambda self: self.units.conv_weight)
+    bn_weight = property(lambda self: self.units.bn_weight)
+    bn_bias = property(lambda self: self.units.bn_bias)
+    running_mean = property(lambda self: self.units.running_mean)
+    running_var = property(lambda self: self.units.running_var)
+    num_batches_tracked = property(lambda self: self.units.num_batches_tracked)
+
+    @property
+    def eps(self) -> float:
+        """The ``eps`` shared by the layer's BatchNorms; setting it sets each norm's."""
+        return self.units.eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self.units.eps = value
 
     @property
     def bounds(self) -> list[tuple[int, int]]:
         """``(start, stop)`` channel range of every segment."""
-        out, start = [], 0
-        for n in self.segments:
-            out.append((start, start + n))
-            start += n
-        return out
+        return [(start, start + n) for start, n in zip(self.layout.starts, self.segments)]
 
     def convs(self) -> list[nn.Conv2d]:
         return [c for u in self.units for c in u.convs()]
 
     def norms(self) -> list[nn.BatchNorm2d]:
-        return [n for u in self.units for n in u.norms()]
+        return list(self.units.norms)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backends.check_input(self, x)
@@ -171,12 +410,12 @@ class _SegmentedLayer(nn.Module):
     def extra_repr(self) -> str:
         segments = len(self.segments) if len(set(self.segments)) == 1 else list(self.segments)
         return (f"channels={self.channels}, segments={segments}, expansion={self.expansion}, "
-                f"units={self.num_units}, shortcut={self.shortcut}, backend={self.backend!r}")
+                f"bottlenecks={self.bottlenecks}, shortcut={self.shortcut}, backend={self.backend!r}")
 
     def _convert(self, cls: type[_SegmentedLayer]) -> _SegmentedLayer:
         other = cls.__new__(cls)
         nn.Module.__init__(other)
-        for name in ("channels", "segments", "expansion", "num_units", "shortcut", "backend"):
+        for name in ("channels", "segments", "expansion", "bottlenecks", "shortcut", "backend"):
             setattr(other, name, getattr(self, name))
         other.units = self.units  # shared, not copied
         other.train(self.training)

@@ -39,16 +39,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One segmented layer ``{N, P, K, M}``: channels, segments, expansion, units."""
+    """One segmented layer ``{N, P, K, M}``: channels, segments, expansion, bottlenecks."""
 
     channels: int
     segments: int
     expansion: int
-    units: int
+    bottlenecks: int
 
     def scaled(self, width: float) -> LayerSpec:
         size = max(1, round(width * self.channels / self.segments))
-        return LayerSpec(size * self.segments, self.segments, self.expansion, self.units)
+        return LayerSpec(size * self.segments, self.segments, self.expansion, self.bottlenecks)
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class GUNNNet(nn.Module):
                 stages[f"trans{j}"] = nn.Sequential(
                     *(transition + [pool] if arch.layout == "cifar" else [pool] + transition))
             stages[f"conv{j + 2}"] = layer_type(
-                spec.channels, spec.segments, expansion=spec.expansion, units=spec.units,
+                spec.channels, spec.segments, expansion=spec.expansion, bottlenecks=spec.bottlenecks,
                 shortcut=arch.shortcut, backend=backend)
         last = specs[-1].channels
         head = _conv_bn_relu(last, last, 1) if arch.layout == "cifar" else []

@@ -3,7 +3,17 @@
 ``gradual_update`` runs the whole layer (all segments, all units) in one op
 and returns ``(y, mean, var)``: the output and the per-channel statistics
 every BatchNorm normalised with (batch statistics in training, the running
-ones in eval), packed in the order of :meth:`layer.norms`.
+ones in eval). Its tensors are flat, laid out as
+:mod:`gunn_ext.parameter_layout` specifies::
+
+    gradual_update(Tensor x, Tensor conv_weight, Tensor bn_weight, Tensor bn_bias,
+                   Tensor? running_mean, Tensor? running_var, int[] segments,
+                   int expansion, int bottlenecks, bool shortcut, bool sequential,
+                   bool training, float eps) -> (Tensor y, Tensor mean, Tensor var)
+
+``running_mean`` and ``running_var`` are read in eval only; ``eps`` is
+shared by all the layer's BatchNorms. The output's memory format and the
+statistics' dtype follow :mod:`gunn_ext.conventions`.
 
 Its backward is ``gradual_update_backward``: Algorithm 1 of the paper with
 the merged residual (Eq. 6). It needs only ``x``, ``y`` and the statistics;
@@ -12,6 +22,9 @@ the state before update ``i`` is ``y`` on the segments before ``c_i`` and
 place, segment ``P`` down to ``1``::
 
     g += J_{U_i}(s_{i-1})^T g[:, c_i]
+
+It returns ``(grad_x, grad_conv_weight, grad_bn_weight, grad_bn_bias)``,
+the parameter gradients flat like the parameters.
 """
 from __future__ import annotations
 
@@ -20,6 +33,8 @@ import importlib
 from typing import Callable
 
 import torch
+
+from . import conventions
 
 _NS = "gunn_ext"
 
@@ -48,17 +63,6 @@ def has_cuda_kernels() -> bool:
     return bool(importlib.import_module("gunn_ext._build_info").WITH_CUDA)
 
 
-def output_like(x: torch.Tensor) -> torch.Tensor:
-    """An empty tensor shaped like ``x`` in the layout the kernels return."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def register_layer_op(forward: str, backward: str, stats: Callable[[torch.dtype], torch.dtype]) -> None:
     """Fake kernels and autograd for an op pair with ``gradual_update``'s schema.
 
@@ -68,126 +72,102 @@ def register_layer_op(forward: str, backward: str, stats: Callable[[torch.dtype]
     """
     namespace, backward_name = backward.split("::")
     @torch.library.register_fake(forward)
-    def _(x, conv_weights, bn_weights, bn_biases, running_means, running_vars,
-          segments, units, shortcut, sequential, training, eps):
-        total = sum(w.shape[0] for w in bn_weights)
-        mean = x.new_empty((total,), dtype=stats(x.dtype))
-        return output_like(x), mean, mean.clone()
+    def _(x, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+          segments, expansion, bottlenecks, shortcut, sequential, training, eps):
+        mean = x.new_empty(bn_weight.shape, dtype=stats(x.dtype))
+        return conventions.output_like(x), mean, mean.clone()
 
     @torch.library.register_fake(backward)
-    def _(grad_y, x, y, conv_weights, bn_weights, bn_biases, mean, var,
-          segments, units, shortcut, sequential, training, eps):
-        return (output_like(x), [torch.empty_like(w) for w in conv_weights],
-                [torch.empty_like(w) for w in bn_weights], [torch.empty_like(b) for b in bn_biases])
+    def _(grad_y, x, y, conv_weight, bn_weight, bn_bias, mean, var,
+          segments, expansion, bottlenecks, shortcut, sequential, training, eps):
+        return (conventions.output_like(x), conv_weight.new_empty(conv_weight.shape),
+                bn_weight.new_empty(bn_weight.shape), bn_bias.new_empty(bn_bias.shape))
 
     def setup_context(ctx, inputs, output):
-        (x, conv_weights, bn_weights, bn_biases, running_means, running_vars,
-         segments, units, shortcut, sequential, training, eps) = inputs
+        x, conv_weight, bn_weight, bn_bias, _running_mean, _running_var, *config = inputs
         y, mean, var = output
-        ctx.save_for_backward(x, y, mean, var, *conv_weights, *bn_weights, *bn_biases)
-        ctx.counts = (len(conv_weights), len(bn_weights), len(running_means))
-        ctx.config = (segments, units, shortcut, sequential, training, eps)
+        ctx.save_for_backward(x, y, mean, var, conv_weight, bn_weight, bn_bias)
+        ctx.config = config
         ctx.mark_non_differentiable(mean, var)
 
     def backward_formula(ctx, grad_y, _grad_mean, _grad_var):
-        x, y, mean, var, *params = ctx.saved_tensors
-        n_conv, n_bn, n_running = ctx.counts
-        conv_weights = params[:n_conv]
-        bn_weights = params[n_conv:n_conv + n_bn]
-        bn_biases = params[n_conv + n_bn:]
+        x, y, mean, var, conv_weight, bn_weight, bn_bias = ctx.saved_tensors
         backward_op = getattr(getattr(torch.ops, namespace), backward_name)
-        grad_x, grad_w, grad_g, grad_b = backward_op(
-            grad_y, x, y, conv_weights, bn_weights, bn_biases, mean, var, *ctx.config)
-        no_grad = [None] * n_running
-        return (grad_x, grad_w, grad_g, grad_b, no_grad, no_grad,
-                None, None, None, None, None, None)
+        grads = backward_op(grad_y, x, y, conv_weight, bn_weight, bn_bias, mean, var, *ctx.config)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
     torch.library.register_autograd(forward, backward_formula, setup_context=setup_context)
 
 
 _LOAD_ERROR = load_error()
 if _LOAD_ERROR is None:
-    register_layer_op(f"{_NS}::gradual_update", f"{_NS}::gradual_update_backward", stats_dtype)
+    register_layer_op(f"{_NS}::gradual_update", f"{_NS}::gradual_update_backward", conventions.stats_dtype)
 
 
-def gradual_update(x, conv_weights, bn_weights, bn_biases, running_means, running_vars,
-                   segments, units, shortcut, sequential, training, eps):
+def gradual_update(x, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+                   segments, expansion, bottlenecks, shortcut, sequential, training, eps):
     """``torch.ops.gunn_ext.gradual_update``, or a clear error when it is not built."""
     if _LOAD_ERROR is not None:
         raise RuntimeError(_LOAD_ERROR)
     return torch.ops.gunn_ext.gradual_update(
-        x, conv_weights, bn_weights, bn_biases, running_means, running_vars,
-        segments, units, shortcut, sequential, training, eps)
+        x, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+        segments, expansion, bottlenecks, shortcut, sequential, training, eps)
 
 
-def update_running_stats(norms, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """``nn.BatchNorm2d``'s running-statistics update, for all norms at once.
+def update_running_stats(units, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """``nn.BatchNorm2d``'s running-statistics update, for all of a layer's norms at once.
 
     ``running = (1 - m) running + m batch``, with the unbiased batch variance
     ``var * count / (count - 1)``; ``m = 1 / num_batches_tracked`` when the
-    norm's momentum is None (cumulative average). A layer with P = N segments
-    has thousands of norms, so this is a handful of foreach ops.
+    norm's momentum is None (cumulative average). ``units`` holds the running
+    statistics in flat tensors (:class:`gunn_ext.layers.UpdateUnits`), so this
+    is a few tensor operations whatever the number of norms: one ``lerp_`` per
+    statistic with a scalar momentum when the norms share one, else with a
+    per-channel one.
     """
-    # Buffers through the _buffers dicts: Module.__getattr__ costs ~0.5 us a call.
-    buffers = [bn._buffers for bn in norms]
-    tracked = [k for k, (bn, b) in enumerate(zip(norms, buffers))
-               if bn.track_running_stats and b.get("running_mean") is not None]
-    if not tracked:
+    running_mean, running_var = units.running_mean, units.running_var
+    if running_mean is None:
         return
-    sizes = [bn.num_features for bn in norms]
-    dtypes = {buffers[k]["running_mean"].dtype for k in tracked}
+    momenta = [norm.momentum for norm in units.norms]
     with torch.no_grad():
+        counts = units.num_batches_tracked
+        counts.add_(1)
         unbiased = var * (count / max(count - 1, 1))
-        if len(dtypes) == 1:
-            mean, unbiased = mean.to(*dtypes), unbiased.to(*dtypes)
-        # Tensor.split_with_sizes: torch.split's Python wrapper costs ~15x more.
-        means, variances = mean.split_with_sizes(sizes), unbiased.split_with_sizes(sizes)
-        torch._foreach_add_([buffers[k]["num_batches_tracked"] for k in tracked], 1)
-        groups: dict[float, list[int]] = {}
-        for k in tracked:
-            momentum = norms[k].momentum
-            if momentum is None:
-                momentum = 1.0 / float(buffers[k]["num_batches_tracked"])
-            groups.setdefault(momentum, []).append(k)
-        for momentum, ks in groups.items():
-            for batch, name in ((means, "running_mean"), (variances, "running_var")):
-                running = [buffers[k][name] for k in ks]
-                torch._foreach_lerp_(running, [batch[k] if batch[k].dtype == r.dtype else batch[k].to(r.dtype)
-                                               for k, r in zip(ks, running)], momentum)
+        momentum = momenta[0]
+        if momentum is None or momenta.count(momentum) != len(momenta):
+            per_norm = torch.tensor([float("nan") if m is None else m for m in momenta],
+                                    dtype=torch.float64, device=counts.device)
+            per_norm = torch.where(per_norm.isnan(), 1.0 / counts.double(), per_norm)
+            sizes = torch.tensor(units.layout.norm_sizes(), device=counts.device)
+            momentum = per_norm.repeat_interleave(sizes, output_size=running_mean.shape[0])
+            momentum = momentum.to(running_mean.dtype)
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
 
 
-def layer_arguments(layer, x: torch.Tensor, training: bool, norms=None):
-    """The op's arguments for ``layer`` (conv weights in ``x``'s dtype under autocast)."""
-    norms = layer.norms() if norms is None else norms
-    weights = [c.weight for c in layer.convs()]
+def layer_arguments(layer, x: torch.Tensor, training: bool):
+    """The op's arguments for ``layer`` (the conv weights in ``x``'s dtype under autocast)."""
+    units = layer.units
+    conv_weight = units.conv_weight
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-        x = x.to(dtype)
-        weights = [w.to(dtype) for w in weights]
-    if training:
-        running_means = running_vars = []
-    else:
-        running_means = [n.running_mean for n in norms]
-        running_vars = [n.running_var for n in norms]
-    return (x, weights, [n.weight for n in norms], [n.bias for n in norms],
-            running_means, running_vars, list(layer.segments), layer.num_units,
-            layer.shortcut, layer.sequential, training, [float(n.eps) for n in norms])
+        x, conv_weight = x.to(dtype), conv_weight.to(dtype)
+    running = (None, None) if training else (units.running_mean, units.running_var)
+    return (x, conv_weight, units.bn_weight, units.bn_bias, *running, list(layer.segments),
+            layer.expansion, layer.bottlenecks, layer.shortcut, layer.sequential, training,
+            float(units.eps))
 
 
-def uses_batch_stats(layer, norms=None) -> bool:
+def uses_batch_stats(layer) -> bool:
     """As ``nn.BatchNorm2d``: batch statistics in training or without running stats."""
-    if layer.training:
-        return True
-    return any(n.running_mean is None for n in (layer.norms() if norms is None else norms))
+    return layer.training or layer.units.running_mean is None
 
 
 def run_layer_op(op: Callable, layer, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` through ``op``, an op with ``gradual_update``'s schema."""
-    norms = layer.norms()
-    training = uses_batch_stats(layer, norms)
-    y, mean, var = op(*layer_arguments(layer, x, training, norms))
+    y, mean, var = op(*layer_arguments(layer, x, uses_batch_stats(layer)))
     if layer.training:
-        update_running_stats(norms, mean, var, x.shape[0] * x.shape[2] * x.shape[3])
+        update_running_stats(layer.units, mean, var, x.shape[0] * x.shape[2] * x.shape[3])
     return y
 
 

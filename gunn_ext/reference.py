@@ -11,8 +11,9 @@ import torch
 def gradual_update_reference(layer, x: torch.Tensor) -> torch.Tensor:
     """``y`` of a GUNN layer (``layer.sequential``) or a SUNN layer, naively."""
     state = x
-    for unit, (start, stop) in zip(layer.units, layer.bounds):
-        source = state if layer.sequential else x
-        updated = state[:, start:stop] + unit(source)
-        state = torch.cat([state[:, :start], updated, state[:, stop:]], dim=1)
+    with layer.units.split_views():
+        for unit, (start, stop) in zip(layer.units, layer.bounds):
+            source = state if layer.sequential else x
+            updated = state[:, start:stop] + unit(source)
+            state = torch.cat([state[:, :start], updated, state[:, stop:]], dim=1)
     return state

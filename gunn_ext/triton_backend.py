@@ -2,9 +2,9 @@
 
 ``torch.ops.gunn_ext.triton_gradual_update`` takes the arguments of the native
 ``gradual_update`` (see :func:`gunn_ext.ops.layer_arguments`) and returns
-``(y, mean, var)``: the output and every BatchNorm's statistics packed in the
-order of ``layer.norms()`` (batch statistics in training, running ones in
-eval). Its backward is ``torch.ops.gunn_ext.triton_gradual_update_backward``
+``(y, mean, var)``: the output and every BatchNorm's statistics, flat in the
+order of :mod:`gunn_ext.parameter_layout` (batch statistics in training,
+running ones in eval). Its backward is ``torch.ops.gunn_ext.triton_gradual_update_backward``
 (Algorithm 1, Eq. 6). Both are opaque custom ops with fake kernels, so
 ``torch.compile(fullgraph=True)`` traces a layer as two nodes. On the GPU
 each is replayed as one CUDA graph per recurring call
@@ -14,6 +14,8 @@ The kernels live in :mod:`gunn_ext.triton_kernels`; ``triton`` is imported
 only when an op runs.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -39,22 +41,22 @@ BACKWARD = graph_replay.GraphReplay(_backward)
 
 @torch.library.custom_op(f"{_NS}::triton_gradual_update", mutates_args=())
 def triton_gradual_update(
-        x: Tensor, conv_weights: list[Tensor], bn_weights: list[Tensor], bn_biases: list[Tensor],
-        running_means: list[Tensor], running_vars: list[Tensor], segments: list[int], units: int,
-        shortcut: bool, sequential: bool, training: bool, eps: list[float],
+        x: Tensor, conv_weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+        running_mean: Optional[Tensor], running_var: Optional[Tensor], segments: list[int], expansion: int,
+        bottlenecks: int, shortcut: bool, sequential: bool, training: bool, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return FORWARD(x, conv_weights, bn_weights, bn_biases, running_means, running_vars, segments,
-                   units, shortcut, sequential, training, eps)
+    return FORWARD(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, segments,
+                   expansion, bottlenecks, shortcut, sequential, training, eps)
 
 
 @torch.library.custom_op(f"{_NS}::triton_gradual_update_backward", mutates_args=())
 def triton_gradual_update_backward(
-        grad_y: Tensor, x: Tensor, y: Tensor, conv_weights: list[Tensor], bn_weights: list[Tensor],
-        bn_biases: list[Tensor], mean: Tensor, var: Tensor, segments: list[int], units: int,
-        shortcut: bool, sequential: bool, training: bool, eps: list[float],
-) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-    return BACKWARD(grad_y, x, y, conv_weights, bn_weights, bn_biases, mean, var, segments, units,
-                    shortcut, sequential, training, eps)
+        grad_y: Tensor, x: Tensor, y: Tensor, conv_weight: Tensor, bn_weight: Tensor,
+        bn_bias: Tensor, mean: Tensor, var: Tensor, segments: list[int], expansion: int,
+        bottlenecks: int, shortcut: bool, sequential: bool, training: bool, eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return BACKWARD(grad_y, x, y, conv_weight, bn_weight, bn_bias, mean, var, segments, expansion,
+                    bottlenecks, shortcut, sequential, training, eps)
 
 
 ops.register_layer_op(f"{_NS}::triton_gradual_update", f"{_NS}::triton_gradual_update_backward",

@@ -40,12 +40,12 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def make_layer(kind="gunn", channels=12, segments=3, expansion=2, units=1, shortcut=True,
+def make_layer(kind="gunn", channels=12, segments=3, expansion=2, bottlenecks=1, shortcut=True,
                backend="reference", dtype=torch.float64, device="cpu", seed=0):
     """A layer with random (not initial) BN parameters and running statistics."""
     torch.manual_seed(seed)
     cls = GUNNLayer if kind == "gunn" else SUNNLayer
-    layer = cls(channels, segments, expansion, units, shortcut, backend=backend)
+    layer = cls(channels, segments, expansion, bottlenecks, shortcut, backend=backend)
     with torch.no_grad():
         for bn in layer.norms():
             bn.weight.uniform_(0.5, 1.5)

@@ -25,7 +25,7 @@ CASES = {
     "P=1": dict(channels=12, segments=1),
     "P=N": dict(channels=7, segments=7),
     "uneven": dict(channels=13, segments=[5, 1, 7]),
-    "units=2": dict(channels=12, segments=3, units=2),
+    "bottlenecks=2": dict(channels=12, segments=3, bottlenecks=2),
 }
 
 
@@ -112,7 +112,7 @@ STATS = {"native": ("forward", "backward"), "triton": ("triton_forward", "triton
 @pytest.mark.parametrize("kind", ["gunn", "sunn"])
 def test_graph_replay_equals_eager(train, kind, backend, deterministic):
     forward_stats, backward_stats = STATS[backend]
-    layer = make_layer(kind, channels=24, segments=[4, 8, 12], units=2, dtype=torch.float32,
+    layer = make_layer(kind, channels=24, segments=[4, 8, 12], bottlenecks=2, dtype=torch.float32,
                        device="cuda", backend=backend).train(train)
     x = torch.randn(8, 24, 8, 8, device="cuda").to(memory_format=torch.channels_last)
     grad = torch.randn_like(x)

@@ -23,7 +23,7 @@ from torch.utils import cpp_extension
 
 from conftest import (LOW_PRECISION, TOLERANCE, check_against_truth, forward_backward,
                       make_layer, relative_norm, run_and_compare, twin)
-from gunn_ext import ops
+from gunn_ext import conventions, ops
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "gunn_ext_emulated"
@@ -35,6 +35,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def emulated_op():
     """Builds the emulated library (about a minute, cached) and registers its ops."""
     sources = [ROOT / "csrc" / "gunn_ext.cpp", ROOT / "csrc" / "gradual_update.cpp",
+               ROOT / "csrc" / "cpu" / "gradual_update_cpu.cpp",
                *sorted((ROOT / "csrc" / "emulation").glob("*.cpp"))]
     sanitizer = os.environ.get("GUNN_EXT_EMULATION_SANITIZER")
     sanitize = [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-g"] if sanitizer else []
@@ -47,7 +48,7 @@ def emulated_op():
         extra_ldflags=sanitize)
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::gradual_update", "Autograd"):
         ops.register_layer_op(f"{NAMESPACE}::gradual_update",
-                              f"{NAMESPACE}::gradual_update_backward", ops.stats_dtype)
+                              f"{NAMESPACE}::gradual_update_backward", conventions.stats_dtype)
     return torch.ops.gunn_ext_emulated.gradual_update
 
 
@@ -66,7 +67,7 @@ CASES = {
     "P=1": dict(channels=6, segments=1),
     "P=N": dict(channels=5, segments=5),
     "uneven": dict(channels=10, segments=[3, 1, 6]),
-    "units=2": dict(channels=8, segments=2, units=2),
+    "bottlenecks=2": dict(channels=8, segments=2, bottlenecks=2),
 }
 
 

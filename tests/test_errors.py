@@ -18,12 +18,19 @@ BACKENDS = ["reference", "native"]
     (dict(channels=12, segments=[]), "segments must be an int or a non-empty sequence"),
     (dict(channels=0, segments=1), "channels must be a positive int, got 0"),
     (dict(channels=12, segments=3, expansion=0), "expansion must be a positive int, got 0"),
-    (dict(channels=12, segments=3, units=1.5), "units must be a positive int, got 1.5"),
+    (dict(channels=12, segments=3, bottlenecks=1.5), "bottlenecks must be a positive int, got 1.5"),
     (dict(channels=12, segments=3, backend="cudnn"), "backend must be 'auto' or one of"),
 ])
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         GUNNLayer(**kwargs)
+
+
+def test_units_keyword_is_now_bottlenecks():
+    with pytest.raises(TypeError, match="units= is now bottlenecks="):
+        GUNNLayer(12, 3, units=2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'unit'"):
+        SUNNLayer(12, 3, unit=2)
 
 
 def test_bad_shortcut_type():
@@ -83,5 +90,5 @@ def test_op_checks_arguments():
         torch.ops.gunn_ext.gradual_update(*args)
     args[6] = [3, 3]
     args[1] = args[1][:-1]
-    with pytest.raises(RuntimeError, match="conv_weights must hold 6 tensors, got 5"):
+    with pytest.raises(RuntimeError, match=r"conv_weight must be 1-D with 756 values \(see ParameterLayout\), got shape \[755\]"):
         torch.ops.gunn_ext.gradual_update(*args)

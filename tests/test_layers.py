@@ -13,7 +13,7 @@ from conftest import assert_close, make_layer, twin
 
 
 def test_standard_parameters():
-    layer = GUNNLayer(12, [4, 8], expansion=3, units=2, shortcut=True)
+    layer = GUNNLayer(12, [4, 8], expansion=3, bottlenecks=2, shortcut=True)
     assert isinstance(layer.units, nn.ModuleList) and len(layer.units) == 2
     unit = layer.units[1]
     assert isinstance(unit.bottlenecks, nn.ModuleList) and len(unit.bottlenecks) == 2
@@ -36,8 +36,8 @@ def test_parameter_count_equals_plain_layer():
 
 
 def test_extra_repr():
-    text = repr(GUNNLayer(10, [3, 7], expansion=3, units=2, shortcut=True, backend="reference"))
-    assert "channels=10, segments=[3, 7], expansion=3, units=2, shortcut=True, backend='reference'" in text
+    text = repr(GUNNLayer(10, [3, 7], expansion=3, bottlenecks=2, shortcut=True, backend="reference"))
+    assert "channels=10, segments=[3, 7], expansion=3, bottlenecks=2, shortcut=True, backend='reference'" in text
     assert "segments=5," in repr(SUNNLayer(10, 5))
 
 
@@ -51,8 +51,8 @@ def test_paper_initialisation():
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
 def test_gunn_and_sunn_state_dicts_interchange(backend):
-    gunn = make_layer("gunn", channels=9, segments=[2, 7], units=2, backend=backend)
-    sunn = SUNNLayer(9, [2, 7], units=2, shortcut=True, backend=backend).double()
+    gunn = make_layer("gunn", channels=9, segments=[2, 7], bottlenecks=2, backend=backend)
+    sunn = SUNNLayer(9, [2, 7], bottlenecks=2, shortcut=True, backend=backend).double()
     sd = gunn.state_dict()
     assert list(sd) == list(sunn.state_dict())
     assert all(sd[k].shape == v.shape for k, v in sunn.state_dict().items())

@@ -52,7 +52,7 @@ def test_gunn_and_sunn_have_identical_state_dict_keys(name):
 def test_layer_configurations(name, layers):
     with torch.device("meta"):
         model = build_model(name)
-    got = [(m.channels, len(m.segments), m.expansion, m.num_units) for m in model.segmented_layers()]
+    got = [(m.channels, len(m.segments), m.expansion, m.bottlenecks) for m in model.segmented_layers()]
     assert got == layers
     cifar = name.endswith(("15", "24"))
     assert all(m.shortcut == cifar for m in model.segmented_layers())

@@ -13,7 +13,7 @@ CASES = {
     "P=1": dict(channels=6, segments=1),
     "P=N": dict(channels=5, segments=5),
     "uneven": dict(channels=10, segments=[3, 1, 6]),
-    "units=2": dict(channels=8, segments=2, units=2),
+    "bottlenecks=2": dict(channels=8, segments=2, bottlenecks=2),
     "expansion=3": dict(channels=6, segments=[2, 4], expansion=3),
 }
 
@@ -77,7 +77,7 @@ def test_random_layers_match_reference(data):
         data.draw(st.sampled_from(["gunn", "sunn"]), label="kind"),
         channels=channels, segments=sizes,
         expansion=data.draw(st.integers(1, 3), label="expansion"),
-        units=data.draw(st.integers(1, 2), label="units"),
+        bottlenecks=data.draw(st.integers(1, 2), label="bottlenecks"),
         shortcut=data.draw(st.booleans(), label="shortcut"),
         seed=data.draw(st.integers(0, 2**16), label="seed"))
     batch = data.draw(st.integers(1, 3), label="batch")
@@ -89,7 +89,7 @@ def test_random_layers_match_reference(data):
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_gradcheck(train):
-    layer = make_layer(channels=3, segments=[1, 2], expansion=1, units=2, backend="native")
+    layer = make_layer(channels=3, segments=[1, 2], expansion=1, bottlenecks=2, backend="native")
     layer.train(train)
     names = [n for n, _ in layer.named_parameters()]
 
@@ -102,7 +102,7 @@ def test_gradcheck(train):
 
 
 def _sample_op_args(training):
-    layer = make_layer(channels=6, segments=[2, 4], units=2)
+    layer = make_layer(channels=6, segments=[2, 4], bottlenecks=2)
     x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
     return ops.layer_arguments(layer, x, training)
 
@@ -112,9 +112,8 @@ def test_opcheck(training):
     from gunn_ext import ops
     args = _sample_op_args(training)
     ops.gradual_update(*args)  # registers the Python parts
-    for tensors in args[1:4]:
-        for t in tensors:
-            t.requires_grad_(True)
+    for t in args[1:4]:
+        t.requires_grad_(True)
     torch.library.opcheck(torch.ops.gunn_ext.gradual_update.default, args)
 
 
@@ -123,7 +122,7 @@ def test_opcheck_backward(layout):
     """The backward op's outputs match its fake kernel's, strides included, and
     share no storage, also for a model moved to channels_last."""
     from gunn_ext import ops
-    layer = make_layer(channels=6, segments=[2, 4], units=2)
+    layer = make_layer(channels=6, segments=[2, 4], bottlenecks=2)
     x = torch.randn(2, 6, 3, 4, dtype=torch.float64)
     if layout == "channels_last":
         layer = layer.to(memory_format=torch.channels_last)

@@ -41,8 +41,8 @@ CASES = {
     "P=1": dict(channels=4, segments=1),
     "P=N": dict(channels=4, segments=4, shortcut=False),
     "uneven": dict(channels=8, segments=[3, 5]),
-    "units=2": dict(channels=6, segments=2, units=2),
-    "units=2, no shortcut": dict(channels=6, segments=[4, 2], units=2, shortcut=False),
+    "bottlenecks=2": dict(channels=6, segments=2, bottlenecks=2),
+    "bottlenecks=2, no shortcut": dict(channels=6, segments=[4, 2], bottlenecks=2, shortcut=False),
     "sunn": dict(kind="sunn", channels=6, segments=[2, 4]),
 }
 SHAPES = {"5x6": (2, 5, 6), "batch 1, 3x7": (1, 3, 7)}
@@ -60,7 +60,7 @@ def _input(channels, shape, dtype=torch.float32, channels_last=False, seed=1):
 def test_matches_reference(case, train):
     layer = make_layer(backend="reference", dtype=torch.float32, device=DEVICE, **CASES[case])
     shape = SHAPES["5x6"] if case in ("uneven", "sunn") else SHAPES["batch 1, 3x7"]
-    x = _input(layer.channels, shape, channels_last=case == "units=2")
+    x = _input(layer.channels, shape, channels_last=case == "bottlenecks=2")
     run_and_compare(layer, twin(layer, "triton"), x, train=train, steps=2 if train else 1)
 
 
@@ -79,7 +79,7 @@ def test_eval_bottlenecks_too_wide_for_the_fused_tail(monkeypatch):
     """Eval bottlenecks wider than the fused tail's tile run as separate GEMMs (here one of two)."""
     from gunn_ext.triton_kernels import launch
     monkeypatch.setattr(launch, "EVAL_TAIL_CHANNELS", 16)
-    layer = make_layer(channels=16, segments=[4, 12], units=2, backend="reference", dtype=torch.float32,
+    layer = make_layer(channels=16, segments=[4, 12], bottlenecks=2, backend="reference", dtype=torch.float32,
                        device=DEVICE)
     run_and_compare(layer, twin(layer, "triton"), _input(16, SHAPES["batch 1, 3x7"]), train=False)
 
@@ -206,7 +206,7 @@ def test_statistics_over_many_row_tiles(monkeypatch, block):
     a = torch.randn(rows, k, device=DEVICE) + 3.0  # a large mean: merging must not cancel
     w = torch.randn(c, k, 1, 1, device=DEVICE)
     weight, bias = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE)
-    norm = Norms([weight], [bias], [1e-5]).all.with_gradients()
+    norm = Norms(weight, bias, 1e-5).all.with_gradients()
     out = torch.empty(rows, c, device=DEVICE)
     ws = launch.stats_workspace(rows, c, DEVICE)
     launch.conv(a, launch.Weights.linear(w), out, launch.Image(rows, 1, rows), stats=ws)

@@ -104,7 +104,7 @@ def compile_for_sm90(variant) -> str | None:
 
 
 GUNN15_A = dict(channels=240, segments=20)
-TWO_UNITS = dict(channels=48, segments=[12, 36], units=2, shortcut=False)
+TWO_UNITS = dict(channels=48, segments=[12, 36], bottlenecks=2, shortcut=False)
 WIDEST_TAIL = dict(channels=128, segments=1)  # 256 mid channels: the widest fused eval tail in fp32
 WIDE = dict(channels=256, segments=1, expansion=1)  # 256 -> 256 channels: no fused eval tail in fp32
 CASES = [  # layer, and what differs from: float32, TF32 GEMMs, every autotuning config, train and eval

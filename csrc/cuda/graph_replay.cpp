@@ -32,6 +32,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../conventions.h"
 #include "../gradual_update.h"
 
 #include <atomic>
@@ -378,47 +379,33 @@ bool run_through_graph(GraphCache& cache, const Key& key, const c10::Device& dev
   return true;
 }
 
-bool wants_channels_last(const Tensor& x) {
-  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
-}
-
 // An output shaped like x, in the layout the orchestration returns.
 Tensor output_like(const Tensor& x) {
-  return at::empty(x.sizes(), x.options().memory_format(
-                                  wants_channels_last(x) ? at::MemoryFormat::ChannelsLast
-                                                         : at::MemoryFormat::Contiguous));
+  return at::empty(x.sizes(), x.options().memory_format(output_memory_format(x)));
 }
 
-std::vector<Tensor> empty_like_each(TensorList ts) {
-  std::vector<Tensor> out;
-  out.reserve(ts.size());
-  for (const Tensor& t : ts) out.push_back(at::empty_like(t));
-  return out;
-}
-
-ForwardResult gradual_update_cuda(const Tensor& x, TensorList conv_weights, TensorList bn_weights,
-                                  TensorList bn_biases, TensorList running_means,
-                                  TensorList running_vars, at::IntArrayRef segments, int64_t units,
-                                  bool shortcut, bool sequential, bool training,
-                                  at::ArrayRef<double> eps) {
+ForwardResult gradual_update_cuda(const Tensor& x, const Tensor& conv_weight, const Tensor& bn_weight,
+                                  const Tensor& bn_bias, const std::optional<Tensor>& running_mean,
+                                  const std::optional<Tensor>& running_var, at::IntArrayRef segments,
+                                  int64_t expansion, int64_t bottlenecks, bool shortcut,
+                                  bool sequential, bool training, double eps) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto eager = [&] {
-    return gradual_update(x, conv_weights, bn_weights, bn_biases, running_means, running_vars,
-                         segments, units, shortcut, sequential, training, eps);
+    return gradual_update(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, segments,
+                          expansion, bottlenecks, shortcut, sequential, training, eps);
   };
   std::optional<Key> key = graph_key(x);
-  if (!key || x.dim() != 4) return eager();
-  int64_t total = 0;
-  for (const Tensor& w : bn_weights) total += w.defined() && w.dim() == 1 ? w.size(0) : 0;
-  const auto stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (!key || x.dim() != 4 || bn_weight.dim() != 1) return eager();
+  const auto stats_options = x.options().dtype(stats_dtype(x.scalar_type()));
   Tensor y = output_like(x);
-  Tensor mean = at::empty({total}, x.options().dtype(stats_dtype));
-  Tensor var = at::empty({total}, x.options().dtype(stats_dtype));
+  Tensor mean = at::empty({bn_weight.size(0)}, stats_options);
+  Tensor var = at::empty({bn_weight.size(0)}, stats_options);
   key->add(int64_t(0));
-  for (const Tensor& t : {x, y, mean, var}) key->add(t);
-  for (TensorList ts : {conv_weights, bn_weights, bn_biases, running_means, running_vars}) key->add(ts);
+  for (const Tensor& t : {x, y, mean, var, conv_weight, bn_weight, bn_bias}) key->add(t);
+  for (const auto& t : {running_mean, running_var}) key->add(t.has_value() ? *t : Tensor());
   key->add(segments);
-  key->add(units);
+  key->add(expansion);
+  key->add(bottlenecks);
   for (bool flag : {shortcut, sequential, training}) key->add(flag);
   key->add(eps);
   auto write_outputs = [&] {
@@ -433,43 +420,41 @@ ForwardResult gradual_update_cuda(const Tensor& x, TensorList conv_weights, Tens
 }
 
 BackwardResult gradual_update_backward_cuda(const Tensor& grad_y, const Tensor& x, const Tensor& y,
-                                            TensorList conv_weights, TensorList bn_weights,
-                                            TensorList bn_biases, const Tensor& mean,
+                                            const Tensor& conv_weight, const Tensor& bn_weight,
+                                            const Tensor& bn_bias, const Tensor& mean,
                                             const Tensor& var, at::IntArrayRef segments,
-                                            int64_t units, bool shortcut, bool sequential,
-                                            bool training, at::ArrayRef<double> eps) {
+                                            int64_t expansion, int64_t bottlenecks, bool shortcut,
+                                            bool sequential, bool training, double eps) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto eager = [&] {
-    return gradual_update_backward(grad_y, x, y, conv_weights, bn_weights, bn_biases, mean, var, segments,
-                          units, shortcut, sequential, training, eps);
+    return gradual_update_backward(grad_y, x, y, conv_weight, bn_weight, bn_bias, mean, var,
+                                   segments, expansion, bottlenecks, shortcut, sequential, training,
+                                   eps);
   };
   std::optional<Key> key = graph_key(x);
   if (!key || x.dim() != 4) return eager();
   Tensor grad_x = output_like(x);
-  std::vector<Tensor> grad_convs = empty_like_each(conv_weights);
-  std::vector<Tensor> grad_weights = empty_like_each(bn_weights);
-  std::vector<Tensor> grad_biases = empty_like_each(bn_biases);
+  Tensor grad_conv = at::empty(conv_weight.sizes(), conv_weight.options());
+  Tensor grad_weight = at::empty(bn_weight.sizes(), bn_weight.options());
+  Tensor grad_bias = at::empty(bn_bias.sizes(), bn_bias.options());
   key->add(int64_t(1));
-  for (const Tensor& t : {grad_y, x, y, mean, var, grad_x}) key->add(t);
-  for (TensorList ts : {conv_weights, bn_weights, bn_biases}) key->add(ts);
-  for (TensorList ts : {TensorList(grad_convs), TensorList(grad_weights), TensorList(grad_biases)})
-    key->add(ts);
+  for (const Tensor& t : {grad_y, x, y, mean, var, grad_x, conv_weight, bn_weight, bn_bias, grad_conv,
+                          grad_weight, grad_bias})
+    key->add(t);
   key->add(segments);
-  key->add(units);
+  key->add(expansion);
+  key->add(bottlenecks);
   for (bool flag : {shortcut, sequential, training}) key->add(flag);
   key->add(eps);
   auto write_outputs = [&] {
     auto [gx, gc, gw, gb] = eager();
-    at::_foreach_copy_({grad_x}, {gx});
-    at::_foreach_copy_(grad_convs, gc);
-    at::_foreach_copy_(grad_weights, gw);
-    at::_foreach_copy_(grad_biases, gb);
+    at::_foreach_copy_({grad_x, grad_conv, grad_weight, grad_bias}, {gx, gc, gw, gb});
   };
   if (!run_through_graph(backward_cache(), *key, x.device(), write_outputs)) {
-    grad_x.reset(), grad_convs.clear(), grad_weights.clear(), grad_biases.clear();
+    grad_x.reset(), grad_conv.reset(), grad_weight.reset(), grad_bias.reset();
     return eager();
   }
-  return {grad_x, grad_convs, grad_weights, grad_biases};
+  return {grad_x, grad_conv, grad_weight, grad_bias};
 }
 
 bool set_cuda_graphs(bool enabled) { return graphs_enabled().exchange(enabled); }

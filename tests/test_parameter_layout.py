@@ -1,0 +1,238 @@
+"""The parameter layout and the layers' flat storage behind their plain modules."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gunn_ext import GUNNLayer, SUNNLayer, ops
+from gunn_ext.parameter_layout import ParameterLayout
+
+from conftest import assert_close, make_layer, twin
+
+LAYOUTS = [
+    dict(channels=6, segments=(6,), expansion=2, bottlenecks=1, shortcut=False),
+    dict(channels=10, segments=(3, 1, 6), expansion=3, bottlenecks=2, shortcut=True),
+    dict(channels=5, segments=(1,) * 5, expansion=1, bottlenecks=3, shortcut=True),
+]
+
+
+@pytest.mark.parametrize("config", LAYOUTS)
+def test_slots_tile_the_flat_tensors_in_table_order(config):
+    layout = ParameterLayout(**config)
+    conv_end = norm_end = 0
+    for row, (_, _, conv, _, norm) in enumerate(layout.modules()):
+        assert conv.offset == conv_end and norm.offset == norm_end
+        assert conv.row == norm.row == row
+        conv_end, norm_end = conv.offset + conv.numel, norm.offset + norm.numel
+    assert (conv_end, norm_end) == (layout.conv_numel, layout.norm_channels)
+    assert row + 1 == layout.norm_count == len(layout.norm_sizes())
+
+
+@pytest.mark.parametrize("config", LAYOUTS)
+def test_first_gemm_is_shortcut_then_conv1(config):
+    layout = ParameterLayout(**config)
+    flat = torch.randn(layout.conv_numel)
+    norms = torch.randn(layout.norm_channels)
+    for i in range(len(layout.segments)):
+        for m in range(layout.bottlenecks):
+            parts = [layout.conv1(i, m)]
+            norm_parts = [layout.bn1(i, m)]
+            if layout.has_shortcut(m):
+                parts.insert(0, layout.shortcut_conv(i))
+                norm_parts.insert(0, layout.shortcut_bn(i))
+            merged = torch.cat([p.of(flat).flatten(1) for p in parts])
+            assert torch.equal(layout.first_gemm(i, m).of(flat), merged)
+            assert torch.equal(layout.first_norms(i, m).of(norms),
+                               torch.cat([p.of(norms) for p in norm_parts]))
+
+
+@pytest.mark.parametrize("config, match", [
+    (dict(channels=6, segments=(3, 2)), r"segments \[3, 2\] sum to 5 but there are 6 channels"),
+    (dict(channels=6, segments=(6, 0)), "segments must be a non-empty sequence of ints >= 1"),
+    (dict(channels=6, segments=(6,), bottlenecks=0), "bottlenecks must be a positive int, got 0"),
+])
+def test_layout_validation(config, match):
+    with pytest.raises(ValueError, match=match):
+        ParameterLayout(**{**dict(expansion=2, bottlenecks=1, shortcut=True), **config})
+
+
+@pytest.mark.parametrize("segments", [2, 12])
+def test_a_few_tensors_whatever_the_segments(segments):
+    """Autograd, optimizers and DDP see three parameters and three buffers per layer,
+    and the op takes a fixed number of tensors."""
+    layer = GUNNLayer(12, segments, bottlenecks=2, shortcut=True)
+    assert [n for n, _ in layer.named_parameters()] == ["units.conv_weight", "units.bn_weight",
+                                                        "units.bn_bias"]
+    assert [n for n, _ in layer.named_buffers()] == ["units.running_mean", "units.running_var",
+                                                     "units.num_batches_tracked"]
+    x = torch.randn(2, 12, 3, 3)
+    assert sum(isinstance(a, torch.Tensor) for a in ops.layer_arguments(layer, x, True)) == 4
+    assert sum(isinstance(a, torch.Tensor) for a in ops.layer_arguments(layer.eval(), x, False)) == 6
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _native_step_ops(segments, momentum=0.1):
+    layer = make_layer(channels=12, segments=segments, backend="native")
+    for norm in layer.norms():
+        norm.momentum = momentum
+    x = torch.randn(2, 12, 3, 3, dtype=torch.float64, requires_grad=True)
+    with CountOps() as counter:
+        layer(x).sum().backward()
+    return counter.calls
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_host_tensor_work_does_not_grow_with_segments(momentum):
+    """A native training step dispatches the same tensor operations (the op itself is
+    one of them) at P = 2 and P = 12: the running-statistics update and the
+    gradients are a few operations on flat tensors."""
+    few, many = _native_step_ops(2, momentum), _native_step_ops(12, momentum)
+    assert few == many
+    assert "gunn_ext.gradual_update.default" in few and "gunn_ext.gradual_update_backward.default" in few
+    assert len(few) < 40
+
+
+def test_state_dict_keys_are_the_modules_own():
+    layer = make_layer(channels=9, segments=[2, 7], bottlenecks=2)
+    expected = []
+    for name, module in layer.named_modules():
+        if isinstance(module, nn.Conv2d):
+            expected.append(f"{name}.weight")
+        elif isinstance(module, nn.BatchNorm2d):
+            expected += [f"{name}.{k}" for k in ("weight", "bias", "running_mean", "running_var",
+                                                   "num_batches_tracked")]
+    state = layer.state_dict()
+    assert list(state) == expected
+    unit = layer.units[1]
+    assert torch.equal(state["units.1.shortcut_conv.weight"], unit.shortcut_conv.weight)
+    assert torch.equal(state["units.1.bottlenecks.1.bn2.running_var"], unit.bottlenecks[1].bn2.running_var)
+
+
+def _modules_share_flat_storage(layer):
+    flat = layer.conv_weight.untyped_storage().data_ptr()
+    norms = layer.bn_weight.untyped_storage().data_ptr()
+    running = layer.running_mean.untyped_storage().data_ptr()
+    return (all(c.weight.untyped_storage().data_ptr() == flat for c in layer.convs())
+            and all(n.weight.untyped_storage().data_ptr() == norms for n in layer.norms())
+            and all(n.running_mean.untyped_storage().data_ptr() == running for n in layer.norms()))
+
+
+def test_load_state_dict_strict_reports_missing_and_unexpected_keys():
+    layer = make_layer(channels=6, segments=2)
+    state = layer.state_dict()
+    del state["units.0.bottlenecks.0.conv2.weight"]
+    state["units.0.bottlenecks.0.conv9.weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError) as info:
+        make_layer(channels=6, segments=2).load_state_dict(state)
+    message = str(info.value)
+    assert 'Missing key(s) in state_dict: "units.0.bottlenecks.0.conv2.weight"' in message
+    assert 'Unexpected key(s) in state_dict: "units.0.bottlenecks.0.conv9.weight"' in message
+    result = make_layer(channels=6, segments=2).load_state_dict(state, strict=False)
+    assert result.missing_keys == ["units.0.bottlenecks.0.conv2.weight"]
+    assert result.unexpected_keys == ["units.0.bottlenecks.0.conv9.weight"]
+    state["units.0.bottlenecks.0.conv2.weight"] = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="size mismatch for units.0.bottlenecks.0.conv2.weight"):
+        make_layer(channels=6, segments=2).load_state_dict(state, strict=False)
+
+
+def test_load_state_dict_copies_into_the_flat_storage():
+    source = make_layer(channels=6, segments=3, seed=1)
+    target = make_layer(channels=6, segments=3, seed=2)
+    flat = target.conv_weight
+    target.load_state_dict(source.state_dict())
+    assert target.conv_weight is flat
+    for name in ("conv_weight", "bn_weight", "bn_bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(target, name), getattr(source, name)), name
+
+
+def test_load_state_dict_assign_from_meta():
+    source = make_layer(channels=6, segments=3, dtype=torch.float64)
+    with torch.device("meta"):
+        target = GUNNLayer(6, 3, shortcut=True, backend="native")
+    target.load_state_dict(source.state_dict(), assign=True)
+    assert target.conv_weight.device.type == "cpu" and target.conv_weight.dtype == torch.float64
+    assert isinstance(target.conv_weight, nn.Parameter) and target.conv_weight.requires_grad
+    assert _modules_share_flat_storage(target)
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+    assert_close(target.eval()(x), source.eval()(x), torch.float64, "output after assign")
+
+
+@pytest.mark.parametrize("convert", ["double", "half", "to", "deepcopy", "save"])
+def test_conversions_rebind_the_views(convert):
+    layer = make_layer(channels=6, segments=3, dtype=torch.float32)
+    if convert == "double":
+        other = layer.double()
+    elif convert == "half":
+        other = layer.half()
+    elif convert == "to":
+        other = layer.to(torch.float64)
+    elif convert == "deepcopy":
+        other = copy.deepcopy(layer)
+        assert other.conv_weight.data_ptr() != layer.conv_weight.data_ptr()
+    else:
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        other = torch.load(buffer, weights_only=False)
+    assert _modules_share_flat_storage(other)
+    assert all(c.weight.dtype == other.conv_weight.dtype for c in other.convs())
+    assert len(list(other.parameters())) == 3
+
+
+def test_a_module_called_alone_backpropagates_into_the_flat_parameter():
+    layer = make_layer(channels=6, segments=3, dtype=torch.float32)
+    conv = layer.units[1].bottlenecks[0].conv2
+    slot = layer.layout.conv2(1, 0)
+    conv(torch.randn(2, conv.in_channels, 4, 4)).square().sum().backward()
+    grad = layer.conv_weight.grad
+    inside = torch.zeros_like(grad, dtype=torch.bool)
+    inside[slot.offset:slot.offset + slot.numel] = True
+    assert grad[inside].abs().sum() > 0 and not grad[~inside].any()
+
+
+def test_training_with_an_optimizer_across_backends():
+    """Steps of SGD through the reference backend (modules, split views) and the
+    native one (flat tensors) keep the two layers equal."""
+    reference = make_layer(channels=6, segments=3, dtype=torch.float64)
+    native = twin(reference, "native")
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (reference, native)]
+    for _ in range(3):
+        x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+        for layer, optimizer in zip((reference, native), optimizers):
+            optimizer.zero_grad()
+            layer(x).square().mean().backward()
+            optimizer.step()
+    for name in ("conv_weight", "bn_weight", "bn_bias", "running_mean", "running_var"):
+        assert_close(getattr(native, name), getattr(reference, name), torch.float64, name)
+    assert torch.equal(native.num_batches_tracked, torch.full_like(native.num_batches_tracked, 3))
+    assert _modules_share_flat_storage(reference)
+
+
+def test_conversion_shares_the_flat_storage():
+    gunn = make_layer(channels=6, segments=3, dtype=torch.float32)
+    sunn = SUNNLayer.from_gunn(gunn)
+    assert sunn.conv_weight is gunn.conv_weight and sunn.running_mean is gunn.running_mean
+    gunn.double()
+    assert sunn.conv_weight.dtype == sunn.running_var.dtype == torch.float64
+
+
+def test_layer_eps_is_every_norms_eps():
+    layer = make_layer(channels=6, segments=3)
+    assert layer.eps == 1e-5
+    layer.eps = 1e-3
+    assert all(n.eps == 1e-3 for n in layer.norms())
+    layer.norms()[2].eps = 1e-4
+    with pytest.raises(ValueError, match=r"must share one eps, got \[0.0001, 0.001\]"):
+        ops.layer_arguments(layer, torch.randn(2, 6, 3, 3, dtype=torch.float64), True)
