@@ -44,8 +44,10 @@ import gunn_ext  # noqa: E402
 from gunn_ext import cuda_graphs  # noqa: E402
 from gunn_ext.models import gunn15  # noqa: E402
 
-GPU_DEFAULTS = dict(width=1.0, size=32, batch=64, last_batch=16, eval_batches="64,40", steps_per_epoch=10, epochs=3)
-CPU_DEFAULTS = dict(width=0.1, size=8, batch=4, last_batch=2, eval_batches="4,3", steps_per_epoch=3, epochs=2)
+GPU_DEFAULTS = dict(width=1.0, size=32, batch=64, last_batch=16, eval_batches="64,40",
+                    steps_per_epoch=10, epochs=3)
+CPU_DEFAULTS = dict(width=0.1, size=8, batch=4, last_batch=2, eval_batches="4,3",
+                    steps_per_epoch=3, epochs=2)
 
 
 def parse_args(argv=None):
@@ -93,7 +95,8 @@ def schedule(args) -> list[tuple[int, str, int]]:
     """(epoch, "train" or "eval", batch) in order."""
     out = []
     for epoch in range(args.epochs):
-        out += [(epoch, "train", args.batch)] * (args.steps_per_epoch - 1) + [(epoch, "train", args.last_batch)]
+        out += [(epoch, "train", args.batch)] * (args.steps_per_epoch - 1)
+        out += [(epoch, "train", args.last_batch)]
         out += [(epoch, "eval", b) for b in args.eval_batches]
     return out
 
@@ -162,7 +165,8 @@ def run_backend(args, backend: str) -> dict:
         if epoch >= 1:
             add(steady, delta)
         if mismatch is None and not torch.equal(got, expected):
-            mismatch = f"call {k} (epoch {epoch}, {kind}, batch {batch}): {'loss' if kind == 'train' else 'output'}"
+            what = "loss" if kind == "train" else "output"
+            mismatch = f"call {k} (epoch {epoch}, {kind}, batch {batch}): {what}"
     if args.device.type == "cuda":
         torch.cuda.synchronize(args.device)
     seconds = time.perf_counter() - start
@@ -182,7 +186,8 @@ def run_backend(args, backend: str) -> dict:
 
 
 def machine(device: torch.device) -> dict:
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.version.cuda,
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cpu": platform.processor() or platform.machine()}
@@ -190,7 +195,7 @@ def machine(device: torch.device) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    console = Console()
+    console = Console(width=120)
     dry_run = args.device.type != "cuda"
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False

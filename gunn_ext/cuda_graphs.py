@@ -9,7 +9,8 @@ hundreds of kernel launches (the engine: :mod:`gunn_ext.graph_replay`).
   layer: its parameters' addresses, shapes, strides and dtypes. Not by the
   activations' addresses: a graph copies its input in and its results out into
   fresh tensors. Parameters are read in place, so in-place optimizer updates
-  replay, and a replaced parameter tensor makes new graphs.
+  replay, and a replaced parameter tensor makes new graphs; under autocast the
+  per-call casts of the convolution weights are copied in like activations.
 - **Cached** per layer and pass: up to ``GUNN_EXT_CUDA_GRAPHS_CACHE`` graphs
   (default 8), least recently used out first, an evicted call captured again
   when it comes back. A graph holds a private memory pool (its call's outputs

@@ -26,7 +26,9 @@ two calls share an output. Parameters are read in place: a replay sees an
 optimizer's in-place updates, and the parameters' addresses, shapes, strides
 and dtypes are the *layer identity*, so a parameter replaced by another tensor
 (``load_state_dict(..., assign=True)``, ``.to()``) makes a new layer whose calls
-are captured anew, never a replay of stale weights.
+are captured anew, never a replay of stale weights. Under autocast the
+convolution weights arrive as per-call casts (in another dtype than the
+BatchNorm parameters): in those calls they are activations, copied in.
 
 **Cache.** Graphs are grouped per layer identity; each layer keeps up to
 ``GUNN_EXT_CUDA_GRAPHS_CACHE`` graphs per pass (default 8), least recently
@@ -137,6 +139,17 @@ def layer_identity(parameters: Sequence) -> tuple:
         out.append((tuple(map(Tensor.data_ptr, ts)), tuple(map(Tensor.size, ts)),
                     tuple(map(Tensor.stride, ts)), tuple(map(_dtype, ts))))
     return tuple(out)
+
+
+def _flat(values: list) -> list[Tensor]:
+    """Tensors and lists of tensors, as one list of tensors."""
+    out = []
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            out.extend(v)
+        else:
+            out.append(v)
+    return out
 
 
 def _config_key(value):
@@ -257,10 +270,15 @@ class _Layer:
 
 
 # The roles of the layer ops' arguments, for both backends (the others are config).
+# Under autocast the convolution weights arrive cast to the compute dtype, new
+# tensors every call, while the BatchNorm parameters keep theirs: then the
+# weights are activations of that call.
 FORWARD_ROLES = dict(activations=("x",),
-                     parameters=("conv_weights", "bn_weights", "bn_biases", "running_means", "running_vars"))
+                     parameters=("conv_weights", "bn_weights", "bn_biases", "running_means", "running_vars"),
+                     cast=("conv_weights", "bn_weights"))
 BACKWARD_ROLES = dict(activations=("grad_y", "x", "y", "mean", "var"),
-                      parameters=("conv_weights", "bn_weights", "bn_biases"))
+                      parameters=("conv_weights", "bn_weights", "bn_biases"),
+                      cast=("conv_weights", "bn_weights"))
 
 _LOCK = threading.RLock()  # one call at a time: captures share a side stream per device
 _ABANDONED: list = []  # failed captures, kept: their pools may hold allocations
@@ -276,21 +294,26 @@ class GraphReplay:
     """``fn`` (an op's eager implementation) replayed as CUDA graphs (see the module doc).
 
     ``arguments`` are the op's argument names in order; ``activations`` and
-    ``parameters`` name the arguments of those roles, all others are config.
-    Calling the engine with the op's arguments returns ``fn``'s results.
+    ``parameters`` name the arguments of those roles (a tensor or a list of
+    tensors each), all others are config. ``cast=(a, b)`` names a parameter
+    ``a`` that is an activation in the calls where its dtype differs from
+    parameter ``b``'s: a per-call cast. Calling the engine with the op's
+    arguments returns ``fn``'s results.
     """
 
     def __init__(self, name: str, fn: Callable, arguments: Sequence[str], *, activations: Sequence[str],
-                 parameters: Sequence[str], graph_type: type = CudaGraph, device_type: str = "cuda",
-                 capacity: int | None = None):
+                 parameters: Sequence[str], cast: tuple[str, str] | None = None,
+                 graph_type: type = CudaGraph, device_type: str = "cuda", capacity: int | None = None):
         names = list(arguments)
-        unknown = [n for n in (*activations, *parameters) if n not in names]
-        if unknown or not activations:
-            raise ValueError(f"activations and parameters must name arguments of {name} {names} "
-                             f"(at least one activation), got unknown {unknown}")
+        unknown = [n for n in (*activations, *parameters, *(cast or ())) if n not in names]
+        if unknown or not activations or (cast and not set(cast) <= set(parameters)):
+            raise ValueError(f"activations, parameters and cast must name arguments of {name} {names} "
+                             f"(at least one activation; cast two parameters), got unknown {unknown}")
         self.name, self.fn, self.graph_type, self.device_type = name, fn, graph_type, device_type
-        self.activation_slots = [names.index(n) for n in activations]
-        self.parameter_slots = [names.index(n) for n in parameters]
+        self.roles = ([names.index(n) for n in activations], [names.index(n) for n in parameters])
+        self.cast = None if cast is None else tuple(names.index(n) for n in cast)
+        if cast is not None:
+            self.cast_roles = (self.roles[0] + [self.cast[0]], [i for i in self.roles[1] if i != self.cast[0]])
         self.config_slots = [i for i, n in enumerate(names) if n not in activations and n not in parameters]
         self.capacity = CAPACITY if capacity is None else capacity
         self.layers: OrderedDict[tuple, _Layer] = OrderedDict()
@@ -312,7 +335,7 @@ class GraphReplay:
             self.warned_thrash = False
 
     def __call__(self, *args):
-        x = args[self.activation_slots[0]]
+        x = args[self.roles[0][0]]
         on_gpu = self.device_type == "cuda" and isinstance(x, Tensor) and x.device.type == "cuda"
         with torch.cuda.device(x.device) if on_gpu else contextlib.nullcontext():
             if not self._eligible(x):
@@ -330,15 +353,16 @@ class GraphReplay:
 
     def _run(self, args: tuple):
         self.retired = [entry for entry in self.retired if entry.graph.busy()]
-        activations = [args[i] for i in self.activation_slots]
-        parameters = [args[i] for i in self.parameter_slots]
+        activation_slots, parameter_slots = self._roles(args)
+        activations = _flat([args[i] for i in activation_slots])
+        parameters = [args[i] for i in parameter_slots]
         identity = layer_identity(parameters)
         layer = self.layers.get(identity)
         if layer is None:
             layer = self._new_layer(identity, parameters)
         else:
             self.layers.move_to_end(identity)
-        key = (self.graph_type.current_stream(), backend_flags(),
+        key = (self.graph_type.current_stream(), backend_flags(), tuple(activation_slots),
                tuple((a.shape, a.stride(), a.dtype, a.device) for a in activations),
                tuple(_config_key(args[i]) for i in self.config_slots))
         entry = layer.graphs.get(key)
@@ -354,7 +378,15 @@ class GraphReplay:
                 warnings.warn(f"gunn_ext: a layer's {self.name} calls cycle through more than "
                               f"{self.capacity} CUDA graphs, so they are captured again and again; "
                               f"raise GUNN_EXT_CUDA_GRAPHS_CACHE", RuntimeWarning, stacklevel=4)
-        return self._capture(layer, key, args, activations)
+        return self._capture(layer, key, args, activation_slots, activations)
+
+    def _roles(self, args: tuple) -> tuple[list[int], list[int]]:
+        """Slots of this call's activations and parameters."""
+        if self.cast is not None:
+            a, b = (_tensors(args[i]) for i in self.cast)
+            if a and b and a[0].dtype != b[0].dtype:
+                return self.cast_roles
+        return self.roles
 
     def _new_layer(self, identity: tuple, parameters: list) -> _Layer:
         for dead in [i for i, layer in self.layers.items() if not layer.alive()]:
@@ -363,12 +395,13 @@ class GraphReplay:
         layer = self.layers[identity] = _Layer(anchor)
         return layer
 
-    def _capture(self, layer: _Layer, key: tuple, args: tuple, activations: list[Tensor]):
+    def _capture(self, layer: _Layer, key: tuple, args: tuple, slots: list[int], activations: list[Tensor]):
         statics = [torch.empty_like(a) for a in activations]
         torch._foreach_copy_(statics, activations)
-        static_args = list(args)
-        for slot, static in zip(self.activation_slots, statics):
-            static_args[slot] = static
+        static_args, rest = list(args), iter(statics)
+        for slot in slots:
+            value = args[slot]
+            static_args[slot] = [next(rest) for _ in value] if isinstance(value, list) else next(rest)
         result = self.fn(*static_args)  # the warm-up, outside the capture, is this call's result
         graph = self.graph_type()
         try:

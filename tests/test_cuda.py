@@ -134,6 +134,25 @@ def test_graph_replay_equals_eager(train, kind, backend, deterministic):
 
 
 @pytest.mark.parametrize("backend", REPLAYED)
+def test_graph_replay_under_autocast(backend, deterministic):
+    """The weights' per-call casts are copied in: replays from the second call, equal to eager."""
+    layer = make_layer(channels=24, segments=[4, 8, 12], dtype=torch.float32, device="cuda", backend=backend)
+    x = torch.randn(8, 24, 8, 8, device="cuda").to(memory_format=torch.channels_last)
+    grad = torch.randn_like(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with cuda_graphs.disabled():
+            eager = [t.clone() for t in forward_backward(layer, x, grad)]
+        cuda_graphs.clear()
+        for step in range(3):
+            replayed = forward_backward(layer, x, grad)
+            for k, (a, b) in enumerate(zip(replayed, eager)):
+                assert torch.equal(a, b), f"step {step}: result {k} differs from the eager run"
+    stats = cuda_graphs.stats()
+    for name in STATS[backend]:
+        assert (stats[name].captures, stats[name].replays, stats[name].eager) == (1, 2, 0), stats
+
+
+@pytest.mark.parametrize("backend", REPLAYED)
 def test_graph_replay_follows_new_values(backend):
     """A replay reads the current contents of its inputs, parameters and running stats."""
     layer = make_layer(channels=12, segments=3, dtype=torch.float32, device="cuda",

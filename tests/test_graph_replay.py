@@ -148,7 +148,8 @@ def test_replaced_parameters_recapture_and_dead_layers_are_dropped():
     layer.load_state_dict(state, assign=True)  # new tensors, the old ones freed
     args = ops.layer_arguments(layer, x, True)
     assert same(replay(*args), torch.ops.gunn_ext.gradual_update(*args))
-    layer.units[0].bottlenecks[0].conv1.weight.data = torch.randn_like(layer.units[0].bottlenecks[0].conv1.weight)
+    conv1 = layer.units[0].bottlenecks[0].conv1
+    conv1.weight.data = torch.randn_like(conv1.weight)  # the same Parameter, new memory
     args = ops.layer_arguments(layer, x, True)
     assert same(replay(*args), torch.ops.gunn_ext.gradual_update(*args))
     stats = replay.stats()
@@ -248,6 +249,31 @@ def test_switched_off_capacity_zero_and_other_devices_run_eagerly():
     assert all(e.stats().eager == 1 and e.stats().captures == 0 for e in (replay, no_cache, cuda_only))
 
 
+def scaled_op(x, ws, gs, scale):
+    """A stand-in op whose weights ``ws`` may come cast, per call, to another dtype than ``gs``."""
+    return x * scale, [(w * x.sum()).to(g.dtype) * g for w, g in zip(ws, gs)]
+
+
+def test_parameters_cast_per_call_are_copied_in_like_activations():
+    replay = graph_replay.GraphReplay("test", scaled_op, ["x", "ws", "gs", "scale"], activations=["x"],
+                                      parameters=["ws", "gs"], cast=("ws", "gs"),
+                                      graph_type=RecordingGraph, device_type="cpu")
+    ws, gs = [torch.randn(3, dtype=torch.float64)], [torch.randn(3, dtype=torch.float64)]
+    kept = []
+    for step in range(4):
+        with torch.no_grad():
+            ws[0].add_(0.5)
+        casts = [w.float() for w in ws]  # autocast's per-call copies, wherever they land
+        kept.append(torch.empty(3))
+        x = torch.randn(3)
+        assert same(replay(x, casts, gs, 2.0), scaled_op(x, casts, gs, 2.0)), f"step {step}"
+    for _ in range(2):  # uncast: the weights are parameters, read in place
+        x = torch.randn(3)
+        assert same(replay(x, ws, gs, 2.0), scaled_op(x, ws, gs, 2.0))
+    stats = replay.stats()
+    assert (stats.captures, stats.replays, stats.layers) == (2, 4, 2), stats
+
+
 @pytest.mark.parametrize("value,expected", [(None, True), ("", True), ("1", True), ("on", True),
                                             ("Yes", True), ("TRUE", True), ("0", False), ("False", False),
                                             ("OFF", False), ("no", False), (" off ", False)])
@@ -320,7 +346,8 @@ TRAIN_BATCHES, EVAL_BATCHES, EPOCHS = (4, 4, 2), (4, 3), 5
 @torch.no_grad()  # as below the autograd dispatch key, where the ops call the engine
 def test_simulated_gunn15_run_replays_every_call_from_the_second_epoch():
     forward, backward = native_engine("forward"), native_engine("backward")
-    layers = [make_layer(channels=c["channels"], segments=c["segments"], seed=k) for k, c in enumerate(GUNN15)]
+    layers = [make_layer(channels=c["channels"], segments=c["segments"], seed=k)
+              for k, c in enumerate(GUNN15)]
     kept = []  # tensors kept alive for a while, so activations land at ever new addresses
 
     def fresh(*shape):
@@ -330,7 +357,8 @@ def test_simulated_gunn15_run_replays_every_call_from_the_second_epoch():
 
     def step(layer, spec, batch, training):
         layer.train(training)
-        args = ops.layer_arguments(layer, fresh(batch, spec["channels"], spec["size"], spec["size"]), training)
+        x = fresh(batch, spec["channels"], spec["size"], spec["size"])
+        args = ops.layer_arguments(layer, x, training)
         y, mean, var = result = forward(*args)
         assert same(result, torch.ops.gunn_ext.gradual_update(*args)), "replayed forward != eager"
         if not training:
@@ -338,7 +366,8 @@ def test_simulated_gunn15_run_replays_every_call_from_the_second_epoch():
         x, convs, weights, biases, _, _, *config = args
         backward_args = (fresh(*y.shape), x, y, convs, weights, biases, mean, var, *config)
         grads = backward(*backward_args)
-        assert same(grads, torch.ops.gunn_ext.gradual_update_backward(*backward_args)), "replayed backward != eager"
+        eager = torch.ops.gunn_ext.gradual_update_backward(*backward_args)
+        assert same(grads, eager), "replayed backward != eager"
         with torch.no_grad():  # SGD in place, and the running statistics
             torch._foreach_add_([*convs, *weights, *biases], leaves(grads[1:]), alpha=-0.01)
         ops.update_running_stats(layer.norms(), mean, var, batch * spec["size"] ** 2)
