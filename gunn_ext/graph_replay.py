@@ -312,8 +312,9 @@ class GraphReplay:
         self.name, self.fn, self.graph_type, self.device_type = name, fn, graph_type, device_type
         self.roles = ([names.index(n) for n in activations], [names.index(n) for n in parameters])
         self.cast = None if cast is None else tuple(names.index(n) for n in cast)
-        if cast is not None:
-            self.cast_roles = (self.roles[0] + [self.cast[0]], [i for i in self.roles[1] if i != self.cast[0]])
+        if self.cast is not None:
+            cast_slot = self.cast[0]
+            self.cast_roles = (self.roles[0] + [cast_slot], [i for i in self.roles[1] if i != cast_slot])
         self.config_slots = [i for i, n in enumerate(names) if n not in activations and n not in parameters]
         self.capacity = CAPACITY if capacity is None else capacity
         self.layers: OrderedDict[tuple, _Layer] = OrderedDict()
