@@ -1,34 +1,38 @@
-"""CUDA graph replay of the layer ops.
+"""CUDA graph replay of the layer ops: the switch and the counts.
 
-On the GPU, ``torch.ops.gunn_ext.gradual_update`` (native) and the triton
-ops each replay one CUDA graph per call once a call recurs: same shapes,
-strides, dtypes, flags and data pointers of every input (the caching
-allocator returns the same blocks every step of a training loop). The first
-sighting of a call runs eagerly, the second captures it, later ones replay
-it: one launch per layer and pass instead of hundreds. Calls made while a
-stream is capturing (a user's own graph, ``torch.compile(mode="reduce-overhead")``)
-run eagerly inside that capture. The native op's replay lives in
-``csrc/cuda/graph_replay.cpp``, the triton ops' in :mod:`gunn_ext.graph_replay`.
+On the GPU the forward and the backward of a layer, with the native or the
+triton backend, each run as one CUDA graph launch once captured, instead of
+hundreds of kernel launches (the engine: :mod:`gunn_ext.graph_replay`).
 
-Switches, for both: ``GUNN_EXT_CUDA_GRAPHS=0`` in the environment, or
-:func:`set_enabled` / :func:`disabled` at run time; ``GUNN_EXT_CUDA_GRAPHS_CACHE``
-graphs are kept per op (default 8), each with a private memory pool for its
-intermediates.
+- **Keyed** by the activations' shapes, strides, dtypes and device, the op's
+  other arguments, the cuBLAS / cuDNN switches, the current stream, and the
+  layer: its parameters' addresses, shapes, strides and dtypes. Not by the
+  activations' addresses: a graph copies its input in and its results out into
+  fresh tensors. Parameters are read in place, so in-place optimizer updates
+  replay, and a replaced parameter tensor makes new graphs; under autocast the
+  per-call casts of the convolution weights are copied in like activations.
+- **Cached** per layer and pass: up to ``GUNN_EXT_CUDA_GRAPHS_CACHE`` graphs
+  (default 8), least recently used out first, an evicted call captured again
+  when it comes back. A graph holds a private memory pool (its call's outputs
+  and intermediates, about the op's peak working memory) plus static copies of
+  its activations (the input; for the backward ``grad_y``, ``x``, ``y`` and the
+  statistics). Layers whose parameters are freed are dropped.
+- **Captured** at a call's first sighting, after one eager warm-up run that
+  compiles and tunes the kernels. A failed capture warns once with its reason
+  and turns replay off for the process. Calls made while a stream is capturing
+  (a user's own graph, ``torch.compile(mode="reduce-overhead")``) run eagerly
+  inside that capture.
+
+Switches: ``GUNN_EXT_CUDA_GRAPHS=0`` (or ``false``, ``off``, ``no``, any case)
+in the environment, or :func:`set_enabled` / :func:`disabled` at run time.
 """
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
-import torch
 
-from . import graph_replay, ops
-from .graph_replay import Counts as CacheStats
-
-
-def available() -> bool:
-    """True when the extension was built with the CUDA kernels (the native op's replay)."""
-    return ops.has_cuda_kernels() and hasattr(torch.ops.gunn_ext, "set_cuda_graphs")
+from . import graph_replay
+from .graph_replay import Counts
 
 
 def enabled() -> bool:
@@ -37,11 +41,9 @@ def enabled() -> bool:
 
 
 def set_enabled(flag: bool) -> bool:
-    """Turns replay on or off for every op; returns the previous setting."""
+    """Turns replay on or off for every op of both backends; returns the previous setting."""
     if not isinstance(flag, bool):
         raise TypeError(f"flag must be a bool, got {flag!r}")
-    if available():
-        torch.ops.gunn_ext.set_cuda_graphs(flag)
     return graph_replay.set_enabled(flag)
 
 
@@ -55,27 +57,14 @@ def disabled() -> Iterator[None]:
         set_enabled(previous)
 
 
-def _triton_replays() -> dict[str, graph_replay.GraphReplay]:
-    """The triton ops' replays, if that backend has been loaded (never imported from here)."""
-    backend = sys.modules.get("gunn_ext.triton_backend")
-    return {} if backend is None else {"triton_forward": backend.FORWARD, "triton_backward": backend.BACKWARD}
-
-
-def stats() -> dict[str, CacheStats]:
-    """Capture / replay / eager counts and cached graphs, per op: ``forward`` and
-    ``backward`` (native, when built with CUDA), ``triton_forward`` and
-    ``triton_backward`` (once the triton backend has run)."""
-    out = {}
-    if available():
-        counts = list(torch.ops.gunn_ext.cuda_graphs_stats())
-        out.update(forward=CacheStats(*counts[:4]), backward=CacheStats(*counts[4:]))
-    out.update({name: replay.stats() for name, replay in _triton_replays().items()})
-    return out
+def stats() -> dict[str, Counts]:
+    """Captures, replays, eager runs, cached graphs and layers, per op:
+    ``native_forward`` and ``native_backward`` (when built with CUDA),
+    ``triton_forward`` and ``triton_backward`` (once the triton backend is loaded)."""
+    return {name: engine.stats() for name, engine in graph_replay.ENGINES.items()}
 
 
 def clear() -> None:
-    """Drops every cached graph and its memory pool (and the call history)."""
-    if available():
-        torch.ops.gunn_ext.clear_cuda_graphs()
-    for replay in _triton_replays().values():
-        replay.clear()
+    """Drops every cached graph (with its memory pool) and resets the counts."""
+    for engine in graph_replay.ENGINES.values():
+        engine.clear()

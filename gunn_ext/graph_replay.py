@@ -1,52 +1,98 @@
-"""CUDA graph replay of a Python op body (the triton ops).
+"""CUDA graph replay of the layer ops: one engine for the native and the triton backend.
 
-The same policy as the native op's replay (``csrc/cuda/graph_replay.cpp``):
-a call is identified by its signature, the shapes, strides, dtypes, devices
-and data pointers of every tensor argument, the other arguments, the float32
-matmul precision and the current stream. The first sighting of a signature
-runs eagerly (compiling and autotuning the kernels), the second captures the
-call into a CUDA graph with a private memory pool, later ones replay it: one
-graph launch instead of hundreds of kernel launches from Python. A signature evicted from
-the LRU cache and seen again is captured once more at most, then runs
-eagerly. Replays write into the graph's own outputs, which are copied into
-fresh tensors for the caller, so no two calls share an output; a graph
-dropped from the cache is released once the device is past its last replay.
+A layer op launches hundreds of kernels from the host. On the GPU each op
+(forward and backward, of either backend) goes through a :class:`GraphReplay`
+that captures a call into a CUDA graph once and replays it afterwards: one
+graph launch per layer and pass.
 
-Calls on a stream that is already capturing (a user's own graph,
-``torch.compile(mode="reduce-overhead")``) run eagerly inside that capture.
-The switches are those of :mod:`gunn_ext.cuda_graphs`.
+**Where it sits.** The triton ops are Python ``custom_op`` bodies, so the
+engine is Python and the body calls it. The native op keeps its C++ schema,
+fake kernel and autograd formula; its CUDA kernel is a Python kernel
+(``torch.library.register_kernel``, :mod:`gunn_ext.native_cuda`) that calls the
+engine around a private eager op registered from C++ beside the CUDA kernels
+(``csrc/cuda/gradual_update_cuda.cpp``). The public op stays one opaque node for
+``torch.compile(fullgraph=True)``, ``opcheck`` and autograd see the same op as
+before, and both backends share one policy.
+
+**Keys.** An op wrapper names its arguments' roles: *activations* (new
+tensors every call), *parameters* (tensors that live across calls: weights,
+BatchNorm affine and running statistics) and *config* (everything else). A
+call's key is made of the activations' shapes, strides, dtypes and device, the
+config, the flags that choose cuBLAS / cuDNN algorithms (:func:`backend_flags`)
+and the current stream, never the activations' addresses. A graph owns static
+copies of the activations: a replay copies the caller's activations in and its
+results out into fresh tensors, so callers' tensors may live anywhere and no
+two calls share an output. Parameters are read in place: a replay sees an
+optimizer's in-place updates, and the parameters' addresses, shapes, strides
+and dtypes are the *layer identity*, so a parameter replaced by another tensor
+(``load_state_dict(..., assign=True)``, ``.to()``) makes a new layer whose calls
+are captured anew, never a replay of stale weights. Under autocast the
+convolution weights arrive as per-call casts (in another dtype than the
+BatchNorm parameters): in those calls they are activations, copied in.
+
+**Cache.** Graphs are grouped per layer identity; each layer keeps up to
+``GUNN_EXT_CUDA_GRAPHS_CACHE`` graphs per pass (default 8), least recently
+used out first. A cached graph holds its memory pool (the captured call's
+outputs and intermediates, about the op's peak working memory) and static
+copies of its activations (the input for the forward; ``grad_y``, ``x``,
+``y`` and the statistics for the backward). Layers whose parameters have been
+freed are dropped when a new layer is seen, so memory stays bounded by
+capacity x live layers x passes. A key seen for the first time is captured at
+once (after one eager warm-up run on the static inputs, which compiles and
+tunes kernels outside the capture and gives the call its result); an evicted
+key seen again is captured again. A layer that recaptures more evicted keys in a
+row than its capacity without a replay cycles through more keys than fit:
+the engine warns once, naming the switch to raise.
+
+**Failures and exceptions.** A failed capture is reported once, with its
+reason, as a ``RuntimeWarning``, and turns replay off for the process for both
+backends (:func:`set_enabled` turns it back on). Calls on a stream that is
+already capturing (a user's own graph, ``torch.compile(mode="reduce-overhead")``)
+run eagerly inside that capture.
+
+**Switch.** ``GUNN_EXT_CUDA_GRAPHS`` (``1/true/on/yes``, ``0/false/off/no``,
+any case; default on) and :mod:`gunn_ext.cuda_graphs`, the user API.
 """
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
-from torch.utils import _pytree as pytree
+from torch import Tensor
+
+ON, OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+DEFAULT_CAPACITY = 8
 
 
-def _env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name, "")
-    if not value:
+def parse_switch(name: str, value: str | None, default: bool) -> bool:
+    """An on/off environment switch: ``1/true/on/yes`` or ``0/false/off/no``, any case."""
+    if value is None or not value.strip():
         return default
-    return value.lower() not in ("0", "false", "off", "no")
+    word = value.strip().lower()
+    if word in ON or word in OFF:
+        return word in ON
+    raise ValueError(f"{name} must be one of {'/'.join(ON)} or {'/'.join(OFF)} (any case), got {value!r}")
 
 
-def _env_capacity() -> int:
-    value = os.environ.get("GUNN_EXT_CUDA_GRAPHS_CACHE", "")
-    if not value:
-        return 8
-    if not value.isdigit():
-        raise ValueError(f"GUNN_EXT_CUDA_GRAPHS_CACHE must be a non-negative integer, got {value!r}")
+def parse_capacity(name: str, value: str | None, default: int) -> int:
+    """A count of graphs from the environment: a non-negative integer."""
+    if value is None or not value.strip():
+        return default
+    if not value.strip().isdigit():
+        raise ValueError(f"{name} must be a non-negative integer (graphs per layer and pass), got {value!r}")
     return int(value)
 
 
-_enabled = _env_flag("GUNN_EXT_CUDA_GRAPHS", True)
-MAX_CAPTURES = 2  # per signature: the first capture, and one after an eviction
+_enabled = parse_switch("GUNN_EXT_CUDA_GRAPHS", os.environ.get("GUNN_EXT_CUDA_GRAPHS"), True)
+CAPACITY = parse_capacity("GUNN_EXT_CUDA_GRAPHS_CACHE", os.environ.get("GUNN_EXT_CUDA_GRAPHS_CACHE"),
+                          DEFAULT_CAPACITY)
 
 
 def enabled() -> bool:
@@ -60,44 +106,84 @@ def set_enabled(flag: bool) -> bool:
 
 
 class Counts(NamedTuple):
-    """Calls of one op: captured, replayed, run eagerly; graphs cached now."""
+    """Calls of one op: captured, replayed, run eagerly; graphs and layers cached now."""
     captures: int
     replays: int
     eager: int
     cached: int
+    layers: int
 
 
-def signature(args: tuple) -> tuple:
-    """Everything a captured call depends on, as a hashable tuple."""
-    def describe(a: Any):
-        if isinstance(a, torch.Tensor):
-            return (a.data_ptr(), a.dtype, a.device, tuple(a.shape), a.stride())
-        if isinstance(a, (list, tuple)):
-            return tuple(describe(v) for v in a)
-        return a
-    return describe(args) + (torch.get_float32_matmul_precision(),)
+def backend_flags() -> tuple:
+    """The global switches that decide which cuBLAS / cuDNN kernels a call runs."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    return (torch.get_float32_matmul_precision(), matmul.allow_tf32,
+            matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction,
+            getattr(matmul, "allow_fp16_accumulation", False), torch.backends.cuda.preferred_blas_library(),
+            cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32,
+            torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
 
 
-def _first_tensor(args: tuple) -> torch.Tensor | None:
-    return next((a for a in args if isinstance(a, torch.Tensor)), None)
+_dtype = operator.attrgetter("dtype")
+
+
+def _tensors(value) -> Sequence[Tensor]:
+    return value if isinstance(value, (list, tuple)) else (value,)
+
+
+def layer_identity(parameters: Sequence) -> tuple:
+    """Addresses, shapes, strides and dtypes of the parameter arguments (tensors or lists)."""
+    out = []
+    for p in parameters:
+        ts = () if p is None else _tensors(p)
+        out.append((tuple(map(Tensor.data_ptr, ts)), tuple(map(Tensor.size, ts)),
+                    tuple(map(Tensor.stride, ts)), tuple(map(_dtype, ts))))
+    return tuple(out)
+
+
+def _flat(values: list) -> list[Tensor]:
+    """Tensors and lists of tensors, as one list of tensors."""
+    out = []
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            out.extend(v)
+        else:
+            out.append(v)
+    return out
+
+
+def _config_key(value):
+    return tuple(value) if isinstance(value, list) else value
 
 
 class CudaGraph:
-    """One captured call: ``capture`` records ``fn(*args)``, ``launch`` replays it
-    on the current stream, ``record_use`` marks the point after which nothing
-    the caller issued reads the graph's memory, and ``busy`` says whether the
-    device has not passed that point yet."""
+    """One call captured on the GPU: the small interface the engine uses (the tests fake it).
 
-    _streams: dict[int, torch.cuda.Stream] = {}
+    ``capture(fn, args)`` records ``fn(*args)`` on a side stream into a private memory pool
+    and returns its (not yet written) outputs; ``launch`` replays it on the
+    current stream; ``record_use`` marks the point after which nothing the
+    caller issued reads the graph's memory, and ``busy`` says whether the device
+    has not passed it yet.
+    """
 
-    def capture(self, fn: Callable, args: tuple):
-        device = _first_tensor(args).device
-        if device.index not in self._streams:
-            self._streams[device.index] = torch.cuda.Stream(device)
-        stream = self._streams[device.index]
+    _side_streams: dict[int, torch.cuda.Stream] = {}
+
+    @staticmethod
+    def stream_is_capturing() -> bool:
+        return torch.cuda.is_current_stream_capturing()
+
+    @staticmethod
+    def current_stream() -> int:
+        return torch.cuda.current_stream().cuda_stream
+
+    def capture(self, fn: Callable, args: Sequence):
+        device = torch.cuda.current_device()
+        if device not in self._side_streams:
+            self._side_streams[device] = torch.cuda.Stream(device)
+        stream = self._side_streams[device]
         self.graph, self.done = torch.cuda.CUDAGraph(), torch.cuda.Event()
         pool = torch.cuda.graph_pool_handle()
-        stream.wait_stream(torch.cuda.current_stream(device))
+        stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self.graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
@@ -109,11 +195,11 @@ class CudaGraph:
                     # An invalidated capture raises before the allocator stops routing
                     # this thread's allocations to the graph's pool.
                     try:
-                        torch._C._cuda_endAllocateToPool(device.index, pool)
+                        torch._C._cuda_endAllocateToPool(device, pool)
                     except RuntimeError:
                         pass  # it had stopped already
                     raise
-        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.current_stream().wait_stream(stream)
         return outputs
 
     def launch(self) -> None:
@@ -126,93 +212,224 @@ class CudaGraph:
         return not self.done.query()
 
 
-_LOCK = threading.Lock()  # captures share a side stream per device: one call at a time
+class _Outputs:
+    """Fresh tensors shaped like a graph's outputs: a tuple whose entries are
+    tensors or lists of tensors. A list of contiguous tensors of one dtype is
+    allocated as one buffer and split into views, so the host work per call
+    does not grow with the list's length."""
+
+    def __init__(self, outputs):
+        self.graph_outputs = outputs
+        self.flat: list[Tensor] = []
+        self.packed: list[int | None] = []  # per entry: buffer length, or None
+        for entry in outputs:
+            if isinstance(entry, Tensor):
+                self.flat.append(entry)
+                self.packed.append(None)
+                continue
+            dtypes = {t.dtype for t in entry}
+            contiguous = all(t.is_contiguous() for t in entry)
+            self.packed.append(sum(t.numel() for t in entry) if len(dtypes) == 1 and contiguous else None)
+            self.flat.extend(entry)
+
+    def fresh(self) -> tuple[tuple, list[Tensor]]:
+        structured, flat = [], []
+        for entry, length in zip(self.graph_outputs, self.packed):
+            if isinstance(entry, Tensor):
+                out = torch.empty_like(entry)
+                flat.append(out)
+            else:
+                if length is not None and entry:
+                    buffer = torch.empty(length, dtype=entry[0].dtype, device=entry[0].device)
+                    out = list(torch._C._nn.unflatten_dense_tensors(buffer, entry))
+                else:
+                    out = [torch.empty_like(t) for t in entry]
+                flat.extend(out)
+            structured.append(out)
+        return tuple(structured), flat
+
+
+class _Captured:
+    """A graph with its static activations and its outputs."""
+
+    def __init__(self, graph, statics: list[Tensor], outputs):
+        self.graph, self.statics, self.outputs = graph, statics, _Outputs(outputs)
+
+
+class _Layer:
+    """The graphs of one layer identity in one pass, least recently used first."""
+
+    def __init__(self, anchor: Tensor | None):
+        self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self.evicted: OrderedDict[tuple, None] = OrderedDict()
+        self.recaptures = 0  # evicted keys captured again since the last replay
+        self.anchor = None if anchor is None else weakref.ref(anchor)
+
+    def alive(self) -> bool:
+        return self.anchor is None or self.anchor() is not None
+
+
+# The roles of the layer ops' arguments, for both backends (the others are config).
+# Under autocast the convolution weights arrive cast to the compute dtype, new
+# tensors every call, while the BatchNorm parameters keep theirs: then the
+# weights are activations of that call.
+FORWARD_ROLES = dict(activations=("x",),
+                     parameters=("conv_weight", "bn_weight", "bn_bias", "running_mean", "running_var"),
+                     cast=("conv_weight", "bn_weight"))
+BACKWARD_ROLES = dict(activations=("grad_y", "x", "y", "mean", "var"),
+                      parameters=("conv_weight", "bn_weight", "bn_bias"),
+                      cast=("conv_weight", "bn_weight"))
+
+_LOCK = threading.RLock()  # one call at a time: captures share a side stream per device
+_ABANDONED: list = []  # failed captures, kept: their pools may hold allocations
+ENGINES: dict[str, GraphReplay] = {}  # the ops' engines, by name (gunn_ext.cuda_graphs.stats)
+
+
+def register(engine: GraphReplay) -> GraphReplay:
+    ENGINES[engine.name] = engine
+    return engine
 
 
 class GraphReplay:
-    """``fn`` replayed as one CUDA graph per recurring signature (see the module doc)."""
+    """``fn`` (an op's eager implementation) replayed as CUDA graphs (see the module doc).
 
-    def __init__(self, fn: Callable, *, graph_type: type = CudaGraph, device_type: str = "cuda",
-                 capacity: int | None = None):
-        self.fn, self.graph_type, self.device_type = fn, graph_type, device_type
-        self.capacity = _env_capacity() if capacity is None else capacity
-        self.graphs: OrderedDict[tuple, tuple[Any, list[torch.Tensor], Any]] = OrderedDict()
-        self.history: OrderedDict[tuple, list[int]] = OrderedDict()  # signature -> [sightings, captures]
-        self.retired: list = []  # dropped graphs whose last replay may still be running
+    ``arguments`` are the op's argument names in order; ``activations`` and
+    ``parameters`` name the arguments of those roles (a tensor or a list of
+    tensors each), all others are config. ``cast=(a, b)`` names a parameter
+    ``a`` that is an activation in the calls where its dtype differs from
+    parameter ``b``'s: a per-call cast. Calling the engine with the op's
+    arguments returns ``fn``'s results.
+    """
+
+    def __init__(self, name: str, fn: Callable, arguments: Sequence[str], *, activations: Sequence[str],
+                 parameters: Sequence[str], cast: tuple[str, str] | None = None,
+                 graph_type: type = CudaGraph, device_type: str = "cuda", capacity: int | None = None):
+        names = list(arguments)
+        unknown = [n for n in (*activations, *parameters, *(cast or ())) if n not in names]
+        if unknown or not activations or (cast and not set(cast) <= set(parameters)):
+            raise ValueError(f"activations, parameters and cast must name arguments of {name} {names} "
+                             f"(at least one activation; cast two parameters), got unknown {unknown}")
+        self.name, self.fn, self.graph_type, self.device_type = name, fn, graph_type, device_type
+        self.roles = ([names.index(n) for n in activations], [names.index(n) for n in parameters])
+        self.cast = None if cast is None else tuple(names.index(n) for n in cast)
+        if self.cast is not None:
+            cast_slot = self.cast[0]
+            self.cast_roles = (self.roles[0] + [cast_slot], [i for i in self.roles[1] if i != cast_slot])
+        self.config_slots = [i for i, n in enumerate(names) if n not in activations and n not in parameters]
+        self.capacity = CAPACITY if capacity is None else capacity
+        self.layers: OrderedDict[tuple, _Layer] = OrderedDict()
+        self.retired: list[_Captured] = []  # dropped graphs whose last replay may still be running
         self.counts = {"captures": 0, "replays": 0, "eager": 0}
-        self.broken = False
+        self.warned_thrash = False
 
     def stats(self) -> Counts:
-        return Counts(**self.counts, cached=len(self.graphs))
+        with _LOCK:
+            return Counts(**self.counts, cached=sum(len(layer.graphs) for layer in self.layers.values()),
+                          layers=len(self.layers))
 
     def clear(self) -> None:
         with _LOCK:
-            self.retired += [graph for graph, _, _ in self.graphs.values()]
-            self.graphs.clear()
-            self.history.clear()
+            for layer in self.layers.values():
+                self.retired += layer.graphs.values()
+            self.layers.clear()
             self.counts = dict.fromkeys(self.counts, 0)
-            self.broken = False
-
-    def _eligible(self, tensor: torch.Tensor | None) -> bool:
-        if not _enabled or self.broken or self.capacity == 0:
-            return False
-        if tensor is None or tensor.device.type != self.device_type:
-            return False
-        return not (self.device_type == "cuda" and torch.cuda.is_current_stream_capturing())
-
-    def _eager(self, args: tuple):
-        self.counts["eager"] += 1
-        return self.fn(*args)
+            self.warned_thrash = False
 
     def __call__(self, *args):
-        tensor = _first_tensor(args)
-        on_gpu = tensor is not None and tensor.device.type == "cuda"
-        with torch.cuda.device(tensor.device) if on_gpu else contextlib.nullcontext():
-            if not self._eligible(tensor):
-                return self._eager(args)
-            # The stream too: replays of one graph from two streams would share its memory.
-            key = signature(args) + ((torch.cuda.current_stream().cuda_stream,) if on_gpu else ())
+        x = args[self.roles[0][0]]
+        on_gpu = self.device_type == "cuda" and isinstance(x, Tensor) and x.device.type == "cuda"
+        with torch.cuda.device(x.device) if on_gpu else contextlib.nullcontext():
+            if not self._eligible(x):
+                self.counts["eager"] += 1
+                return self.fn(*args)
             with _LOCK:
-                return self._replay(key, args)
+                return self._run(args)
 
-    def _replay(self, key: tuple, args: tuple):
-        self.retired = [graph for graph in self.retired if graph.busy()]
-        entry = self.graphs.get(key)
-        if entry is None:
-            seen = self.history.setdefault(key, [0, 0])
-            self.history.move_to_end(key)
-            while len(self.history) > 4 * max(self.capacity, 1):
-                self.history.popitem(last=False)
-            seen[0] += 1
-            if seen[0] < 2 or seen[1] >= MAX_CAPTURES:
-                return self._eager(args)
-            entry = self._capture(args)
-            if entry is None:
-                return self._eager(args)
-            seen[1] += 1
-            self.graphs[key] = entry
-            if len(self.graphs) > self.capacity:
-                self.retired.append(self.graphs.popitem(last=False)[1][0])
+    def _eligible(self, x) -> bool:
+        if not _enabled or self.capacity == 0:
+            return False
+        if not isinstance(x, Tensor) or x.device.type != self.device_type:
+            return False
+        return not self.graph_type.stream_is_capturing()
+
+    def _run(self, args: tuple):
+        self.retired = [entry for entry in self.retired if entry.graph.busy()]
+        activation_slots, parameter_slots = self._roles(args)
+        activations = _flat([args[i] for i in activation_slots])
+        parameters = [args[i] for i in parameter_slots]
+        identity = layer_identity(parameters)
+        layer = self.layers.get(identity)
+        if layer is None:
+            layer = self._new_layer(identity, parameters)
         else:
-            self.graphs.move_to_end(key)
-        graph, outputs, spec = entry
-        graph.launch()
-        self.counts["replays"] += 1
-        fresh = [torch.empty_like(t) for t in outputs]
-        torch._foreach_copy_(fresh, outputs)
-        graph.record_use()
-        return pytree.tree_unflatten(fresh, spec)
+            self.layers.move_to_end(identity)
+        key = (self.graph_type.current_stream(), backend_flags(), tuple(activation_slots),
+               tuple((a.shape, a.stride(), a.dtype, a.device) for a in activations),
+               tuple(_config_key(args[i]) for i in self.config_slots))
+        entry = layer.graphs.get(key)
+        if entry is not None:
+            layer.graphs.move_to_end(key)
+            layer.recaptures = 0
+            return self._replay(entry, activations)
+        if key in layer.evicted:
+            del layer.evicted[key]
+            layer.recaptures += 1
+            if layer.recaptures > self.capacity and not self.warned_thrash:
+                self.warned_thrash = True
+                warnings.warn(f"gunn_ext: a layer's {self.name} calls cycle through more than "
+                              f"{self.capacity} CUDA graphs, so they are captured again and again; "
+                              f"raise GUNN_EXT_CUDA_GRAPHS_CACHE", RuntimeWarning, stacklevel=4)
+        return self._capture(layer, key, args, activation_slots, activations)
 
-    def _capture(self, args: tuple):
+    def _roles(self, args: tuple) -> tuple[list[int], list[int]]:
+        """Slots of this call's activations and parameters."""
+        if self.cast is not None:
+            a, b = (_tensors(args[i]) for i in self.cast)
+            if a and b and a[0].dtype != b[0].dtype:
+                return self.cast_roles
+        return self.roles
+
+    def _new_layer(self, identity: tuple, parameters: list) -> _Layer:
+        for dead in [i for i, layer in self.layers.items() if not layer.alive()]:
+            self.retired += self.layers.pop(dead).graphs.values()
+        anchor = next((t for p in parameters if p is not None for t in _tensors(p)), None)
+        layer = self.layers[identity] = _Layer(anchor)
+        return layer
+
+    def _capture(self, layer: _Layer, key: tuple, args: tuple, slots: list[int], activations: list[Tensor]):
+        statics = [torch.empty_like(a) for a in activations]
+        torch._foreach_copy_(statics, activations)
+        static_args, rest = list(args), iter(statics)
+        for slot in slots:
+            value = args[slot]
+            static_args[slot] = [next(rest) for _ in value] if isinstance(value, list) else next(rest)
+        result = self.fn(*static_args)  # the warm-up, outside the capture, is this call's result
         graph = self.graph_type()
         try:
-            outputs = graph.capture(self.fn, args)
-        except Exception as exc:  # noqa: BLE001 - any failed capture falls back to eager
-            self.broken = True
-            self.failed = graph  # kept: its pool may hold allocations made during the capture
-            warnings.warn(f"gunn_ext: CUDA graph capture failed ({exc}); running eagerly from now on",
-                          RuntimeWarning, stacklevel=4)
-            return None
+            outputs = graph.capture(self.fn, static_args)
+        except Exception as exc:  # noqa: BLE001 - any failed capture turns replay off
+            _ABANDONED.append(graph)
+            set_enabled(False)
+            self.counts["eager"] += 1
+            warnings.warn(f"gunn_ext: capturing a CUDA graph of {self.name} failed ({exc}); CUDA graph "
+                          f"replay is off for this process (gunn_ext.cuda_graphs.set_enabled(True) "
+                          f"turns it back on)", RuntimeWarning, stacklevel=4)
+            return result
         self.counts["captures"] += 1
-        flat, spec = pytree.tree_flatten(outputs)
-        return graph, flat, spec
+        layer.graphs[key] = _Captured(graph, statics, outputs)
+        while len(layer.graphs) > self.capacity:
+            old_key, old = layer.graphs.popitem(last=False)
+            self.retired.append(old)
+            layer.evicted[old_key] = None
+            while len(layer.evicted) > 4 * self.capacity:
+                layer.evicted.popitem(last=False)
+        return result
+
+    def _replay(self, entry: _Captured, activations: list[Tensor]):
+        torch._foreach_copy_(entry.statics, activations)
+        entry.graph.launch()
+        structured, flat = entry.outputs.fresh()
+        torch._foreach_copy_(flat, entry.outputs.flat)
+        entry.graph.record_use()
+        self.counts["replays"] += 1
+        return structured

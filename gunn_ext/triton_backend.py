@@ -7,7 +7,7 @@ order of :mod:`gunn_ext.parameter_layout` (batch statistics in training,
 running ones in eval). Its backward is ``torch.ops.gunn_ext.triton_gradual_update_backward``
 (Algorithm 1, Eq. 6). Both are opaque custom ops with fake kernels, so
 ``torch.compile(fullgraph=True)`` traces a layer as two nodes. On the GPU
-each is replayed as one CUDA graph per recurring call
+each runs through the CUDA graph replay engine of the native op
 (:mod:`gunn_ext.graph_replay`).
 
 The kernels live in :mod:`gunn_ext.triton_kernels`; ``triton`` is imported
@@ -35,10 +35,6 @@ def _backward(*args):
     return gradual_update_backward(*args)
 
 
-FORWARD = graph_replay.GraphReplay(_forward)
-BACKWARD = graph_replay.GraphReplay(_backward)
-
-
 @torch.library.custom_op(f"{_NS}::triton_gradual_update", mutates_args=())
 def triton_gradual_update(
         x: Tensor, conv_weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
@@ -58,6 +54,15 @@ def triton_gradual_update_backward(
     return BACKWARD(grad_y, x, y, conv_weight, bn_weight, bn_bias, mean, var, segments, expansion,
                     bottlenecks, shortcut, sequential, training, eps)
 
+
+def _replayed(op: str, fn, name: str, roles: dict) -> graph_replay.GraphReplay:
+    arguments = [a.name for a in getattr(torch.ops.gunn_ext, op).default._schema.arguments]
+    return graph_replay.register(graph_replay.GraphReplay(name, fn, arguments, **roles))
+
+
+FORWARD = _replayed("triton_gradual_update", _forward, "triton_forward", graph_replay.FORWARD_ROLES)
+BACKWARD = _replayed("triton_gradual_update_backward", _backward, "triton_backward",
+                     graph_replay.BACKWARD_ROLES)
 
 ops.register_layer_op(f"{_NS}::triton_gradual_update", f"{_NS}::triton_gradual_update_backward",
                       lambda dtype: torch.float32)

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 from conftest import (LOW_PRECISION, assert_close, check_against_truth,  # noqa: E402
                       forward_backward, make_layer, relative_norm, run_and_compare, twin)
-from gunn_ext import backends, cuda_graphs  # noqa: E402
+from gunn_ext import backends, cuda_graphs, ops  # noqa: E402
 
 pytestmark = [
     pytest.mark.cuda,
@@ -39,7 +39,7 @@ def deterministic():
 
 @pytest.fixture(autouse=True)
 def _fresh_graph_cache():
-    assert cuda_graphs.available(), "gunn_ext was built without its CUDA kernels"
+    assert ops.has_cuda_kernels(), "gunn_ext was built without its CUDA kernels"
     cuda_graphs.clear()
     yield
     cuda_graphs.clear()
@@ -101,16 +101,18 @@ def test_low_precision(dtype, train, channels_last):
             assert relative_norm(n, r) <= LOW_PRECISION[dtype], f"buffer {name}"
 
 
-# Graph replay: the native op's (C++) and the triton ops' (gunn_ext.graph_replay).
+# Graph replay (gunn_ext.graph_replay), the same engine for the native and the triton ops.
 REPLAYED = ["native", pytest.param("triton", marks=pytest.mark.skipif(
     not backends.INSTALL["triton_installed"], reason="triton is not installed"))]
-STATS = {"native": ("forward", "backward"), "triton": ("triton_forward", "triton_backward")}
+STATS = {name: (f"{name}_forward", f"{name}_backward") for name in ("native", "triton")}
 
 
 @pytest.mark.parametrize("backend", REPLAYED)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("kind", ["gunn", "sunn"])
 def test_graph_replay_equals_eager(train, kind, backend, deterministic):
+    """Captured at the first call, replayed from the second, bitwise equal to eager
+    runs, while the input and the incoming gradient move to new addresses."""
     forward_stats, backward_stats = STATS[backend]
     layer = make_layer(kind, channels=24, segments=[4, 8, 12], bottlenecks=2, dtype=torch.float32,
                        device="cuda", backend=backend).train(train)
@@ -119,18 +121,35 @@ def test_graph_replay_equals_eager(train, kind, backend, deterministic):
     with cuda_graphs.disabled():
         eager = [t.clone() for t in forward_backward(layer, x, grad)]
     assert cuda_graphs.enabled()
-    # Keys include data pointers, so they settle a few steps in: the forward
-    # captures first, then the backward, whose inputs come from the forward.
-    for step in range(12):
-        replayed = forward_backward(layer, x, grad)
+    cuda_graphs.clear()
+    kept = []
+    for step in range(4):
+        kept.append(torch.empty_like(x))  # so that the next activations land elsewhere
+        replayed = forward_backward(layer, x.clone(), grad.clone())
         for k, (a, b) in enumerate(zip(replayed, eager)):
             assert torch.equal(a, b), f"step {step}: result {k} differs from the eager run"
-        del replayed
-        if cuda_graphs.stats()[backward_stats].replays >= 2:
-            break
     stats = cuda_graphs.stats()
-    assert stats[forward_stats].captures >= 1 and stats[forward_stats].replays >= 1, stats
-    assert stats[backward_stats].captures >= 1 and stats[backward_stats].replays >= 1, stats
+    for name in (forward_stats, backward_stats):
+        assert (stats[name].captures, stats[name].replays, stats[name].eager) == (1, 3, 0), stats
+
+
+@pytest.mark.parametrize("backend", REPLAYED)
+def test_graph_replay_under_autocast(backend, deterministic):
+    """The weights' per-call casts are copied in: replays from the second call, equal to eager."""
+    layer = make_layer(channels=24, segments=[4, 8, 12], dtype=torch.float32, device="cuda", backend=backend)
+    x = torch.randn(8, 24, 8, 8, device="cuda").to(memory_format=torch.channels_last)
+    grad = torch.randn_like(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with cuda_graphs.disabled():
+            eager = [t.clone() for t in forward_backward(layer, x, grad)]
+        cuda_graphs.clear()
+        for step in range(3):
+            replayed = forward_backward(layer, x, grad)
+            for k, (a, b) in enumerate(zip(replayed, eager)):
+                assert torch.equal(a, b), f"step {step}: result {k} differs from the eager run"
+    stats = cuda_graphs.stats()
+    for name in STATS[backend]:
+        assert (stats[name].captures, stats[name].replays, stats[name].eager) == (1, 2, 0), stats
 
 
 @pytest.mark.parametrize("backend", REPLAYED)
@@ -150,7 +169,25 @@ def test_graph_replay_follows_new_values(backend):
             y = layer(x)
             assert_close(y, reference(x), torch.float32, f"step {step}")
             del y
-    assert cuda_graphs.stats()[STATS[backend][0]].replays >= 1
+    stats = cuda_graphs.stats()[STATS[backend][0]]
+    assert (stats.captures, stats.replays) == (1, 4), stats
+
+
+@pytest.mark.parametrize("backend", REPLAYED)
+def test_graph_replay_recaptures_replaced_parameters(backend):
+    """load_state_dict(assign=True) gives the layer new tensors: new graphs, never stale weights."""
+    layer = make_layer(channels=12, segments=3, dtype=torch.float32, device="cuda",
+                       backend=backend).eval()
+    x = torch.randn(4, 12, 6, 6, device="cuda")
+    with torch.no_grad():
+        for step in range(3):
+            state = {k: v + 0.1 if v.is_floating_point() else v for k, v in layer.state_dict().items()}
+            layer.load_state_dict(state, assign=True)
+            reference = twin(layer, "reference")
+            for _ in range(2):
+                assert_close(layer(x), reference(x), torch.float32, f"step {step}")
+    stats = cuda_graphs.stats()[STATS[backend][0]]
+    assert (stats.captures, stats.replays) == (3, 3), stats
 
 
 @pytest.mark.parametrize("backend", REPLAYED)
@@ -183,7 +220,7 @@ def test_switch_off():
         for _ in range(4):
             forward_backward(layer, x, torch.ones_like(x))
     assert cuda_graphs.enabled()
-    assert cuda_graphs.stats()["forward"].captures == 0
+    assert cuda_graphs.stats()["native_forward"].captures == 0
 
 
 def test_repeated_backward_is_bitwise_equal(deterministic):
