@@ -4,7 +4,8 @@
 heavier packages some features need come with an extra of ``pyproject.toml``
 (``pip install ".[train]"``); a feature whose package is missing raises
 :class:`MissingExtra`, whose message is one line naming the feature, the
-package and the extra to install.
+package and the extra to install. Installing the package alone adds it to an
+existing install without rebuilding gunn_ext.
 """
 from __future__ import annotations
 
@@ -24,8 +25,12 @@ class MissingExtra(ImportError):
     """An optional package that a feature needs is not installed."""
 
 
-def install_hint(extra: str) -> str:
-    return f'pip install ".[{extra}]" (in the gunn_ext source folder)'
+def install_hint(extra: str, distribution: str | None = None) -> str:
+    """The commands that install ``distribution`` (or all of ``extra``) into an existing install."""
+    extra_command = f'pip install ".[{extra}]" in the gunn_ext source folder'
+    if distribution is None:
+        return extra_command
+    return f"pip install {distribution} (or the '{extra}' extra: {extra_command})"
 
 
 def require(module: str, extra: str, feature: str) -> ModuleType:
@@ -44,4 +49,4 @@ def require(module: str, extra: str, feature: str) -> ModuleType:
         if exc.name is None or exc.name.split(".")[0] != top:
             raise
         raise MissingExtra(f"{feature} needs {DISTRIBUTIONS[top]}, which is not installed: "
-                           f"{install_hint(extra)}") from None
+                           f"{install_hint(extra, DISTRIBUTIONS[top])}") from None
