@@ -168,8 +168,9 @@ def load_digits_32(split_seed: int = 0):
     images = F.interpolate(small, size=(32, 32), mode="bilinear", align_corners=False)
     images = images.mul(255).round().clamp(0, 255).to(torch.uint8)
     labels = torch.from_numpy(digits.target).long()
-    train_idx, test_idx = model_selection.train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_SIZE,
-                                           random_state=split_seed, stratify=digits.target)
+    train_idx, test_idx = model_selection.train_test_split(
+        np.arange(len(labels)), test_size=DIGITS_TEST_SIZE, random_state=split_seed,
+        stratify=digits.target)
     train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
     return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], 10
 
