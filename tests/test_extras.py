@@ -12,6 +12,12 @@ ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_CALL = re.compile(r'require\(\s*"([\w.]+)",\s*"(\w+)"')
 
 
+def hide(monkeypatch, package: str) -> None:
+    """Make ``package`` and its submodules unimportable, as if not installed (even if imported before)."""
+    for name in [n for n in sys.modules if n.startswith(package + ".")] + [package]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
 def requirement_name(requirement: str) -> str:
     return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower()
 
@@ -33,7 +39,7 @@ def test_every_required_package_comes_with_the_extra_its_message_names():
 
 
 def test_a_missing_package_is_one_line_naming_feature_package_and_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "sklearn", None)
+    hide(monkeypatch, "sklearn")
     with pytest.raises(MissingExtra) as info:
         require("sklearn.datasets", "train", "--dataset digits")
     message = str(info.value)
@@ -47,7 +53,7 @@ def test_a_missing_package_is_one_line_naming_feature_package_and_extra(monkeypa
 @pytest.mark.parametrize("missing, options", [("sklearn", []), ("matplotlib", ["--plot"])])
 def test_training_cli_stops_with_one_line_when_an_extra_is_missing(missing, options, monkeypatch,
                                                                    tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, missing, None)
+    hide(monkeypatch, missing)
     status = train_main(["--width", "0.1", "--epochs", "1", "--out", str(tmp_path / "run"),
                          "--backend", "reference", *options])
     err = capsys.readouterr().err
