@@ -84,7 +84,26 @@ def write_build_info(with_cuda, archs):
         f"CUDA_ARCH_LIST = {archs!r}\n")
 
 
+class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """Also puts the library in the checkout's package, as ``--inplace`` does.
+
+    Python started in the checkout imports the checkout's ``gunn_ext`` before the
+    installed one; with the library beside it, both run the same build.
+    """
+
+    def run(self):
+        super().run()
+        if self.inplace:
+            return
+        for ext in self.extensions:
+            target = ROOT / self.get_ext_filename(ext.name)
+            staged = target.with_name(target.name + ".new")
+            shutil.copy2(self.get_ext_fullpath(ext.name), staged)
+            os.replace(staged, target)  # a new file: a process that has the old one loaded keeps it
+            print(f"gunn_ext: copied the library to {target}")
+
+
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension},
 )

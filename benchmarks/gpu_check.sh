@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One pass over a GPU machine: build, CUDA tests, benchmarks, summary.
+# One pass over a GPU machine: build, CUDA tests, benchmarks, profile, summary.
 #
 #   benchmarks/gpu_check.sh [RESULTS_DIR]
 #
@@ -8,10 +8,10 @@
 # files), the whole results folder is also packed into $OUT/gpu_check.tar.gz,
 # with summary.md beside it.
 # Everything runs under one time budget (GUNN_CHECK_BUDGET seconds, default
-# 420, so a device session has room for a rerun), each step under `timeout`,
-# in order of value: build, CUDA tests, the issues' targets, then the rest. A
-# failing step is recorded and the next one runs. The summary table (also
-# summary.md) is printed last.
+# 420), each step under `timeout`, most valuable first: build, CUDA tests, the
+# GUNN-15 shapes on every backend, P = N, the profile and graph replay, then
+# the rest. A failing step is recorded and the next one runs. The summary
+# (benchmarks/check_summary.py, also summary.md) is printed last.
 # GUNN_SKIP_INSTALL=1 uses the gunn_ext already importable (dry runs).
 # Without a CUDA GPU it says so and does a short CPU run instead.
 set -uo pipefail
@@ -66,35 +66,7 @@ if [[ "${GUNN_SKIP_INSTALL:-0}" != "1" ]]; then
   run_step install 240 "$PYTHON" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -v .
 fi
 
-# -P: import the installed gunn_ext, not the source tree (which has no _C).
-"$PYTHON" -P - "$RESULTS/environment.json" <<'EOF' > "$RESULTS/environment.log" 2>&1
-import datetime, json, os, subprocess, sys
-import torch
-info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST")}
-try:
-    import triton
-    info["triton"] = triton.__version__
-except ImportError:
-    info["triton"] = None
-try:
-    info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
-except OSError:
-    info["git_commit"] = None
-try:
-    import gunn_ext.ops as ops
-    from gunn_ext import cuda_graphs
-    info["gunn_ext_load_error"] = ops.load_error()
-    info["gunn_ext_cuda_kernels"] = ops.has_cuda_kernels()
-    info["cuda_graphs"] = cuda_graphs.enabled()
-except Exception as exc:  # recorded, not fatal: the tests will say more
-    info["gunn_ext_load_error"] = repr(exc)
-json.dump(info, open(sys.argv[1], "w"), indent=1)
-print(json.dumps(info, indent=1))
-EOF
+"$PYTHON" "$ROOT/benchmarks/environment.py" "$RESULTS/environment.json" > "$RESULTS/environment.log" 2>&1
 cat "$RESULTS/environment.log"
 
 HAVE_CUDA="$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)"
@@ -105,12 +77,17 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
   run_step tests_cuda 120 "${PYTEST[@]}" "$ROOT/tests" -m cuda -k "not triton" -rP \
     --ignore="$ROOT/tests/test_triton.py" --junitxml="$RESULTS/tests_cuda.xml"
   SHAPES=("gunn15_a 20 240 32" "gunn15_b 25 300 16" "gunn15_c 30 360 8")
+  SWEEP_SEGMENTS="20,40,60,80,120,240"
   # Triton compiles each kernel variant at its first call, one at a time: compile
   # every variant the benchmarks will launch in parallel processes first (batch
   # 16 specialises like batch 64), so the timed steps load them from the cache.
   WARM=""
-  for spec in "${SHAPES[0]} float32 train" "${SHAPES[2]} float32 train" "${SHAPES[2]} float32 eval" \
-              "${SHAPES[0]} bfloat16 train" "${SHAPES[1]} float32 train"; do
+  SPECS=("${SHAPES[0]} float32 train" "${SHAPES[2]} float32 train" "${SHAPES[2]} float32 eval"
+         "${SHAPES[0]} bfloat16 train" "${SHAPES[1]} float32 train")
+  for segments in ${SWEEP_SEGMENTS//,/ }; do
+    (( segments != 20 )) && SPECS+=("sweep $segments 240 32 float32 train")
+  done
+  for spec in "${SPECS[@]}"; do
     read -r _ segments channels size dtype mode <<< "$spec"
     WARM+="\"$PYTHON\" \"$ROOT/benchmarks/seq_update.py\" --backends triton --no-compile --segments $segments"
     WARM+=" --channels $channels --size $size --batch 16 --dtype $dtype --mode $mode --device cuda"
@@ -124,20 +101,26 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
       --size "$size" --batch 64 --dtype "$dtype" --device cuda --repeats 20 --warmup 10 \
       --json "$RESULTS/bench_${name}_${dtype}$SUFFIX.json"
   }
-  # The targets: fp32 at 240/20 32x32 and 360/30 8x8 (= --segments 30) on
-  # every backend (the first run autotunes the Triton kernels), P = N, eval, a
-  # GUNN-15 training step; torch.compile of the reference last, as it takes
-  # minutes.
+  # fp32 at 240/20 32x32 and 360/30 8x8 on every backend (the first run
+  # autotunes the Triton kernels), P = N, the kernel profile, graph replay over
+  # a training loop, eval, a GUNN-15 training step, the segment sweep;
+  # torch.compile of the reference after them, as it takes minutes.
   SUFFIX=""
   bench_shape float32 "${SHAPES[0]}" 60 "${BENCH[@]}" --no-compile
   bench_shape float32 "${SHAPES[2]}" 40 "${BENCH[@]}" --no-compile
   run_step bench_PeqN_float32 50 "${BENCH[@]}" --no-compile --backends reference,native --segments 240 \
     --channels 240 --size 32 --batch 64 --dtype float32 --device cuda --repeats 10 --warmup 8 \
     --json "$RESULTS/bench_PeqN_float32.json"
+  run_step profile_ops 60 "$PYTHON" "$ROOT/benchmarks/profile_ops.py" --device cuda --batch 64 \
+    --json "$RESULTS/profile_ops.json"
+  run_step replay_loop 45 "$PYTHON" "$ROOT/benchmarks/replay_loop.py" --json "$RESULTS/replay_loop.json"
   SUFFIX="_eval"
   bench_shape float32 "${SHAPES[2]}" 30 "${BENCH[@]}" --no-compile --mode eval
   run_step train_gunn15 60 "$PYTHON" "$ROOT/benchmarks/train_step.py" --model gunn15 --batch 64 \
     --backends reference,native --device cuda --json "$RESULTS/train_gunn15.json"
+  run_step sweep_240_32x32 120 "$PYTHON" "$ROOT/benchmarks/segment_sweep.py" --channels 240 \
+    --segments "$SWEEP_SEGMENTS" --size 32 --batch 64 --device cuda --repeats 10 --warmup 3 \
+    --json "$RESULTS/sweep_240_32x32.json" --plot "$RESULTS/sweep_240_32x32.png"
   SUFFIX="_compile"
   bench_shape float32 "${SHAPES[2]}" 150 "${BENCH[@]}" --backends reference,native,compile
   # Then: the Triton kernels' tests compiled for the GPU, bf16, graphs off.
@@ -156,76 +139,15 @@ else
     --json "$RESULTS/bench_cpu_small_float32.json"
   run_step train_cpu_small 120 "$PYTHON" "$ROOT/benchmarks/train_step.py" --model gunn15 --width 0.1 \
     --batch 4 --steps 2 --warmup 1 --device cpu --json "$RESULTS/train_cpu_small.json"
+  run_step profile_ops 60 "$PYTHON" "$ROOT/benchmarks/profile_ops.py" --device cpu --shapes 24/2/8 12/12/4 \
+    --batch 2 --calls 2 --warmup 1 --json "$RESULTS/profile_ops.json"
+  run_step replay_loop 60 "$PYTHON" "$ROOT/benchmarks/replay_loop.py" --json "$RESULTS/replay_loop.json"
+  run_step sweep_cpu_small 120 "$PYTHON" "$ROOT/benchmarks/segment_sweep.py" --channels 24 \
+    --segments 2,24 --size 4 --batch 2 --device cpu --repeats 2 --warmup 1 \
+    --json "$RESULTS/sweep_cpu_small.json" --plot "$RESULTS/sweep_cpu_small.png"
 fi
 
-"$PYTHON" - "$RESULTS" <<'EOF'
-"""Summary of this run: environment, steps, test counts, benchmark medians."""
-import json, sys, xml.etree.ElementTree as ET
-from pathlib import Path
-
-results = Path(sys.argv[1])
-env = json.loads((results / "environment.json").read_text()) if (results / "environment.json").exists() else {}
-lines = [f"# gunn_ext GPU check, {env.get('date_utc', '?')}", "",
-         f"GPU: {env.get('gpu') or 'none (CPU run)'}; torch {env.get('torch')}, CUDA {env.get('cuda')}, "
-         f"cuDNN {env.get('cudnn')}, triton {env.get('triton')}, Python {env.get('python')}; "
-         f"commit {env.get('git_commit')}; gunn_ext: {env.get('gunn_ext_load_error') or 'loaded'}, "
-         f"CUDA kernels {env.get('gunn_ext_cuda_kernels')}, CUDA graphs {env.get('cuda_graphs')}", "",
-         "## Steps", "", "| step | status | seconds |", "| --- | --- | --- |"]
-for row in (results / "steps.tsv").read_text().splitlines():
-    name, status, took = row.split("\t")
-    label = {"0": "ok", "124": "timed out", "137": "timed out", "skipped": "skipped"}.get(status, f"exit {status}")
-    lines.append(f"| {name} | {label} | {took} |")
-lines += ["", "## Tests", ""]
-for xml in sorted(results.glob("tests_*.xml")):
-    try:
-        suite = ET.parse(xml).getroot()
-        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-        a = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-        lines.append(f"- {xml.stem}: {a['tests']} tests, {a['failures']} failed, {a['errors']} errors, "
-                     f"{a['skipped']} skipped")
-        for case in suite.iter("testcase"):
-            if case.find("failure") is not None or case.find("error") is not None:
-                lines.append(f"  - FAILED {case.get('classname')}::{case.get('name')}")
-    except (ET.ParseError, AttributeError) as exc:
-        lines.append(f"- {xml.stem}: unreadable ({exc})")
-
-
-def ms(stats):
-    return f"{stats['median_ms']:.2f}" if stats else "-"
-
-
-table = ["| run | backend | forward ms | fwd+bwd ms | fwd+bwd speedup | peak MiB | note |",
-         "| --- | --- | --- | --- | --- | --- | --- |"]
-for path in sorted(results.glob("bench_*.json")):
-    report = json.loads(path.read_text())
-    rows = report["results"]
-    ref = next((r for r in rows if r["backend"] == "reference" and r["forward_backward"]), None)
-    for r in rows:
-        fb = r["forward_backward"]
-        speedup = (f"{ref['forward_backward']['median_ms'] / fb['median_ms']:.2f}x"
-                   if ref and fb and fb["median_ms"] else "-")
-        peak = r["memory"].get("peak_bytes")
-        peak = f"{peak / 2**20:.1f}" if peak is not None else "-"
-        note = "FAILED" if r["error"] else ("MISMATCH" if r["mismatch"] else "")
-        table.append(f"| {path.stem.removeprefix('bench_')} | {r['backend']} | {ms(r['forward'])} "
-                     f"| {ms(fb)} | {speedup} | {peak} | {note} |")
-lines += ["", "## Benchmarks (median of the timed calls; *_nographs: GUNN_EXT_CUDA_GRAPHS=0)", ""] + table
-for path in sorted(results.glob("train_*.json")):
-    report = json.loads(path.read_text())
-    lines += ["", f"## Training step: {path.stem} (batch {report['args']['batch']})", "",
-              "| backend | step ms | images/s | peak GB |", "| --- | --- | --- | --- |"]
-    for r in report["results"]:
-        if "error" in r:
-            lines.append(f"| {r['backend']} | FAILED: {r['error'][:80]} | | |")
-        else:
-            peak = r.get("peak_allocated_bytes")
-            lines.append(f"| {r['backend']} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} | "
-                         f"{peak / 1e9:.3f} |" if peak else f"| {r['backend']} | {r['step_ms']:.1f} | "
-                         f"{r['images_per_s']:.0f} | - |")
-text = "\n".join(lines) + "\n"
-(results / "summary.md").write_text(text)
-print(text)
-EOF
+"$PYTHON" "$ROOT/benchmarks/check_summary.py" "$RESULTS"
 if [[ -n "${OUT:-}" && -d "$OUT" && "$RESULTS" != "$OUT" ]]; then
   tar czf "$OUT/gpu_check.tar.gz" -C "$RESULTS" . && cp "$RESULTS/summary.md" "$OUT/summary.md"
   log "packed the results into $OUT/gpu_check.tar.gz"

@@ -51,6 +51,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import gunn_ext
+import plot_results
 from gunn_ext import GUNNLayer, SUNNLayer, cuda_graphs
 from gunn_ext.backends import NAMES as BACKEND_NAMES
 
@@ -67,7 +68,7 @@ MIB = 2.0 ** 20
 progress = Console(stderr=True, highlight=False)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive int, got {text}")
@@ -77,13 +78,13 @@ def _positive_int(text: str) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--segments", type=_positive_int, default=30)
-    parser.add_argument("--channels", type=_positive_int,
+    parser.add_argument("--segments", type=positive_int, default=30)
+    parser.add_argument("--channels", type=positive_int,
                         help=f"default: {CHANNELS_PER_SEGMENT} x segments")
-    parser.add_argument("--size", type=_positive_int, default=8, help="height = width")
-    parser.add_argument("--batch", type=_positive_int, help="default: 16 on CPU, 64 on GPU")
-    parser.add_argument("--expansion", type=_positive_int, default=2)
-    parser.add_argument("--bottlenecks", type=_positive_int, default=1, help="bottlenecks per update unit")
+    parser.add_argument("--size", type=positive_int, default=8, help="height = width")
+    parser.add_argument("--batch", type=positive_int, help="default: 16 on CPU, 64 on GPU")
+    parser.add_argument("--expansion", type=positive_int, default=2)
+    parser.add_argument("--bottlenecks", type=positive_int, default=1, help="bottlenecks per update unit")
     parser.add_argument("--no-shortcut", dest="shortcut", action="store_false")
     parser.add_argument("--layer", choices=("gunn", "sunn"), default="gunn")
     parser.add_argument("--mode", choices=("train", "eval"), default="train",
@@ -95,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "default: every available backend and compile")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="leave out torch.compile of the reference (minutes on a CPU)")
-    parser.add_argument("--repeats", type=_positive_int, help="default: 20 on CPU, 100 on GPU")
+    parser.add_argument("--repeats", type=positive_int, help="default: 20 on CPU, 100 on GPU")
     parser.add_argument("--warmup", type=int, help="default: 3 on CPU, 10 on GPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write every raw number and the metadata here")
@@ -116,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.channels % args.segments:
         parser.error(f"--channels ({args.channels}) must be a multiple of --segments ({args.segments})")
     args.backends = _backend_list(parser, args)
+    if args.plot:
+        plot_results.check_available(parser)
     return args
 
 
@@ -404,13 +407,13 @@ def describe_machine(info: dict) -> str:
     return f"{where}, torch {info['torch']}, {info['torch_threads']} threads, commit {info['git_commit']}"
 
 
-def _ms(stats: dict | None) -> str:
+def format_ms(stats: dict | None) -> str:
     if stats is None:
         return "-"
     return f"{stats['median_ms']:.2f} ({stats['p20_ms']:.2f}-{stats['p80_ms']:.2f})"
 
 
-def _ratio(numerator: float | None, denominator: float | None, digits: int = 2) -> str:
+def format_ratio(numerator: float | None, denominator: float | None, digits: int = 2) -> str:
     if not numerator or not denominator:
         return "-"
     return f"{numerator / denominator:.{digits}f}x"
@@ -440,11 +443,11 @@ def build_table(results: list[Result], work: Workload, args: argparse.Namespace,
         else:
             status = "[green]ok[/]"
         table.add_row(
-            r.backend, _ms(r.forward), _ms(r.forward_backward),
-            _ratio(median(reference, "forward"), median(r, "forward")),
-            _ratio(median(reference, "forward_backward"), median(r, "forward_backward")),
+            r.backend, format_ms(r.forward), format_ms(r.forward_backward),
+            format_ratio(median(reference, "forward"), median(r, "forward")),
+            format_ratio(median(reference, "forward_backward"), median(r, "forward_backward")),
             "-" if memory is None else f"{memory / MIB:.2f} ({memory / work.input_bytes:.1f}x)",
-            _ratio(memory, reference.memory.get(key), 3),
+            format_ratio(memory, reference.memory.get(key), 3),
             diff, status)
     return table
 
@@ -465,14 +468,15 @@ def build_report(results: list[Result], work: Workload, args: argparse.Namespace
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    info = machine_info(args.device)
+def warn_if_busy(info: dict) -> None:
     busy = info["load_average_1m_at_start"]
     if busy is not None and busy > 0.25 * (os.cpu_count() or 1):
         progress.print(f"[yellow]load average {busy:.2f}: other processes share the CPU; "
                        "times may be inflated[/]")
+
+
+def run_backends(args: argparse.Namespace) -> tuple[list[Result], Workload]:
+    """Every backend of ``args.backends`` on the layer ``args`` describes, mismatches flagged."""
     layer = make_layer(args).to(args.device, DTYPES[args.dtype])
     progress.print(f"building inputs and the float64 reference on {args.device} ...")
     work = make_workload(layer, args)
@@ -486,6 +490,15 @@ def main(argv: list[str] | None = None) -> dict:
         if results[-1].error:
             progress.print(f"    [red]failed: {escape(results[-1].error.splitlines()[0])}[/]")
     flag_mismatches(results, DTYPES[args.dtype])
+    return results, work
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    info = machine_info(args.device)
+    warn_if_busy(info)
+    results, work = run_backends(args)
 
     console.print(build_table(results, work, args, info))
     for r in results:
@@ -508,8 +521,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
         console.print(f"wrote {args.json}")
     if args.plot:
-        from plot_results import plot_results
-        plot_results(report, args.plot)
+        plot_results.plot_results(report, args.plot)
         console.print(f"wrote {args.plot}")
     return report
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from . import ops, reference
+from . import extras, ops, reference
 
 NAMES = ("reference", "native", "triton")
 _AUTO_ORDER = {"cuda": ("native", "triton", "reference"), "cpu": ("native", "reference")}
@@ -49,7 +49,7 @@ def _why_unavailable(name: str, device: torch.device | None = None) -> str | Non
         return reason
     if name == "triton":
         if not INSTALL["triton_installed"]:
-            return "triton is not installed: pip install .[triton]"
+            return f"triton is not installed: {extras.install_hint('triton', 'triton')}"
         if device is not None and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return "triton runs CPU tensors only under TRITON_INTERPRET=1"
         if device is None and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":

@@ -40,3 +40,67 @@ def test_seq_update_measures_every_backend_and_reports_failures(monkeypatch, tmp
     if "native" in results:
         # Algorithm 1 keeps x, y and the BatchNorm statistics only.
         assert 2 * input_bytes <= results["native"]["memory"]["saved_bytes"] < 3 * input_bytes
+
+
+def run_gpu_check_programs(results: Path, backends: list[str]) -> tuple[dict, dict]:
+    """The sweep and the profile at tiny sizes, written where gpu_check.sh puts them."""
+    import profile_ops
+    import segment_sweep
+
+    sweep = segment_sweep.main([
+        "--channels", "6", "--segments", "6,3", "--size", "4", "--batch", "2", "--repeats", "2",
+        "--warmup", "0", "--device", "cpu", "--backends", ",".join(backends),
+        "--json", str(results / "sweep_tiny.json"), "--plot", str(results / "sweep_tiny.png")])
+    status = profile_ops.main([
+        "--device", "cpu", "--shapes", "6/3/4", "--batch", "2", "--calls", "2", "--warmup", "1",
+        "--top", "3", "--backends", ",".join(backends[1:] + ["triton"]),
+        "--json", str(results / "profile_ops.json")])
+    assert status == 0
+    return sweep, json.loads((results / "profile_ops.json").read_text())
+
+
+def test_sweep_profile_and_summary_of_the_gpu_check(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # so triton is skipped on the CPU
+    import check_summary
+    import segment_sweep
+
+    backends = gunn_ext.available_backends("cpu")
+    sweep, profile = run_gpu_check_programs(tmp_path, backends)
+
+    # The sweep: every (P, backend), P sorted, the measurements of seq_update.py.
+    assert sweep["segments"] == [3, 6] and sweep["backends"] == backends
+    assert [(r["segments"], r["backend"]) for r in sweep["rows"]] == [(p, b) for p in (3, 6) for b in backends]
+    assert json.loads((tmp_path / "sweep_tiny.json").read_text()) == json.loads(json.dumps(sweep))
+    assert (tmp_path / "sweep_tiny.png").stat().st_size > 0
+    for row in sweep["rows"]:
+        assert row["error"] is None and not row["mismatch"], row["traceback"]
+        assert row["channels_per_segment"] == 6 // row["segments"]
+        assert len(row["forward_backward"]["samples_ms"]) == 2
+    assert segment_sweep.exit_status(sweep) == 0
+
+    # The profile: per-call operator counts and times on the CPU; triton skipped with its reason.
+    assert "not available on cpu" in profile["skipped"]["triton"]
+    profiled = backends[1:]
+    assert [(p["backend"], p["pass"]) for p in profile["profiles"]] == \
+        [(b, stage) for b in profiled for stage in ("forward", "forward+backward")]
+    for p in profile["profiles"]:
+        assert p["error"] is None and p["launched"] == "operators"
+        assert p["launches_per_call"] >= 1 and 1 <= len(p["top"]) <= 3
+        assert sum(entry["share"] for entry in p["top"]) <= 1 + 1e-9
+    if profiled:
+        forward, both = profile["profiles"][:2]
+        assert both["launches_per_call"] > forward["launches_per_call"]
+
+    # The summary reads both, the step list and a replay loop report.
+    (tmp_path / "steps.tsv").write_text("install\t0\t12\nsweep_tiny\t124\t30\n")
+    (tmp_path / "replay_loop.json").write_text(json.dumps(
+        {"results": [{"op": "native forward", "captures": 1, "replays": 28, "eager": 1}]}))
+    assert check_summary.main([str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| install | ok | 12 |" in summary and "| sweep_tiny | timed out | 30 |" in summary
+    assert "| op | captures | replays | eager |" in summary and "| native forward | 1 | 28 | 1 |" in summary
+    assert summary.count("| 3 | reference |") == 1 and "## Segment sweep: sweep_tiny" in summary
+    assert "skipped triton" in summary
+    for b in profiled:
+        assert f"| {b} | 6/3/4 | forward+backward |" in summary

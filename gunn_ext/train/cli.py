@@ -6,6 +6,7 @@ import signal
 import sys
 
 from .. import backends
+from ..extras import MissingExtra
 from ..models import MODELS
 from . import checkpoint
 from .config import AMP_MODES, DATASETS, RECIPES, RUNTIME_OPTIONS, TrainConfig, default_out
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         result = fit(config)
     except SetupError as exc:
         parser.error(str(exc))
+    except MissingExtra as exc:
+        return missing_extra(parser, exc)
     if result.stopped_by is None:
         return 0
     return 128 + getattr(signal.Signals, result.stopped_by, signal.SIGTERM)
@@ -141,5 +144,13 @@ def plot_main(argv: list[str]) -> int:
             output = plot_comparison(args.runs, args.output or "comparison.png", args.labels)
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
+    except MissingExtra as exc:
+        return missing_extra(parser, exc)
     print(output)
     return 0
+
+
+def missing_extra(parser: argparse.ArgumentParser, exc: MissingExtra) -> int:
+    """One line, not a usage message: the options were right, a package is missing."""
+    print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+    return 2

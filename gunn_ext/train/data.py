@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from ..extras import require
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -158,16 +160,17 @@ DIGITS_TEST_SIZE = 360
 
 def load_digits_32(split_seed: int = 0):
     """scikit-learn's digits as uint8 ``[N, 1, 32, 32]`` and a fixed stratified split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    datasets = require("sklearn.datasets", "train", "--dataset digits")
+    model_selection = require("sklearn.model_selection", "train", "--dataset digits")
 
-    digits = load_digits()
+    digits = datasets.load_digits()
     small = torch.from_numpy(digits.images).float()[:, None] / 16.0
     images = F.interpolate(small, size=(32, 32), mode="bilinear", align_corners=False)
     images = images.mul(255).round().clamp(0, 255).to(torch.uint8)
     labels = torch.from_numpy(digits.target).long()
-    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_SIZE,
-                                           random_state=split_seed, stratify=digits.target)
+    train_idx, test_idx = model_selection.train_test_split(
+        np.arange(len(labels)), test_size=DIGITS_TEST_SIZE, random_state=split_seed,
+        stratify=digits.target)
     train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
     return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], 10
 
@@ -223,6 +226,7 @@ class ImageFolderImages(Dataset):
 
     def __init__(self, root: Path, train: bool, size: int = 224, resize: int = 256,
                  flip: bool = True, seed: int = 0, classes: list[str] | None = None):
+        require("PIL", "train", "--dataset imagenet (images read with Pillow)")
         self.root, self.train, self.size, self.resize = root, train, size, resize
         self.flip, self.seed = flip, seed
         self.classes, self.samples = _scan_image_folder(root)

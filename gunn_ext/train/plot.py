@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..extras import require
 from .metrics import read_records
+
+PLOT_FEATURE = "training curves (--plot, python -m gunn_ext.train plot)"
 
 
 def epoch_records(run_dir: str | Path) -> list[dict]:
@@ -15,8 +18,7 @@ def epoch_records(run_dir: str | Path) -> list[dict]:
 
 
 def _figure():
-    import matplotlib
-
+    matplotlib = require("matplotlib", "train", PLOT_FEATURE)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

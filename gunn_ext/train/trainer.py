@@ -28,11 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import backends
+from ..extras import require
 from ..models import build_model
 from . import checkpoint, distributed
 from .config import RUNTIME_OPTIONS, TrainConfig
 from .data import ResumableSampler, ShardSampler, load_data, make_loader
 from .metrics import MetricsLog, Progress
+from .plot import PLOT_FEATURE
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -148,6 +151,9 @@ class _Run:
             raise ValueError("--sync-bn needs CUDA devices (nn.SyncBatchNorm has no CPU kernel)")
         if config.amp == "fp16" and context.device.type != "cuda":
             raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+        if config.plot and context.is_main:
+            require("matplotlib", "train", PLOT_FEATURE)
+        backends.resolve(config.backend, context.device.type)
         self.batch = config.batch_size // context.world_size
         if config.threads is not None:
             torch.set_num_threads(config.threads)
