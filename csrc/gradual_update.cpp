@@ -363,6 +363,6 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
 }
 
 // The device registrations: csrc/cpu/gradual_update_cpu.cpp and
-// csrc/cuda/graph_replay.cpp.
+// csrc/cuda/gradual_update_cuda.cpp.
 
 }  // namespace gunn_ext

@@ -1,6 +1,6 @@
 // The device-generic orchestration of the gradual update (gradual_update.cpp),
 // for the device registrations that wrap it (csrc/cpu/gradual_update_cpu.cpp,
-// csrc/cuda/graph_replay.cpp). The flat tensors are laid out as
+// csrc/cuda/gradual_update_cuda.cpp). The flat tensors are laid out as
 // parameter_layout.h describes.
 #pragma once
 
