@@ -101,7 +101,7 @@ def register_layer_op(forward: str, backward: str, stats: Callable[[torch.dtype]
 
 _LOAD_ERROR = load_error()
 if _LOAD_ERROR is None:
-    register_layer_op(f"{_NS}::gradual_update", f"{_NS}::gradual_update_backward", stats_dtype)
+    register_layer_op(f"{_NS}::gradual_update", f"{_NS}::gradual_update_backward", conventions.stats_dtype)
     if has_cuda_kernels():
         from . import native_cuda  # noqa: F401  (the CUDA kernels, through graph replay)
 
