@@ -148,8 +148,8 @@ def test_replaced_parameters_recapture_and_dead_layers_are_dropped():
     layer.load_state_dict(state, assign=True)  # new tensors, the old ones freed
     args = ops.layer_arguments(layer, x, True)
     assert same(replay(*args), torch.ops.gunn_ext.gradual_update(*args))
-    conv1 = layer.units[0].bottlenecks[0].conv1
-    conv1.weight.data = torch.randn_like(conv1.weight)  # the same Parameter, new memory
+    flat = layer.units.conv_weight
+    flat.data = torch.randn_like(flat)  # the same Parameter, new memory
     args = ops.layer_arguments(layer, x, True)
     assert same(replay(*args), torch.ops.gunn_ext.gradual_update(*args))
     stats = replay.stats()
