@@ -369,8 +369,8 @@ def test_simulated_gunn15_run_replays_every_call_from_the_second_epoch():
         eager = torch.ops.gunn_ext.gradual_update_backward(*backward_args)
         assert same(grads, eager), "replayed backward != eager"
         with torch.no_grad():  # SGD in place, and the running statistics
-            torch._foreach_add_([*convs, *weights, *biases], leaves(grads[1:]), alpha=-0.01)
-        ops.update_running_stats(layer.norms(), mean, var, batch * spec["size"] ** 2)
+            torch._foreach_add_([convs, weights, biases], list(grads[1:]), alpha=-0.01)
+        ops.update_running_stats(layer.units, mean, var, batch * spec["size"] ** 2)
 
     for epoch in range(EPOCHS):
         if epoch == 1:
