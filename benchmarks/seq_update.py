@@ -52,7 +52,7 @@ from rich.table import Table
 
 import gunn_ext
 import plot_results
-from gunn_ext import GUNNLayer, SUNNLayer, cuda_graphs
+from gunn_ext import GUNNLayer, SUNNLayer, cuda_graphs, layers
 from gunn_ext.backends import NAMES as BACKEND_NAMES
 
 COMPILE = "compile"
@@ -69,10 +69,11 @@ progress = Console(stderr=True, highlight=False)
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text}")
-    return value
+    """An argparse type: the library's positive-int rule on a command-line value."""
+    try:
+        return layers.positive_int("value", int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

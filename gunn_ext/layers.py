@@ -308,8 +308,7 @@ def _forget_loaded_keys(units: UpdateUnits, incompatible_keys) -> None:
 
 
 def _partition(channels: int, segments: int | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise ValueError(f"channels must be a positive int, got {channels!r}")
+    positive_int("channels", channels)
     if isinstance(segments, bool):
         raise TypeError(f"segments must be an int or a sequence of ints, got {segments!r}")
     if isinstance(segments, int):
@@ -328,7 +327,8 @@ def _partition(channels: int, segments: int | Sequence[int]) -> tuple[int, ...]:
     return sizes
 
 
-def _positive_int(name: str, value) -> int:
+def positive_int(name: str, value) -> int:
+    """``value`` if it is an int >= 1 (not a bool), else a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
@@ -361,8 +361,8 @@ class _SegmentedLayer(nn.Module):
         super().__init__()
         self.channels = channels
         self.segments = _partition(channels, segments)
-        self.expansion = _positive_int("expansion", expansion)
-        self.bottlenecks = _positive_int("bottlenecks", bottlenecks)
+        self.expansion = positive_int("expansion", expansion)
+        self.bottlenecks = positive_int("bottlenecks", bottlenecks)
         if not isinstance(shortcut, bool):
             raise TypeError(f"shortcut must be a bool, got {shortcut!r}")
         self.shortcut = shortcut

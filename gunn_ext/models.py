@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .layers import GUNNLayer, SUNNLayer, init_paper
+from .layers import GUNNLayer, SUNNLayer, init_paper, positive_int
 
 __all__ = [
     "LayerSpec", "Architecture", "GUNNNet", "ARCHITECTURES", "MODELS", "build_model",
@@ -96,8 +96,8 @@ class GUNNNet(nn.Module):
         if arch.layout not in ("cifar", "imagenet"):
             raise ValueError(f"arch.layout must be 'cifar' or 'imagenet', got {arch.layout!r}")
         num_classes = arch.num_classes if num_classes is None else num_classes
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_int("in_channels", in_channels)
+        positive_int("num_classes", num_classes)
+        positive_int("in_channels", in_channels)
         if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
             raise ValueError(f"width must be a positive number, got {width!r}")
         specs = [spec.scaled(width) for spec in arch.layers]
@@ -135,10 +135,6 @@ class GUNNNet(nn.Module):
         """The GUNN/SUNN layers, input to output."""
         return [m for m in self.features if isinstance(m, (GUNNLayer, SUNNLayer))]
 
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _factory(name: str, arch_key: str, layer_type, doc: str) -> Callable[..., GUNNNet]:
