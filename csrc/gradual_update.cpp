@@ -86,39 +86,9 @@ Norms pack_norms(const ParameterLayout& layout, const Tensor& bn_weight, const T
   return n;
 }
 
-// The op's own direct kernel for narrow channels, where the device has one;
-// the library's convolution otherwise.
-bool direct_conv(const FusedKernels& k, const Tensor& w) {
-  return k.conv3x3 != nullptr && w.size(0) <= kDirectConvMaxChannels &&
-         w.size(1) <= kDirectConvMaxChannels;
-}
-
-ImageShape image_shape(const Shape& s) { return {s.batch, s.height, s.width}; }
-
-// The 3x3 convolution (padding 1) of a [rows, Cin] activation: [rows, Cout].
-Tensor conv3x3(const Tensor& a, const Tensor& w, const Shape& s, const FusedKernels& k) {
-  if (direct_conv(k, w)) {
-    Tensor out = at::empty({s.rows(), w.size(0)}, a.options());
-    k.conv3x3(a, w, image_shape(s), out);
-    return out;
-  }
+Tensor conv3x3(const Tensor& a, const Tensor& w, const Shape& s) {
   Tensor out = at::conv2d(as_image(a, s), w, {}, 1, 1);
   return as_rows(out.contiguous(at::MemoryFormat::ChannelsLast));
-}
-
-// Its gradients: dL/da ([rows, Cin]) and dL/dw, from dy = dL/dout ([rows, Cout]).
-std::pair<Tensor, Tensor> conv3x3_backward(const Tensor& dy, const Tensor& a, const Tensor& w,
-                                           const Shape& s, const FusedKernels& k) {
-  if (direct_conv(k, w)) {
-    Tensor da = at::empty({s.rows(), w.size(1)}, a.options());
-    Tensor dw = at::empty(w.sizes(), w.options());
-    k.conv3x3_backward(dy, a, w, image_shape(s), da, dw);
-    return {da, dw};
-  }
-  auto [da, dw, unused] = at::convolution_backward(
-      as_image(dy, s), as_image(a, s), w, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1,
-      {true, true, false});
-  return {as_rows(da), dw};
 }
 
 // Activations of one bottleneck, kept for its backward.
@@ -150,7 +120,7 @@ class Unit {
     Tensor pre1 = t.pre1.narrow(1, skip(m), mid);
     t.act1 = at::empty({shape_.rows(), mid}, pre1.options());
     k_.bn_relu(pre1, norms_.at(layout_.bn1(i_, m)), t.act1);
-    t.pre2 = conv3x3(t.act1, layout_.conv2(i_, m).of(convs_), shape_, k_);
+    t.pre2 = conv3x3(t.act1, layout_.conv2(i_, m).of(convs_), shape_);
     if (compute_stats) stats(t.pre2, layout_.bn2(i_, m));
     t.act2 = at::empty_like(t.pre2);
     k_.bn_relu(t.pre2, norms_.at(layout_.bn2(i_, m)), t.act2);
@@ -233,10 +203,12 @@ class Unit {
       Tensor d_act2 = at::mm(d3, conv3.matrix_of(convs_));
       Tensor d2 = at::empty_like(t.pre2);
       norm_backward(d_act2, t.pre2, layout_.bn2(i_, m), true, grads, d2);
-      auto [d_act1, d_w2] = conv3x3_backward(d2, t.act1, conv2.of(convs_), shape_, k_);
+      auto [d_act1, d_w2, unused] = at::convolution_backward(
+          as_image(d2, shape_), as_image(t.act1, shape_), conv2.of(convs_), std::nullopt, {1, 1},
+          {1, 1}, {1, 1}, false, {0, 0}, 1, {true, true, false});
       conv2.of(grad_convs).copy_(d_w2);
       Tensor d1 = at::empty({shape_.rows(), skip_m + mid}, t.pre1.options());
-      norm_backward(d_act1, t.pre1.narrow(1, skip_m, mid), layout_.bn1(i_, m), true, grads,
+      norm_backward(as_rows(d_act1), t.pre1.narrow(1, skip_m, mid), layout_.bn1(i_, m), true, grads,
                     d1.narrow(1, skip_m, mid));
       if (skip_m) {
         norm_backward(grad_unit, t.pre1.narrow(1, 0, n_), layout_.shortcut_bn(i_), false, grads,

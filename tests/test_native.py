@@ -187,23 +187,3 @@ def test_op_does_not_autocast_inside():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = torch.ops.gunn_ext.gradual_update(*args)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
-
-
-def _library_convolutions(layer, x):
-    """ATen convolution calls made by one forward + backward of ``layer``."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        layer(x).sum().backward()
-    return sum(e.count for e in prof.key_averages()
-               if e.key in ("aten::convolution", "aten::convolution_backward"))
-
-
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_narrow_3x3_runs_the_op_own_kernel(train):
-    """A 3x3 of 8 channels runs the direct kernel, one of 24 the library:
-    both match the reference, and only the wide one calls the library (its
-    forward, its recomputation in the backward, and its backward)."""
-    layer = make_layer(channels=16, segments=[4, 12], backend="native").train(train)
-    x = torch.randn(2, 16, 5, 6, dtype=torch.float64)
-    run_and_compare(layer, twin(layer, "native"), x, train=train, steps=2)
-    assert _library_convolutions(layer, x) == 3
-    assert _library_convolutions(make_layer(channels=16, segments=16, backend="native"), x) == 0
