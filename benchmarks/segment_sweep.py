@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -190,13 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
             console.print(f"[bold red]MISMATCH: {row['backend']} at P = {row['segments']} differs from "
                           f"the float64 reference by {row['error_y']:.2e} (y) / {row['error_dx']:.2e} (dx)[/]")
     report = build_report(rows, args, info)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-        console.print(f"wrote {args.json}")
-    if args.plot:
-        plot_results.plot_sweep(report, args.plot)
-        console.print(f"wrote {args.plot}")
+    seq_update.save_report(report, args, plot_results.plot_sweep, console)
     return report
 
 

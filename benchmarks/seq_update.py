@@ -517,14 +517,19 @@ def main(argv: list[str] | None = None) -> dict:
                           f"{results[0].error_y:.2e} / {results[0].error_dx:.2e}[/]")
 
     report = build_report(results, work, args, info)
+    save_report(report, args, plot_results.plot_results, console)
+    return report
+
+
+def save_report(report: dict, args, plot, console) -> None:
+    """Writes ``report`` to ``args.json`` and its chart, drawn by ``plot``, to ``args.plot``."""
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
         console.print(f"wrote {args.json}")
     if args.plot:
-        plot_results.plot_results(report, args.plot)
+        plot(report, args.plot)
         console.print(f"wrote {args.plot}")
-    return report
 
 
 def exit_status(report: dict) -> int:
