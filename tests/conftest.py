@@ -6,6 +6,18 @@ import torch
 from gunn_ext import GUNNLayer, SUNNLayer
 
 CUDA = pytest.param("cuda", marks=pytest.mark.cuda)
+
+# The layer configurations every backend is checked against the reference on
+# (make_layer's keywords): one segment, one channel per segment, uneven
+# segments, two bottlenecks per unit, another expansion. Odd and tiny, for
+# the Triton interpreter and the CUDA emulator.
+LAYER_CASES = {
+    "P=1": dict(channels=6, segments=1),
+    "P=N": dict(channels=5, segments=5),
+    "uneven": dict(channels=10, segments=[3, 1, 6]),
+    "bottlenecks=2": dict(channels=8, segments=2, bottlenecks=2),
+    "expansion=3": dict(channels=6, segments=[2, 4], expansion=3),
+}
 DEVICES = ["cpu", CUDA]
 
 # Tolerances per dtype on max |a - b| / max(max |b|, 1): relative for large

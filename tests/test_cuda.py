@@ -11,7 +11,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from conftest import (LOW_PRECISION, assert_close, check_against_truth,  # noqa: E402
+from conftest import (LAYER_CASES, LOW_PRECISION, assert_close, check_against_truth,  # noqa: E402
                       forward_backward, make_layer, relative_norm, run_and_compare, twin)
 from gunn_ext import backends, cuda_graphs, ops  # noqa: E402
 
@@ -21,12 +21,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
 ]
 
-CASES = {
-    "P=1": dict(channels=12, segments=1),
-    "P=N": dict(channels=7, segments=7),
-    "uneven": dict(channels=13, segments=[5, 1, 7]),
-    "bottlenecks=2": dict(channels=12, segments=3, bottlenecks=2),
-}
 
 
 @pytest.fixture
@@ -45,11 +39,11 @@ def _fresh_graph_cache():
     cuda_graphs.clear()
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", LAYER_CASES)
 @pytest.mark.parametrize("shortcut", [True, False], ids=["shortcut", "plain"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_float32_matches_reference(case, shortcut, train):
-    layer = make_layer(shortcut=shortcut, dtype=torch.float32, device="cuda", **CASES[case])
+    layer = make_layer(shortcut=shortcut, dtype=torch.float32, device="cuda", **LAYER_CASES[case])
     x = torch.randn(4, layer.channels, 7, 5, device="cuda")
     run_and_compare(layer, twin(layer, "native"), x, train=train, steps=3)
 

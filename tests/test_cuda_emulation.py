@@ -21,8 +21,8 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from conftest import (LOW_PRECISION, TOLERANCE, check_against_truth, forward_backward,
-                      make_layer, relative_norm, run_and_compare, twin)
+from conftest import (LAYER_CASES, LOW_PRECISION, TOLERANCE, check_against_truth,
+                      forward_backward, make_layer, relative_norm, run_and_compare, twin)
 from gunn_ext import conventions, ops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,19 +63,13 @@ class Emulated(torch.nn.Module):
         return ops.run_layer_op(self.op, self.layer, x)
 
 
-CASES = {
-    "P=1": dict(channels=6, segments=1),
-    "P=N": dict(channels=5, segments=5),
-    "uneven": dict(channels=10, segments=[3, 1, 6]),
-    "bottlenecks=2": dict(channels=8, segments=2, bottlenecks=2),
-}
 
 
 @pytest.mark.parametrize("kind", ["gunn", "sunn"])
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", LAYER_CASES)
 @pytest.mark.parametrize("shortcut", [True, False], ids=["shortcut", "plain"])
 def test_matches_reference_float64(emulated_op, kind, case, shortcut):
-    layer = make_layer(kind, shortcut=shortcut, **CASES[case])
+    layer = make_layer(kind, shortcut=shortcut, **LAYER_CASES[case])
     x = torch.randn(2, layer.channels, 7, 5, dtype=torch.float64)
     emulated = Emulated(twin(layer, "reference"), emulated_op)
     run_and_compare(layer, emulated, x, train=True, steps=2)

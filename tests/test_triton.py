@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 
-from conftest import (LOW_PRECISION, TOLERANCE, assert_close, check_against_truth, forward_backward, make_layer,
-                      relative_norm, run_and_compare, twin)
+from conftest import (LAYER_CASES, LOW_PRECISION, TOLERANCE, assert_close, check_against_truth,
+                      forward_backward, make_layer, relative_norm, run_and_compare, twin)
 from gunn_ext import backends
 
 pytestmark = [pytest.mark.skipif(not backends.INSTALL["triton_installed"], reason="triton is not installed"),
@@ -37,14 +37,10 @@ def test_interpreted_suite():
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-6000:] + result.stderr[-2000:]
 
 
-CASES = {
-    "P=1": dict(channels=4, segments=1),
-    "P=N": dict(channels=4, segments=4, shortcut=False),
-    "uneven": dict(channels=8, segments=[3, 5]),
-    "bottlenecks=2": dict(channels=6, segments=2, bottlenecks=2),
-    "bottlenecks=2, no shortcut": dict(channels=6, segments=[4, 2], bottlenecks=2, shortcut=False),
-    "sunn": dict(kind="sunn", channels=6, segments=[2, 4]),
-}
+# The shared cases, and the shortcut-free and SUNN variants of two of them.
+CASES = {**LAYER_CASES,
+         "P=N, no shortcut": dict(LAYER_CASES["P=N"], shortcut=False),
+         "sunn": dict(LAYER_CASES["uneven"], kind="sunn")}
 SHAPES = {"5x6": (2, 5, 6), "batch 1, 3x7": (1, 3, 7)}
 
 
