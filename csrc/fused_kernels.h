@@ -18,6 +18,15 @@ struct Norm {
   Norm slice(int64_t start, int64_t length) const;
 };
 
+// The spatial shape of the [rows, C] matrices: rows = batch * height * width.
+struct ImageShape {
+  int64_t batch, height, width;
+};
+
+// Channel counts up to which a 3x3 convolution runs as the op's own direct
+// kernel: below it a library call costs more than the arithmetic.
+constexpr int64_t kDirectConvMaxChannels = 16;
+
 struct FusedKernels {
   // mean and biased variance of every column of x.
   void (*column_stats)(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var);
@@ -34,6 +43,15 @@ struct FusedKernels {
   void (*bn_backward_apply)(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
                             bool has_relu, bool training, const at::Tensor& sum_dy,
                             const at::Tensor& sum_dy_xhat, const at::Tensor& dx);
+  // Direct 3x3 convolution, stride 1, zero padding 1, of [rows, Cin] into
+  // [rows, Cout] (contiguous), Cin and Cout <= kDirectConvMaxChannels; w is
+  // [Cout, Cin, 3, 3]. nullptr where a device has none (the library runs).
+  void (*conv3x3)(const at::Tensor& x, const at::Tensor& w, const ImageShape& s,
+                  const at::Tensor& out) = nullptr;
+  // Its input gradient dx ([rows, Cin], contiguous) and weight gradient dw
+  // ([Cout, Cin, 3, 3], contiguous) from dy ([rows, Cout]).
+  void (*conv3x3_backward)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                           const ImageShape& s, const at::Tensor& dx, const at::Tensor& dw) = nullptr;
 };
 
 const FusedKernels& fused_kernels(c10::DeviceType device);

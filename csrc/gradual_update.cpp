@@ -1,7 +1,9 @@
 // The gradual update of a whole layer, forward and backward (Algorithm 1),
-// for any device that has fused kernels: GEMMs and the 3x3 convolution go
-// through ATen (BLAS / oneDNN on the CPU, cuBLAS / cuDNN on the GPU), the
-// BatchNorm, ReLU and residual work through fused_kernels.h.
+// for any device that has fused kernels: GEMMs go through ATen (BLAS on the
+// CPU, cuBLAS on the GPU), and so do 3x3 convolutions of more than
+// kDirectConvMaxChannels channels (oneDNN, cuDNN); narrower ones, and the
+// BatchNorm, ReLU and residual work, run the device's fused_kernels.h.
+// Narrow segments run their first GEMMs in blocks (delayed updates, below).
 //
 // Layout: the layer's state is a [rows, N] matrix, rows = B*H*W, channels
 // contiguous (channels_last). Segment c_i is a column block of it, updated in
@@ -86,9 +88,39 @@ Norms pack_norms(const ParameterLayout& layout, const Tensor& bn_weight, const T
   return n;
 }
 
-Tensor conv3x3(const Tensor& a, const Tensor& w, const Shape& s) {
+// The op's own direct kernel for narrow channels, where the device has one;
+// the library's convolution otherwise.
+bool direct_conv(const FusedKernels& k, const Tensor& w) {
+  return k.conv3x3 != nullptr && w.size(0) <= kDirectConvMaxChannels &&
+         w.size(1) <= kDirectConvMaxChannels;
+}
+
+ImageShape image_shape(const Shape& s) { return {s.batch, s.height, s.width}; }
+
+// The 3x3 convolution (padding 1) of a [rows, Cin] activation: [rows, Cout].
+Tensor conv3x3(const Tensor& a, const Tensor& w, const Shape& s, const FusedKernels& k) {
+  if (direct_conv(k, w)) {
+    Tensor out = at::empty({s.rows(), w.size(0)}, a.options());
+    k.conv3x3(a, w, image_shape(s), out);
+    return out;
+  }
   Tensor out = at::conv2d(as_image(a, s), w, {}, 1, 1);
   return as_rows(out.contiguous(at::MemoryFormat::ChannelsLast));
+}
+
+// Its input gradient dL/da ([rows, Cin]), and dL/dw written into dw, from dy = dL/dout.
+Tensor conv3x3_backward(const Tensor& dy, const Tensor& a, const Tensor& w, const Shape& s,
+                        const FusedKernels& k, const Tensor& dw) {
+  if (direct_conv(k, w)) {
+    Tensor da = at::empty({s.rows(), w.size(1)}, a.options());
+    k.conv3x3_backward(dy, a, w, image_shape(s), da, dw);
+    return da;
+  }
+  auto [da, d_w, unused] = at::convolution_backward(
+      as_image(dy, s), as_image(a, s), w, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1,
+      {true, true, false});
+  dw.copy_(d_w);
+  return as_rows(da);
 }
 
 // Activations of one bottleneck, kept for its backward.
@@ -120,7 +152,7 @@ class Unit {
     Tensor pre1 = t.pre1.narrow(1, skip(m), mid);
     t.act1 = at::empty({shape_.rows(), mid}, pre1.options());
     k_.bn_relu(pre1, norms_.at(layout_.bn1(i_, m)), t.act1);
-    t.pre2 = conv3x3(t.act1, layout_.conv2(i_, m).of(convs_), shape_);
+    t.pre2 = conv3x3(t.act1, layout_.conv2(i_, m).of(convs_), shape_, k_);
     if (compute_stats) stats(t.pre2, layout_.bn2(i_, m));
     t.act2 = at::empty_like(t.pre2);
     k_.bn_relu(t.pre2, norms_.at(layout_.bn2(i_, m)), t.act2);
@@ -140,26 +172,19 @@ class Unit {
     }
   }
 
-  // Runs the unit on `source` ([rows, N]); adds U(source) into `target`
-  // ([rows, n] column block of the state). Returns the tape.
-  std::vector<BottleneckTape> forward(const Tensor& source, Tensor target, bool compute_stats,
-                                      const std::optional<std::pair<Tensor, Tensor>>& split = {}) const {
+  // Runs the unit from `pre1`, the first GEMM's output ([rows, F] with F =
+  // first_weight(0).size(0)); adds U(state) into `target` ([rows, n] column
+  // block of the state). Returns the tape.
+  std::vector<BottleneckTape> forward(const Tensor& pre1, Tensor target, bool compute_stats) const {
     std::vector<BottleneckTape> tape(layout_.bottlenecks);
     Tensor h;
     for (int64_t m = 0; m < layout_.bottlenecks; ++m) {
       BottleneckTape& t = tape[m];
-      const Tensor w = first_weight(m);
       if (m > 0) {
         t.input = h;
-        t.pre1 = at::mm(h, w.t());
-      } else if (split) {
-        // The state before update i: y on segments < i, x from segment i on.
-        const auto& [updated, original] = *split;
-        t.pre1 = at::mm(original.narrow(1, start_, original.size(1) - start_),
-                        w.narrow(1, start_, w.size(1) - start_).t());
-        if (start_ > 0) t.pre1.addmm_(updated.narrow(1, 0, start_), w.narrow(1, 0, start_).t());
+        t.pre1 = at::mm(h, first_weight(m).t());
       } else {
-        t.pre1 = at::mm(source, w.t());
+        t.pre1 = pre1;
       }
       bottleneck_tail(m, t, compute_stats);
       const bool last = m + 1 == layout_.bottlenecks;
@@ -186,12 +211,13 @@ class Unit {
     k_.bn_backward_apply(dout, pre, norm, has_relu, training_, g.bias, g.weight, dpre);
   }
 
-  // Backpropagates dL/dU through the unit. Adds dL/dstate into `grad_state`
-  // ([rows, N]); the weight gradients go to their slots of `grad_convs` (flat
-  // like conv_weight), the BN ones to `grads`.
-  void backward(const std::vector<BottleneckTape>& tape, Tensor grad_unit, Tensor& grad_state,
-                const std::pair<Tensor, Tensor>& state, const Tensor& grad_convs,
-                const Norms& grads) const {
+  // Backpropagates dL/dU through the unit, down to d1, the gradient of the
+  // first GEMM's output, written into `d1_first` ([rows, F]); the caller
+  // turns d1 into the gradients of the state and of the first weight. The
+  // other weight gradients go to their slots of `grad_convs` (flat like
+  // conv_weight), the BN ones to `grads`.
+  void backward(const std::vector<BottleneckTape>& tape, Tensor grad_unit, const Tensor& d1_first,
+                const Tensor& grad_convs, const Norms& grads) const {
     for (int64_t m = layout_.bottlenecks - 1; m >= 0; --m) {
       const BottleneckTape& t = tape[m];
       const int64_t mid = layout_.mid(i_), skip_m = skip(m);
@@ -203,33 +229,19 @@ class Unit {
       Tensor d_act2 = at::mm(d3, conv3.matrix_of(convs_));
       Tensor d2 = at::empty_like(t.pre2);
       norm_backward(d_act2, t.pre2, layout_.bn2(i_, m), true, grads, d2);
-      auto [d_act1, d_w2, unused] = at::convolution_backward(
-          as_image(d2, shape_), as_image(t.act1, shape_), conv2.of(convs_), std::nullopt, {1, 1},
-          {1, 1}, {1, 1}, false, {0, 0}, 1, {true, true, false});
-      conv2.of(grad_convs).copy_(d_w2);
-      Tensor d1 = at::empty({shape_.rows(), skip_m + mid}, t.pre1.options());
-      norm_backward(as_rows(d_act1), t.pre1.narrow(1, skip_m, mid), layout_.bn1(i_, m), true, grads,
+      const Tensor d_act1 =
+          conv3x3_backward(d2, t.act1, conv2.of(convs_), shape_, k_, conv2.of(grad_convs));
+      Tensor d1 = m == 0 ? d1_first : at::empty({shape_.rows(), skip_m + mid}, t.pre1.options());
+      norm_backward(d_act1, t.pre1.narrow(1, skip_m, mid), layout_.bn1(i_, m), true, grads,
                     d1.narrow(1, skip_m, mid));
       if (skip_m) {
         norm_backward(grad_unit, t.pre1.narrow(1, 0, n_), layout_.shortcut_bn(i_), false, grads,
                       d1.narrow(1, 0, n_));
       }
-      const Tensor w = first_weight(m);
-      Tensor dw = layout_.first_gemm(i_, m).of(grad_convs);  // [shortcut; conv1] as one matrix
       if (m > 0) {
+        Tensor dw = layout_.first_gemm(i_, m).of(grad_convs);  // [shortcut; conv1] as one matrix
         at::mm_out(dw, d1.t(), t.input);
-        grad_unit = at::addmm(grad_unit, d1, w);  // h_m = h_{m-1} + B_m(h_{m-1})
-      } else {
-        // dW = d1^T state, the state split by columns as in forward.
-        const auto& [updated, original] = state;
-        const int64_t from = updated.defined() ? start_ : 0;
-        if (from > 0) {
-          Tensor head = dw.narrow(1, 0, from);
-          at::mm_out(head, d1.t(), updated.narrow(1, 0, from));
-        }
-        Tensor tail = dw.narrow(1, from, w.size(1) - from);
-        at::mm_out(tail, d1.t(), original.narrow(1, from, w.size(1) - from));
-        grad_state.addmm_(d1, w);  // Eq. 6: the identity path is already in grad_state
+        grad_unit = at::addmm(grad_unit, d1, first_weight(m));  // h_m = h_{m-1} + B_m(h_{m-1})
       }
     }
   }
@@ -250,6 +262,72 @@ class Unit {
 };
 
 Shape shape_of(const Tensor& x) { return {x.size(0), x.size(1), x.size(2), x.size(3)}; }
+
+// Delayed updates: consecutive narrow segments run their first GEMMs as one.
+//
+// While the segments of a block (columns [begin, end)) update, the state
+// outside the block does not change, so the first GEMM of segment j splits
+// into one product over the outside columns, shared by the block (one pass
+// over the state per block, not per segment), and one over the block's own
+// columns as segment j sees them:
+//   pre1_j = S[:, out] W_j[:, out]^T + S_j[:, begin:end] W_j[:, begin:end]^T
+// The backward delays Eq. 6's g += d1_j W_j to the block's end: segment j
+// reads g[:, c_j] plus the terms of the block's later segments,
+//   g_j = g[:, c_j] + sum_{k > j in block} d1_k W_k[:, c_j],
+// and dW_j = d1_j^T S_j is one GEMM per block plus, for the block's columns
+// that segment j saw updated, d1_j^T (y - x)[:, begin:start_j].
+// The arithmetic is the same; only the shape of the GEMMs changes.
+constexpr int64_t kBlockChannels = 32;
+
+struct Block {
+  int64_t first, last;           // segments [first, last)
+  int64_t begin, end;            // their columns
+  std::vector<int64_t> offsets;  // each segment's rows in `weight`; back() = F
+  Tensor weight;                 // [F, N]: the segments' first-GEMM weights, stacked
+
+  bool single() const { return last - first == 1; }
+  int64_t width() const { return end - begin; }
+  // Segment j's columns of a [rows, F] block matrix (or rows of an [F, N] one).
+  Tensor of(const Tensor& t, int64_t j, int64_t dim = 1) const {
+    const int64_t k = j - first;
+    return t.narrow(dim, offsets[k], offsets[k + 1] - offsets[k]);
+  }
+  // The columns (rows) of segments after j.
+  Tensor after(const Tensor& t, int64_t j, int64_t dim = 1) const {
+    const int64_t from = offsets[j + 1 - first];
+    return t.narrow(dim, from, offsets.back() - from);
+  }
+};
+
+std::vector<Block> blocks_of(const ParameterLayout& layout, const Tensor& conv_weight) {
+  std::vector<Block> blocks;
+  const int64_t count = static_cast<int64_t>(layout.segments.size());
+  for (int64_t i = 0; i < count;) {
+    Block b{i, i, layout.starts[i], layout.starts[i], {0}, Tensor()};
+    do {
+      b.end += layout.segments[b.last];
+      b.offsets.push_back(b.offsets.back() + layout.first_gemm(b.last, 0).shape[0]);
+      ++b.last;
+    } while (b.last < count && b.width() + layout.segments[b.last] <= kBlockChannels);
+    std::vector<Tensor> weights;
+    for (int64_t j = b.first; j < b.last; ++j) {
+      weights.push_back(layout.first_gemm(j, 0).of(conv_weight));
+    }
+    b.weight = b.single() ? weights[0] : at::cat(weights);
+    blocks.push_back(std::move(b));
+    i = blocks.back().last;
+  }
+  return blocks;
+}
+
+// a[:, cols] w[:, cols]^T for the columns [from, to) of a [rows, N] matrix,
+// added into out when `accumulate`.
+void product(Tensor& out, bool accumulate, const Tensor& a, const Tensor& w, int64_t from,
+             int64_t to) {
+  const Tensor lhs = a.narrow(1, from, to - from), rhs = w.narrow(1, from, to - from).t();
+  if (accumulate) out.addmm_(lhs, rhs);
+  else out = at::mm(lhs, rhs);
+}
 
 }  // namespace
 
@@ -276,12 +354,28 @@ ForwardResult gradual_update(const Tensor& x, const Tensor& conv_weight, const T
   const Norms norms = pack_norms(layout, bn_weight, bn_bias, eps, mean, var);
   const FusedKernels& kernels = fused_kernels(x.device().type());
 
-  Tensor input = as_rows(x);
+  const Tensor input = as_rows(x);
   Tensor state = input.clone();  // also the output buffer, updated in place
-  for (size_t i = 0; i < layout.segments.size(); ++i) {
-    const Unit unit(layout, training, conv_weight, norms, shape, kernels, i);
-    unit.forward(sequential ? state : input,
-                 state.narrow(1, layout.starts[i], layout.segments[i]), training);
+  const int64_t channels = layout.channels;
+  for (const Block& b : blocks_of(layout, conv_weight)) {
+    // The first GEMMs of the block over the columns that stay fixed while it runs.
+    Tensor pre;
+    if (!sequential || b.single()) {
+      pre = at::mm(sequential ? state : input, b.weight.t());
+    } else if (b.begin == 0 && b.end == channels) {
+      pre = at::zeros({shape.rows(), b.offsets.back()}, state.options());
+    } else {
+      if (b.begin > 0) product(pre, false, state, b.weight, 0, b.begin);
+      if (b.end < channels) product(pre, b.begin > 0, state, b.weight, b.end, channels);
+    }
+    for (int64_t i = b.first; i < b.last; ++i) {
+      Tensor pre1 = b.of(pre, i);
+      if (sequential && !b.single()) {
+        product(pre1, true, state, b.of(b.weight, i, 0), b.begin, b.end);
+      }
+      const Unit unit(layout, training, conv_weight, norms, shape, kernels, i);
+      unit.forward(pre1, state.narrow(1, layout.starts[i], layout.segments[i]), training);
+    }
   }
   return {in_layout_of(state, shape, x), norms.all.mean, norms.all.var};
 }
@@ -321,14 +415,58 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
   const bool owned = !incoming.is_alias_of(grad_y);
   Tensor grad = (owned && sequential) ? incoming : incoming.clone();
   const Tensor read_from = sequential ? grad : incoming;
-  const std::pair<Tensor, Tensor> state{updated, original};
-  for (int64_t i = static_cast<int64_t>(layout.segments.size()) - 1; i >= 0; --i) {
-    const Unit unit(layout, training, conv_weight, norms, shape, kernels, i);
-    Tensor scratch = at::empty({shape.rows(), layout.segments[i]}, x.options());
-    auto tape = sequential ? unit.forward(Tensor(), scratch, false, state)
-                           : unit.forward(original, scratch, false);
-    unit.backward(tape, read_from.narrow(1, layout.starts[i], layout.segments[i]), grad, state,
-                  grad_convs, grads);
+  const int64_t channels = layout.channels, rows = shape.rows();
+  const auto blocks = blocks_of(layout, conv_weight);
+  for (auto b = blocks.rbegin(); b != blocks.rend(); ++b) {
+    // The state before segment i is y on the columns before c_i, x from c_i on.
+    Tensor pre, delta;
+    if (sequential) {
+      if (b->begin > 0) product(pre, false, updated, b->weight, 0, b->begin);
+      product(pre, b->begin > 0, original, b->weight, b->begin, channels);
+      if (!b->single()) {
+        delta = updated.narrow(1, b->begin, b->width()) - original.narrow(1, b->begin, b->width());
+      }
+    } else {
+      pre = at::mm(original, b->weight.t());
+    }
+    const Tensor d1 = at::empty({rows, b->offsets.back()}, x.options());
+    for (int64_t i = b->last - 1; i >= b->first; --i) {
+      const int64_t start = layout.starts[i], n = layout.segments[i];
+      const Tensor weight = b->of(b->weight, i, 0);
+      Tensor pre1 = b->of(pre, i);
+      if (delta.defined() && start > b->begin) {
+        const int64_t seen = start - b->begin;  // block columns updated before segment i
+        pre1.addmm_(delta.narrow(1, 0, seen), weight.narrow(1, b->begin, seen).t());
+      }
+      const Unit unit(layout, training, conv_weight, norms, shape, kernels, i);
+      Tensor scratch = at::empty({rows, n}, x.options());
+      const auto tape = unit.forward(pre1, scratch, false);
+      Tensor grad_unit = read_from.narrow(1, start, n);
+      if (sequential && i + 1 < b->last) {  // the block's later segments, not yet in grad
+        const Tensor later = b->after(b->weight, i, 0).narrow(1, start, n);
+        grad_unit = at::addmm(grad_unit, b->after(d1, i), later);
+      }
+      unit.backward(tape, grad_unit, b->of(d1, i), grad_convs, grads);
+    }
+    // The block's first-GEMM gradients: dW = d1^T (state), then g += d1 W (Eq. 6).
+    Tensor dw = b->single() ? layout.first_gemm(b->first, 0).of(grad_convs)
+                            : at::empty(b->weight.sizes(), b->weight.options());
+    const int64_t from = sequential ? b->begin : 0;
+    if (from > 0) {
+      Tensor head = dw.narrow(1, 0, from);
+      at::mm_out(head, d1.t(), updated.narrow(1, 0, from));
+    }
+    Tensor tail = dw.narrow(1, from, channels - from);
+    at::mm_out(tail, d1.t(), original.narrow(1, from, channels - from));
+    for (int64_t i = b->first; i < b->last; ++i) {
+      const int64_t seen = layout.starts[i] - b->begin;  // block columns updated before segment i
+      if (delta.defined() && seen > 0) {
+        Tensor dw_seen = b->of(dw, i, 0).narrow(1, b->begin, seen);
+        dw_seen.addmm_(b->of(d1, i).t(), delta.narrow(1, 0, seen));
+      }
+      if (!b->single()) layout.first_gemm(i, 0).of(grad_convs).copy_(b->of(dw, i, 0));
+    }
+    grad.addmm_(d1, b->weight);
   }
   return {in_layout_of(grad, shape, x), grad_convs, grads.all.weight.to(bn_weight.scalar_type()),
           grads.all.bias.to(bn_bias.scalar_type())};

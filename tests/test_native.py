@@ -4,27 +4,20 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICES, make_layer, run_and_compare, twin
-from gunn_ext import ops
+from conftest import DEVICES, LAYER_CASES, make_layer, run_and_compare, twin
+from gunn_ext import GUNNLayer, ops
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-CASES = {
-    "P=1": dict(channels=6, segments=1),
-    "P=N": dict(channels=5, segments=5),
-    "uneven": dict(channels=10, segments=[3, 1, 6]),
-    "bottlenecks=2": dict(channels=8, segments=2, bottlenecks=2),
-    "expansion=3": dict(channels=6, segments=[2, 4], expansion=3),
-}
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["gunn", "sunn"])
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", LAYER_CASES)
 @pytest.mark.parametrize("shortcut", [True, False], ids=["shortcut", "plain"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_matches_reference_float64(device, kind, case, shortcut, train):
-    layer = make_layer(kind, shortcut=shortcut, device=device, **CASES[case])
+    layer = make_layer(kind, shortcut=shortcut, device=device, **LAYER_CASES[case])
     x = torch.randn(2, layer.channels, 7, 5, dtype=torch.float64, device=device)
     run_and_compare(layer, twin(layer, "native"), x, train=train, steps=2)
 
@@ -187,3 +180,55 @@ def test_op_does_not_autocast_inside():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = torch.ops.gunn_ext.gradual_update(*args)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("kind", ["gunn", "sunn"])
+@pytest.mark.parametrize("segments", [70, [3, 30, 1, 1, 2, 28, 5]], ids=["P=N", "uneven"])
+def test_blocks_of_narrow_segments_match_reference(kind, segments):
+    """Narrow segments share their first GEMMs in blocks (delayed updates); a
+    wide segment is a block of its own."""
+    layer = make_layer(kind, channels=70, segments=segments)
+    x = torch.randn(2, 70, 3, 5, dtype=torch.float64)
+    run_and_compare(layer, twin(layer, "native"), x, train=True, steps=2)
+    run_and_compare(layer, twin(layer, "native"), x, train=False)
+
+
+def _state_wide_gemms(layer, x):
+    """GEMMs in one forward + backward that read at least half the layer's
+    [rows, N] state (an operand of [rows, k], k >= N / 2)."""
+    rows = x.shape[0] * x.shape[2] * x.shape[3]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        layer(x).backward(torch.ones_like(x))
+    return sum(1 for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::addmm_")
+               for shape in e.input_shapes if len(shape) == 2 and shape[0] == rows and 2 * shape[1] >= x.shape[1])
+
+
+def test_narrow_segments_read_the_state_once_per_block():
+    """The state is read once per block of narrow segments, not once per
+    segment: P = N = 240 makes no more wide GEMMs than P = 20 (one segment
+    at a time, it would be 4 per segment: 960)."""
+    x = torch.randn(2, 240, 2, 2)
+    wide = _state_wide_gemms(GUNNLayer(240, 240, backend="native"), x)
+    assert wide <= _state_wide_gemms(GUNNLayer(240, 20, backend="native"), x)
+    assert wide <= 40
+
+
+def _library_convolutions(layer, x):
+    """ATen convolution calls made by one forward + backward of ``layer``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        layer(x).sum().backward()
+    return sum(e.count for e in prof.key_averages()
+               if e.key in ("aten::convolution", "aten::convolution_backward"))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_narrow_3x3_runs_the_op_own_kernel(train):
+    """A 3x3 of 8 channels runs the op's direct kernel, one of 24 the library:
+    both match the reference, and only the wide one calls the library (its
+    forward, its recomputation in the backward, and its backward)."""
+    layer = make_layer(channels=16, segments=[4, 12])
+    x = torch.randn(2, 16, 5, 6, dtype=torch.float64)
+    native = twin(layer, "native")
+    run_and_compare(layer, native, x, train=train, steps=2)
+    assert _library_convolutions(native.train(train), x) == 3
+    assert _library_convolutions(make_layer(channels=16, segments=16, backend="native"), x) == 0

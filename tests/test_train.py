@@ -172,7 +172,11 @@ def test_sync_batchnorm_converts_only_the_plain_batchnorms():
 def test_digits_smoke_run_learns(tmp_path):
     result = fit(TrainConfig(model="gunn15", dataset="digits", width=0.1, epochs=5, out=str(tmp_path),
                              progress=False, plot=True, threads=1))
-    assert result.final_test_accuracy >= 0.7  # 0.758 measured; the full 15-epoch recipe reaches 0.975
+    # Chance is 0.1. Five epochs of this tiny model land between 0.60 and 0.76
+    # across seeds and backends: float32 rounding alone moves a run that much
+    # (the native and reference backends agree to 1e-12 in float64). The full
+    # 15-epoch recipe reaches 0.975 (test_digits_smoke_run_reaches_95_percent).
+    assert result.final_test_accuracy >= 0.5
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "../bn_math.h"
-#include "../fused_kernels.h"
+#include "fused_kernels_cpu.h"
 
 namespace gunn_ext {
 namespace {
@@ -233,7 +233,7 @@ void bn_backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const Norm
 const FusedKernelsRegistration registration(
     c10::DeviceType::CPU,
     FusedKernels{column_stats_cpu, bn_relu_cpu, bn_add_cpu, bn_backward_reduce_cpu,
-                 bn_backward_apply_cpu});
+                 bn_backward_apply_cpu, conv3x3_cpu, conv3x3_backward_cpu});
 
 }  // namespace
 }  // namespace gunn_ext
