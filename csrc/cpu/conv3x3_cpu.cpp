@@ -3,19 +3,21 @@
 //
 // With p a pixel (b, h, w) and t = (ky, kx) a tap, offset d_t = (ky - 1, kx - 1),
 // zero outside the image:
-//   out[p, co] = sum_t sum_ci x[p + d_t, ci] w[co, ci, t]
-//   dx[p, ci]  = sum_t sum_co dy[p - d_t, co] w[co, ci, t]
+//   out[p, co] = sum_ci sum_t x[p + d_t, ci] w[co, ci, t]
+//   dx[p, ci]  = sum_co sum_t dy[p - d_t, co] w[co, ci, t]
 //   dw[co, ci, t] = sum_p dy[p, co] x[p + d_t, ci]
-// Each output pixel sums its taps in a fixed order, and the weight gradient
-// sums fixed chunks of image rows combined in chunk order, in double, so the
-// results do not depend on the number of threads.
+// With a few channels, a loop over channels is too short to vectorise, so the
+// kernels first transpose the [rows, C] matrices into one plane per channel
+// and run their inner loops along image rows. Each output sums its terms in a
+// fixed order, and the weight gradient sums fixed chunks of image rows
+// combined in chunk order, in double, so results do not depend on the number
+// of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
-#include <array>
 #include <vector>
 
 #include "fused_kernels_cpu.h"
@@ -23,112 +25,101 @@
 namespace gunn_ext {
 namespace {
 
-constexpr int64_t kPixelGrain = 256;
+constexpr int64_t kPixelGrain = 1024;
 
-// A [rows, C] matrix (unit column stride) seen as an image of pixels.
-template <typename T>
-struct PixelMatrix {
-  T* data;
-  int64_t ld, height, width;
-  T* at(int64_t b, int64_t h, int64_t w) const { return data + ((b * height + h) * width + w) * ld; }
-};
-
-template <typename T>
-PixelMatrix<T> pixels(const at::Tensor& m, const ImageShape& s) {
-  return {const_cast<T*>(m.const_data_ptr<T>()), m.stride(0), s.height, s.width};
-}
-
-// w[co, ci, t] rearranged as taps[t][a][b]: (a, b) = (ci, co) when
-// `input_major`, else (co, ci), so the innermost loop runs over contiguous b.
+// The columns of a [rows, C] matrix (unit column stride) as C planes of
+// `rows` values, in the arithmetic type.
 template <typename acc_t, typename scalar_t>
-std::vector<acc_t> taps_of(const at::Tensor& w, bool input_major) {
-  const int64_t cout = w.size(0), cin = w.size(1);
-  const at::Tensor dense = w.contiguous();
-  const scalar_t* pw = dense.const_data_ptr<scalar_t>();
-  std::vector<acc_t> taps(9 * cin * cout);
-  for (int64_t co = 0; co < cout; ++co)
-    for (int64_t ci = 0; ci < cin; ++ci)
-      for (int64_t t = 0; t < 9; ++t) {
-        const int64_t inner = input_major ? ci * cout + co : co * cin + ci;
-        taps[t * cin * cout + inner] = acc_t(pw[(co * cin + ci) * 9 + t]);
-      }
-  return taps;
+std::vector<acc_t> planes_of(const at::Tensor& m) {
+  const int64_t rows = m.size(0), cols = m.size(1), ld = m.stride(0);
+  const scalar_t* p = m.const_data_ptr<scalar_t>();
+  std::vector<acc_t> planes(rows * cols);
+  at::parallel_for(0, rows, kPixelGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t c = 0; c < cols; ++c) planes[c * rows + r] = acc_t(p[r * ld + c]);
+  });
+  return planes;
 }
 
-// out[p, :] = sum_t in[p + sign * d_t, :] . taps[t], for every pixel p:
-// the forward (sign 1, taps [ci][co]) and the input gradient (sign -1, [co][ci]).
-template <typename scalar_t>
-void correlate(const at::Tensor& in, const std::vector<at::opmath_type<scalar_t>>& taps,
-               int64_t cin, int64_t cout, int sign, const ImageShape& s, const at::Tensor& out) {
+// out[p, b] = sum_a sum_t in[p + sign d_t, a] w_t[a, b], in planes: the
+// forward (a = ci, b = co, sign 1) and the input gradient (a = co, b = ci,
+// sign -1). `tap(a, b, t)` reads w. Parallel over image rows.
+template <typename scalar_t, typename Tap>
+void correlate(const std::vector<at::opmath_type<scalar_t>>& in, int64_t a_n, int64_t b_n, Tap tap,
+               int sign, const ImageShape& s, const at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const auto src = pixels<const scalar_t>(in, s);
-  const auto dst = pixels<scalar_t>(out, s);
-  const int64_t lines = s.batch * s.height;
-  const int64_t grain = std::max<int64_t>(1, kPixelGrain / s.width);
+  const int64_t rows = s.batch * s.height * s.width, lines = s.batch * s.height, W = s.width;
+  scalar_t* po = out.data_ptr<scalar_t>();
+  const int64_t ldo = out.stride(0);
+  const int64_t grain = std::max<int64_t>(1, kPixelGrain / W);
   at::parallel_for(0, lines, grain, [&](int64_t begin, int64_t end) {
-    std::array<acc_t, kDirectConvMaxChannels> acc;
+    std::vector<acc_t> acc(W);
     for (int64_t line = begin; line < end; ++line) {
       const int64_t b = line / s.height, h = line % s.height;
-      for (int64_t x = 0; x < s.width; ++x) {
-        std::fill(acc.begin(), acc.begin() + cout, acc_t(0));
-        for (int64_t t = 0; t < 9; ++t) {
-          const int64_t hh = h + sign * (t / 3 - 1), xx = x + sign * (t % 3 - 1);
-          if (hh < 0 || hh >= s.height || xx < 0 || xx >= s.width) continue;
-          const scalar_t* v = src.at(b, hh, xx);
-          const acc_t* tap = taps.data() + t * cin * cout;
-          for (int64_t ci = 0; ci < cin; ++ci) {
-            const acc_t a = acc_t(v[ci]);
-            const acc_t* row = tap + ci * cout;
-            for (int64_t co = 0; co < cout; ++co) acc[co] += a * row[co];
+      for (int64_t ob = 0; ob < b_n; ++ob) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t ia = 0; ia < a_n; ++ia) {
+          for (int64_t t = 0; t < 9; ++t) {
+            const int64_t hh = h + sign * (t / 3 - 1), dx = sign * (t % 3 - 1);
+            if (hh < 0 || hh >= s.height) continue;
+            const acc_t* src = in.data() + ia * rows + (b * s.height + hh) * W + dx;
+            const acc_t w = tap(ia, ob, t);
+            const int64_t x0 = std::max<int64_t>(0, -dx), x1 = std::min<int64_t>(W, W - dx);
+            for (int64_t x = x0; x < x1; ++x) acc[x] += w * src[x];
           }
         }
-        scalar_t* o = dst.at(b, h, x);
-        for (int64_t co = 0; co < cout; ++co) o[co] = scalar_t(acc[co]);
+        scalar_t* o = po + line * W * ldo + ob;
+        for (int64_t x = 0; x < W; ++x) o[x * ldo] = scalar_t(acc[x]);
       }
     }
   });
 }
 
 template <typename scalar_t>
-void weight_grad(const at::Tensor& dy, const at::Tensor& x, const ImageShape& s,
-                 const at::Tensor& dw) {
-  const int64_t cout = dw.size(0), cin = dw.size(1), size = 9 * cout * cin;
-  const auto grad = pixels<const scalar_t>(dy, s);
-  const auto src = pixels<const scalar_t>(x, s);
-  const int64_t lines = s.batch * s.height;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, lines * s.width / kPixelGrain));
+void weight_grad(const std::vector<at::opmath_type<scalar_t>>& dy,
+                 const std::vector<at::opmath_type<scalar_t>>& x, int64_t cout, int64_t cin,
+                 const ImageShape& s, const at::Tensor& dw) {
+  const int64_t rows = s.batch * s.height * s.width, lines = s.batch * s.height, W = s.width;
+  const int64_t size = cout * cin * 9;  // dw's layout: [co][ci][t]
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, rows / kPixelGrain));
   const int64_t per_chunk = (lines + chunks - 1) / chunks;
-  // partial[k][t][co][ci]
   std::vector<double> partial(chunks * size, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       double* acc = partial.data() + k * size;
       for (int64_t line = k * per_chunk; line < std::min(lines, (k + 1) * per_chunk); ++line) {
         const int64_t b = line / s.height, h = line % s.height;
-        for (int64_t xw = 0; xw < s.width; ++xw) {
-          const scalar_t* g = grad.at(b, h, xw);
-          for (int64_t t = 0; t < 9; ++t) {
-            const int64_t hh = h + t / 3 - 1, xx = xw + t % 3 - 1;
-            if (hh < 0 || hh >= s.height || xx < 0 || xx >= s.width) continue;
-            const scalar_t* v = src.at(b, hh, xx);
-            for (int64_t co = 0; co < cout; ++co) {
-              const double gc = double(g[co]);
-              double* row = acc + (t * cout + co) * cin;
-              for (int64_t ci = 0; ci < cin; ++ci) row[ci] += gc * double(v[ci]);
+        for (int64_t co = 0; co < cout; ++co) {
+          const auto* g = dy.data() + co * rows + line * W;
+          for (int64_t ci = 0; ci < cin; ++ci) {
+            for (int64_t t = 0; t < 9; ++t) {
+              const int64_t hh = h + t / 3 - 1, dx = t % 3 - 1;
+              if (hh < 0 || hh >= s.height) continue;
+              const auto* v = x.data() + ci * rows + (b * s.height + hh) * W + dx;
+              const int64_t x0 = std::max<int64_t>(0, -dx), x1 = std::min<int64_t>(W, W - dx);
+              at::opmath_type<scalar_t> sum = 0;
+              for (int64_t xx = x0; xx < x1; ++xx) sum += g[xx] * v[xx];
+              acc[(co * cin + ci) * 9 + t] += double(sum);
             }
           }
         }
       }
     }
   });
-  std::vector<double> total(size, 0.0);
-  for (int64_t k = 0; k < chunks; ++k)
-    for (int64_t j = 0; j < size; ++j) total[j] += partial[k * size + j];
   scalar_t* out = dw.data_ptr<scalar_t>();  // [co, ci, 3, 3], contiguous
-  for (int64_t t = 0; t < 9; ++t)
-    for (int64_t co = 0; co < cout; ++co)
-      for (int64_t ci = 0; ci < cin; ++ci)
-        out[(co * cin + ci) * 9 + t] = scalar_t(total[(t * cout + co) * cin + ci]);
+  for (int64_t j = 0; j < size; ++j) {
+    double total = 0.0;
+    for (int64_t k = 0; k < chunks; ++k) total += partial[k * size + j];
+    out[j] = scalar_t(total);
+  }
+}
+
+// w[co, ci, t] in the arithmetic type, contiguous.
+template <typename acc_t, typename scalar_t>
+std::vector<acc_t> weights_of(const at::Tensor& w) {
+  const at::Tensor dense = w.contiguous();
+  const scalar_t* p = dense.const_data_ptr<scalar_t>();
+  return std::vector<acc_t>(p, p + dense.numel());
 }
 
 }  // namespace
@@ -137,7 +128,10 @@ void conv3x3_cpu(const at::Tensor& x, const at::Tensor& w, const ImageShape& s,
                  const at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv3x3", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    correlate<scalar_t>(x, taps_of<acc_t, scalar_t>(w, true), w.size(1), w.size(0), 1, s, out);
+    const int64_t cout = w.size(0), cin = w.size(1);
+    const auto weights = weights_of<acc_t, scalar_t>(w);
+    const auto tap = [&](int64_t ci, int64_t co, int64_t t) { return weights[(co * cin + ci) * 9 + t]; };
+    correlate<scalar_t>(planes_of<acc_t, scalar_t>(x), cin, cout, tap, 1, s, out);
   });
 }
 
@@ -145,8 +139,12 @@ void conv3x3_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::T
                           const ImageShape& s, const at::Tensor& dx, const at::Tensor& dw) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv3x3_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    correlate<scalar_t>(dy, taps_of<acc_t, scalar_t>(w, false), w.size(0), w.size(1), -1, s, dx);
-    weight_grad<scalar_t>(dy, x, s, dw);
+    const int64_t cout = w.size(0), cin = w.size(1);
+    const auto weights = weights_of<acc_t, scalar_t>(w);
+    const auto tap = [&](int64_t co, int64_t ci, int64_t t) { return weights[(co * cin + ci) * 9 + t]; };
+    const auto grad = planes_of<acc_t, scalar_t>(dy);
+    correlate<scalar_t>(grad, cout, cin, tap, -1, s, dx);
+    weight_grad<scalar_t>(grad, planes_of<acc_t, scalar_t>(x), cout, cin, s, dw);
   });
 }
 

@@ -1,4 +1,4 @@
-// CUDA implementations of fused_kernels.h (fused_forward.cu, fused_backward.cu).
+// CUDA implementations of fused_kernels.h (fused_forward.cu, fused_backward.cu, conv3x3.cu).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -26,5 +26,9 @@ void bn_backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& x, const No
 void bn_backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
                             bool has_relu, bool training, const at::Tensor& sum_dy,
                             const at::Tensor& sum_dy_xhat, const at::Tensor& dx);
+void conv3x3_cuda(const at::Tensor& x, const at::Tensor& w, const ImageShape& s,
+                  const at::Tensor& out);
+void conv3x3_backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                           const ImageShape& s, const at::Tensor& dx, const at::Tensor& dw);
 
 }  // namespace gunn_ext
