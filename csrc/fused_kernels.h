@@ -23,10 +23,6 @@ struct ImageShape {
   int64_t batch, height, width;
 };
 
-// Channel counts up to which a 3x3 convolution runs as the op's own direct
-// kernel: below it a library call costs more than the arithmetic.
-constexpr int64_t kDirectConvMaxChannels = 16;
-
 struct FusedKernels {
   // mean and biased variance of every column of x.
   void (*column_stats)(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var);
@@ -44,14 +40,20 @@ struct FusedKernels {
                             bool has_relu, bool training, const at::Tensor& sum_dy,
                             const at::Tensor& sum_dy_xhat, const at::Tensor& dx);
   // Direct 3x3 convolution, stride 1, zero padding 1, of [rows, Cin] into
-  // [rows, Cout] (contiguous), Cin and Cout <= kDirectConvMaxChannels; w is
-  // [Cout, Cin, 3, 3]. nullptr where a device has none (the library runs).
+  // [rows, Cout] (contiguous), Cin and Cout <= direct_conv_max_channels; w
+  // is [Cout, Cin, 3, 3]. nullptr where a device has none (the library runs).
   void (*conv3x3)(const at::Tensor& x, const at::Tensor& w, const ImageShape& s,
                   const at::Tensor& out) = nullptr;
   // Its input gradient dx ([rows, Cin], contiguous) and weight gradient dw
   // ([Cout, Cin, 3, 3], contiguous) from dy ([rows, Cout]).
   void (*conv3x3_backward)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
                            const ImageShape& s, const at::Tensor& dx, const at::Tensor& dw) = nullptr;
+  // A 3x3 runs the direct kernel when Cin and Cout are at most
+  // direct_conv_max_channels and its multiply-adds, 9 Cin Cout rows, at most
+  // direct_conv_max_macs: where a library call's fixed cost outweighs the
+  // arithmetic.
+  int64_t direct_conv_max_channels = 0;
+  int64_t direct_conv_max_macs = 0;
 };
 
 const FusedKernels& fused_kernels(c10::DeviceType device);

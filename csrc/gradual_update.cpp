@@ -1,8 +1,8 @@
 // The gradual update of a whole layer, forward and backward (Algorithm 1),
 // for any device that has fused kernels: GEMMs go through ATen (BLAS on the
-// CPU, cuBLAS on the GPU), and so do 3x3 convolutions of more than
-// kDirectConvMaxChannels channels (oneDNN, cuDNN); narrower ones, and the
-// BatchNorm, ReLU and residual work, run the device's fused_kernels.h.
+// CPU, cuBLAS on the GPU), and so do 3x3 convolutions (oneDNN, cuDNN) but the
+// small ones (FusedKernels::direct_conv_max_macs); those, and the BatchNorm,
+// ReLU and residual work, run the device's fused_kernels.h.
 // Narrow segments run their first GEMMs in blocks (delayed updates, below).
 //
 // Layout: the layer's state is a [rows, N] matrix, rows = B*H*W, channels
@@ -12,6 +12,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -90,16 +91,17 @@ Norms pack_norms(const ParameterLayout& layout, const Tensor& bn_weight, const T
 
 // The op's own direct kernel for narrow channels, where the device has one;
 // the library's convolution otherwise.
-bool direct_conv(const FusedKernels& k, const Tensor& w) {
-  return k.conv3x3 != nullptr && w.size(0) <= kDirectConvMaxChannels &&
-         w.size(1) <= kDirectConvMaxChannels;
+bool direct_conv(const FusedKernels& k, const Tensor& w, const Shape& s) {
+  const int64_t cout = w.size(0), cin = w.size(1);
+  return k.conv3x3 != nullptr && std::max(cin, cout) <= k.direct_conv_max_channels &&
+         9 * cin * cout * s.rows() <= k.direct_conv_max_macs;
 }
 
 ImageShape image_shape(const Shape& s) { return {s.batch, s.height, s.width}; }
 
 // The 3x3 convolution (padding 1) of a [rows, Cin] activation: [rows, Cout].
 Tensor conv3x3(const Tensor& a, const Tensor& w, const Shape& s, const FusedKernels& k) {
-  if (direct_conv(k, w)) {
+  if (direct_conv(k, w, s)) {
     Tensor out = at::empty({s.rows(), w.size(0)}, a.options());
     k.conv3x3(a, w, image_shape(s), out);
     return out;
@@ -111,7 +113,7 @@ Tensor conv3x3(const Tensor& a, const Tensor& w, const Shape& s, const FusedKern
 // Its input gradient dL/da ([rows, Cin]), and dL/dw written into dw, from dy = dL/dout.
 Tensor conv3x3_backward(const Tensor& dy, const Tensor& a, const Tensor& w, const Shape& s,
                         const FusedKernels& k, const Tensor& dw) {
-  if (direct_conv(k, w)) {
+  if (direct_conv(k, w, s)) {
     Tensor da = at::empty({s.rows(), w.size(1)}, a.options());
     k.conv3x3_backward(dy, a, w, image_shape(s), da, dw);
     return da;

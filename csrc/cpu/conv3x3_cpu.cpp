@@ -25,7 +25,13 @@
 namespace gunn_ext {
 namespace {
 
-constexpr int64_t kPixelGrain = 1024;
+// Multiply-adds (or values moved) per parallel task: a smaller task costs
+// more to hand to a thread than to run.
+constexpr int64_t kTaskWork = int64_t(1) << 16;
+
+int64_t grain(int64_t work_per_item) {
+  return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(1, work_per_item));
+}
 
 // The columns of a [rows, C] matrix (unit column stride) as C planes of
 // `rows` values, in the arithmetic type.
@@ -34,7 +40,7 @@ std::vector<acc_t> planes_of(const at::Tensor& m) {
   const int64_t rows = m.size(0), cols = m.size(1), ld = m.stride(0);
   const scalar_t* p = m.const_data_ptr<scalar_t>();
   std::vector<acc_t> planes(rows * cols);
-  at::parallel_for(0, rows, kPixelGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       for (int64_t c = 0; c < cols; ++c) planes[c * rows + r] = acc_t(p[r * ld + c]);
   });
@@ -45,14 +51,13 @@ std::vector<acc_t> planes_of(const at::Tensor& m) {
 // forward (a = ci, b = co, sign 1) and the input gradient (a = co, b = ci,
 // sign -1). `tap(a, b, t)` reads w. Parallel over image rows.
 template <typename scalar_t, typename Tap>
-void correlate(const std::vector<at::opmath_type<scalar_t>>& in, int64_t a_n, int64_t b_n, Tap tap,
-               int sign, const ImageShape& s, const at::Tensor& out) {
+void correlate(const std::vector<at::opmath_type<scalar_t>>& in, int64_t a_n, int64_t b_n,
+               Tap tap, int sign, const ImageShape& s, const at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rows = s.batch * s.height * s.width, lines = s.batch * s.height, W = s.width;
   scalar_t* po = out.data_ptr<scalar_t>();
   const int64_t ldo = out.stride(0);
-  const int64_t grain = std::max<int64_t>(1, kPixelGrain / W);
-  at::parallel_for(0, lines, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, lines, grain(9 * a_n * b_n * W), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(W);
     for (int64_t line = begin; line < end; ++line) {
       const int64_t b = line / s.height, h = line % s.height;
@@ -81,7 +86,7 @@ void weight_grad(const std::vector<at::opmath_type<scalar_t>>& dy,
                  const ImageShape& s, const at::Tensor& dw) {
   const int64_t rows = s.batch * s.height * s.width, lines = s.batch * s.height, W = s.width;
   const int64_t size = cout * cin * 9;  // dw's layout: [co][ci][t]
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, rows / kPixelGrain));
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, rows / grain(size)));
   const int64_t per_chunk = (lines + chunks - 1) / chunks;
   std::vector<double> partial(chunks * size, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
@@ -130,18 +135,23 @@ void conv3x3_cpu(const at::Tensor& x, const at::Tensor& w, const ImageShape& s,
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t cout = w.size(0), cin = w.size(1);
     const auto weights = weights_of<acc_t, scalar_t>(w);
-    const auto tap = [&](int64_t ci, int64_t co, int64_t t) { return weights[(co * cin + ci) * 9 + t]; };
+    const auto tap = [&](int64_t ci, int64_t co, int64_t t) {
+      return weights[(co * cin + ci) * 9 + t];
+    };
     correlate<scalar_t>(planes_of<acc_t, scalar_t>(x), cin, cout, tap, 1, s, out);
   });
 }
 
 void conv3x3_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
                           const ImageShape& s, const at::Tensor& dx, const at::Tensor& dw) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv3x3_backward", [&] {
+  const auto dtype = x.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "conv3x3_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t cout = w.size(0), cin = w.size(1);
     const auto weights = weights_of<acc_t, scalar_t>(w);
-    const auto tap = [&](int64_t co, int64_t ci, int64_t t) { return weights[(co * cin + ci) * 9 + t]; };
+    const auto tap = [&](int64_t co, int64_t ci, int64_t t) {
+      return weights[(co * cin + ci) * 9 + t];
+    };
     const auto grad = planes_of<acc_t, scalar_t>(dy);
     correlate<scalar_t>(grad, cout, cin, tap, -1, s, dx);
     weight_grad<scalar_t>(grad, planes_of<acc_t, scalar_t>(x), cout, cin, s, dw);

@@ -10,6 +10,7 @@
 // block b sums the fixed pixel chunk b into a partial per weight, and a second
 // kernel adds the partials in chunk order.
 #include "column_kernels.cuh"
+#include "fused_kernels_cuda.h"
 
 namespace gunn_ext {
 namespace cuda {
@@ -51,7 +52,7 @@ __global__ void __launch_bounds__(kConvThreads)
   const int64_t sign = transposed ? -1 : 1;
   const int64_t step = int64_t(gridDim.x) * blockDim.x;
   for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < s.pixels(); p += step) {
-    acc_t acc[kDirectConvMaxChannels];
+    acc_t acc[kConvMaxChannels];
     for (int b = 0; b < b_n; ++b) acc[b] = 0;
     for (int t = 0; t < 9; ++t) {
       const int64_t q = s.shifted(p, sign * (t / 3 - 1), sign * (t % 3 - 1));
@@ -111,8 +112,8 @@ template <typename scalar_t>
 void correlate(const at::Tensor& in, const at::Tensor& w, bool transposed, const ImageShape& s,
                const at::Tensor& out, cudaStream_t stream) {
   const int cout = static_cast<int>(w.size(0)), cin = static_cast<int>(w.size(1));
-  TORCH_CHECK(cout <= kDirectConvMaxChannels && cin <= kDirectConvMaxChannels,
-              "gunn_ext: direct 3x3 convolution takes at most ", kDirectConvMaxChannels,
+  TORCH_CHECK(cout <= kConvMaxChannels && cin <= kConvMaxChannels,
+              "gunn_ext: direct 3x3 convolution takes at most ", kConvMaxChannels,
               " channels, got weight ", w.sizes());
   const int64_t pixels = s.batch * s.height * s.width;
   const size_t shared = size_t(9) * cin * cout * sizeof(acc_type<scalar_t>);

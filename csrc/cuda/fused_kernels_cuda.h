@@ -15,6 +15,10 @@ constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
 constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
 #endif
 
+// Channels of the widest 3x3 the direct kernel takes (conv3x3.cu): one
+// thread keeps an output pixel's channels in registers.
+constexpr int64_t kConvMaxChannels = 16;
+
 }  // namespace cuda
 
 void column_stats_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var);
