@@ -134,3 +134,35 @@ def test_repeated_runs_are_bitwise_equal(emulated_op):
     first = forward_backward(emulated, x, grad)
     again = forward_backward(emulated, x, grad)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+# ATen calls that launch at least one kernel on a GPU: the library GEMMs and
+# convolutions, and copies, fills and elementwise ops on device tensors.
+LIBRARY_LAUNCHES = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::convolution",
+                    "aten::convolution_backward", "aten::copy_", "aten::fill_", "aten::zero_",
+                    "aten::sub", "aten::cat", "aten::add_", "aten::lerp_")
+
+
+def _launches(emulated, x):
+    """(own, library): the emulated kernels' launches in one training forward +
+    backward, and the ATen calls in it that launch kernels on a GPU."""
+    count = torch.ops.gunn_ext_emulated.emulated_launches
+    before = count()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        emulated(x).backward(torch.ones_like(x))
+    library = sum(e.count for e in prof.key_averages() if e.key in LIBRARY_LAUNCHES)
+    return count() - before, library
+
+
+def test_launches_per_small_segment(emulated_op):
+    """GPU launches per segment of a small segment in training, forward +
+    backward: the slope between P = 12 and P = 6 at 12 channels (one block of
+    delayed updates each). Today: 29 of the op's own kernels and 10 library
+    calls; this bounds them so that they only go down."""
+    x = torch.randn(2, 12, 4, 5, dtype=torch.float32)
+    counts = {}
+    for segments in (6, 12):
+        layer = make_layer(channels=12, segments=segments, dtype=torch.float32)
+        counts[segments] = _launches(Emulated(twin(layer, "reference"), emulated_op).train(), x)
+    own, library = ((a - b) / 6 for a, b in zip(counts[12], counts[6]))
+    assert own <= 29 and library <= 10, f"per segment: {own} own launches, {library} library calls"

@@ -14,6 +14,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <barrier>
 #include <cstddef>
 #include <cstring>
@@ -43,6 +44,8 @@ namespace cuda {
 namespace emulator {
 inline thread_local std::barrier<>* block_barrier = nullptr;
 inline std::vector<std::max_align_t> shared_memory;
+// Kernel launches so far (the tests count them per segment).
+inline std::atomic<int64_t> launches{0};
 }  // namespace emulator
 
 class DeviceScope {
@@ -73,6 +76,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
               "cuda emulator: invalid grid ", grid.x, "x", grid.y, "x", grid.z);
   TORCH_CHECK(shared_bytes <= 48 * 1024, "cuda emulator: ", shared_bytes,
               " bytes of dynamic shared memory exceed the 48 KiB available without opt-in");
+  ++emulator::launches;
   const size_t words = (shared_bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t);
   emulator::shared_memory.assign(words, std::max_align_t{});
   gridDim = grid;

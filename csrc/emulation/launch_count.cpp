@@ -1,0 +1,13 @@
+// The emulator's count of kernel launches, as the op emulated_launches() of
+// the emulated library, for the tests that count launches per segment.
+#include <torch/library.h>
+
+#include "cuda_emulator.h"
+
+namespace gunn_ext {
+
+TORCH_LIBRARY_FRAGMENT(gunn_ext, m) {
+  m.def("emulated_launches() -> int", [] { return cuda::emulator::launches.load(); });
+}
+
+}  // namespace gunn_ext
