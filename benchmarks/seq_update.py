@@ -20,11 +20,17 @@ Times are the median (with p20 and p80) of ``--repeats`` calls after
 on a GPU they come from CUDA events. Outputs ``y`` and input gradients
 ``dx`` are compared with the reference run in float64 on the same weights::
 
-    err(a) = max |a - a_64| / max |a_64|
+    err(a) = ||a - a_64|| / ||a_64||      (Frobenius norms)
 
-A backend is flagged as a mismatch when ``err > 2 err_reference + floor``
-(``floor``: 1e-12 in float64, 1e-5 in float32, 1e-3 in float16, 1e-2 in
-bfloat16): it must be about as accurate as the naive loop in the same precision.
+A backend is flagged as a mismatch when ``err > 2 err_reference + floor``:
+it must be about as accurate as the naive loop in the same precision. The
+floor for ``y`` is 1e-12 in float64, 1e-5 in float32, 1e-3 in float16 and
+1e-2 in bfloat16. For ``dx`` it is 1e-12, 1e-2, 6e-2 and 1.5e-1: below
+float64, a value within rounding of zero may take the other side of a ReLU
+than in float64, in any implementation (the naive loop included, when its
+rounding falls the other way). The gradient of that element then changes by
+O(1), and ``dx`` by about 1e-3 relative for one such value. A wrong kernel
+is off by O(1).
 The exit status is 1 when a backend failed or mismatched.
 """
 from __future__ import annotations
@@ -63,6 +69,8 @@ ROTATING_INPUTS = 4
 DEFAULTS = {"cpu": {"batch": 16, "repeats": 20, "warmup": 3},
             "cuda": {"batch": 64, "repeats": 100, "warmup": 10}}
 ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+GRADIENT_ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-2, torch.float16: 6e-2,
+                        torch.bfloat16: 1.5e-1}
 MIB = 2.0 ** 20
 
 progress = Console(stderr=True, highlight=False)
@@ -181,8 +189,8 @@ def make_workload(layer: torch.nn.Module, args: argparse.Namespace) -> Workload:
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
-    return float((actual.double() - expected).abs().max() / scale)
+    scale = expected.norm().clamp_min(torch.finfo(expected.dtype).tiny)
+    return float((actual.double() - expected).norm() / scale)
 
 
 def clear_grads(module: torch.nn.Module, x: torch.Tensor) -> None:
@@ -336,11 +344,11 @@ def _synchronize(device: torch.device) -> None:
 
 
 def flag_mismatches(results: list[Result], dtype: torch.dtype) -> None:
-    floor = ERROR_FLOOR[dtype]
     reference = results[0]
     for r in results:
-        for error, reference_error in ((r.error_y, reference.error_y),
-                                       (r.error_dx, reference.error_dx)):
+        for error, reference_error, floor in (
+                (r.error_y, reference.error_y, ERROR_FLOOR[dtype]),
+                (r.error_dx, reference.error_dx, GRADIENT_ERROR_FLOOR[dtype])):
             if error is None:
                 continue
             tolerance = 2 * (reference_error or 0.0) + floor
@@ -426,7 +434,7 @@ def build_table(results: list[Result], work: Workload, args: argparse.Namespace,
     table = Table(title=describe_config(args), title_justify="left", caption_justify="left",
                   caption=f"memory: {meaning}; ratios against the reference\n{describe_machine(info)}")
     for header in ("backend", "forward ms", "fwd+bwd ms", "speedup fwd", "speedup fwd+bwd",
-                   "memory MiB (x input)", "memory ratio", "max rel diff y / dx", "status"):
+                   "memory MiB (x input)", "memory ratio", "rel diff y / dx", "status"):
         table.add_column(header, overflow="fold")
     reference = results[0]
 

@@ -279,6 +279,11 @@ Shape shape_of(const Tensor& x) { return {x.size(0), x.size(1), x.size(2), x.siz
 // and dW_j = d1_j^T S_j is one GEMM per block plus, for the block's columns
 // that segment j saw updated, d1_j^T (y - x)[:, begin:start_j].
 // The arithmetic is the same; only the shape of the GEMMs changes.
+//
+// The backward recomputes each pre1_j with the forward's own GEMMs, on the
+// same operands (first_gemm_inputs), so that it is bitwise the forward's: a
+// ReLU mask recomputed from a rounding-level difference would flip where
+// BN + ReLU is near 0 and change the gradient there by O(1).
 constexpr int64_t kBlockChannels = 32;
 
 struct Block {
@@ -331,6 +336,26 @@ void product(Tensor& out, bool accumulate, const Tensor& a, const Tensor& w, int
   else out = at::mm(lhs, rhs);
 }
 
+// The block's first-GEMM outputs over the columns that stay fixed while it
+// runs, [rows, F]: `before` on the columns before the block (updated), `after`
+// from its end on (original; from its start for a single segment, whose own
+// columns are still original). The blocks' own columns follow per segment
+// (`block_columns`). Forward and backward call this with equal operands.
+Tensor fixed_product(const Block& b, const Tensor& before, const Tensor& after, int64_t channels) {
+  const int64_t from = b.single() ? b.begin : b.end;
+  Tensor pre;
+  if (b.begin > 0) product(pre, false, before, b.weight, 0, b.begin);
+  if (from < channels) product(pre, b.begin > 0, after, b.weight, from, channels);
+  if (!pre.defined()) pre = at::zeros({before.size(0), b.offsets.back()}, before.options());
+  return pre;
+}
+
+// pre1_i += S_i[:, begin:end] W_i[:, begin:end]^T, with `columns` the block's
+// columns of the state as segment i finds them ([rows, width], contiguous).
+void block_columns(const Block& b, int64_t i, const Tensor& columns, Tensor& pre1) {
+  if (!b.single()) pre1.addmm_(columns, b.of(b.weight, i, 0).narrow(1, b.begin, b.width()).t());
+}
+
 }  // namespace
 
 ForwardResult gradual_update(const Tensor& x, const Tensor& conv_weight, const Tensor& bn_weight,
@@ -360,23 +385,17 @@ ForwardResult gradual_update(const Tensor& x, const Tensor& conv_weight, const T
   Tensor state = input.clone();  // also the output buffer, updated in place
   const int64_t channels = layout.channels;
   for (const Block& b : blocks_of(layout, conv_weight)) {
-    // The first GEMMs of the block over the columns that stay fixed while it runs.
-    Tensor pre;
-    if (!sequential || b.single()) {
-      pre = at::mm(sequential ? state : input, b.weight.t());
-    } else if (b.begin == 0 && b.end == channels) {
-      pre = at::zeros({shape.rows(), b.offsets.back()}, state.options());
-    } else {
-      if (b.begin > 0) product(pre, false, state, b.weight, 0, b.begin);
-      if (b.end < channels) product(pre, b.begin > 0, state, b.weight, b.end, channels);
-    }
+    Tensor pre = sequential ? fixed_product(b, state, state, channels) : at::mm(input, b.weight.t());
+    // The block's columns of the state as the next segment finds them.
+    Tensor columns =
+        sequential && !b.single() ? state.narrow(1, b.begin, b.width()).clone() : Tensor();
     for (int64_t i = b.first; i < b.last; ++i) {
+      const int64_t start = layout.starts[i], n = layout.segments[i];
       Tensor pre1 = b.of(pre, i);
-      if (sequential && !b.single()) {
-        product(pre1, true, state, b.of(b.weight, i, 0), b.begin, b.end);
-      }
+      if (columns.defined()) block_columns(b, i, columns, pre1);
       const Unit unit(layout, training, conv_weight, norms, shape, kernels, i);
-      unit.forward(pre1, state.narrow(1, layout.starts[i], layout.segments[i]), training);
+      unit.forward(pre1, state.narrow(1, start, n), training);
+      if (columns.defined()) columns.narrow(1, start - b.begin, n).copy_(state.narrow(1, start, n));
     }
   }
   return {in_layout_of(state, shape, x), norms.all.mean, norms.all.var};
@@ -420,25 +439,22 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
   const int64_t channels = layout.channels, rows = shape.rows();
   const auto blocks = blocks_of(layout, conv_weight);
   for (auto b = blocks.rbegin(); b != blocks.rend(); ++b) {
-    // The state before segment i is y on the columns before c_i, x from c_i on.
-    Tensor pre, delta;
-    if (sequential) {
-      if (b->begin > 0) product(pre, false, updated, b->weight, 0, b->begin);
-      product(pre, b->begin > 0, original, b->weight, b->begin, channels);
-      if (!b->single()) {
-        delta = updated.narrow(1, b->begin, b->width()) - original.narrow(1, b->begin, b->width());
-      }
-    } else {
-      pre = at::mm(original, b->weight.t());
+    // The state before segment i is y on the columns before c_i, x from c_i on:
+    // the forward's first GEMMs, repeated on equal operands.
+    Tensor pre = sequential ? fixed_product(*b, updated, original, channels)
+                            : at::mm(original, b->weight.t());
+    Tensor columns, delta;
+    if (sequential && !b->single()) {
+      columns = updated.narrow(1, b->begin, b->width()).clone();
+      delta = columns - original.narrow(1, b->begin, b->width());
     }
     const Tensor d1 = at::empty({rows, b->offsets.back()}, x.options());
     for (int64_t i = b->last - 1; i >= b->first; --i) {
       const int64_t start = layout.starts[i], n = layout.segments[i];
-      const Tensor weight = b->of(b->weight, i, 0);
       Tensor pre1 = b->of(pre, i);
-      if (delta.defined() && start > b->begin) {
-        const int64_t seen = start - b->begin;  // block columns updated before segment i
-        pre1.addmm_(delta.narrow(1, 0, seen), weight.narrow(1, b->begin, seen).t());
+      if (columns.defined()) {
+        columns.narrow(1, start - b->begin, n).copy_(original.narrow(1, start, n));
+        block_columns(*b, i, columns, pre1);
       }
       const Unit unit(layout, training, conv_weight, norms, shape, kernels, i);
       Tensor scratch = at::empty({rows, n}, x.options());
