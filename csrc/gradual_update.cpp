@@ -395,7 +395,9 @@ ForwardResult gradual_update(const Tensor& x, const Tensor& conv_weight, const T
       if (columns.defined()) block_columns(b, i, columns, pre1);
       const Unit unit(layout, training, conv_weight, norms, shape, kernels, i);
       unit.forward(pre1, state.narrow(1, start, n), training);
-      if (columns.defined()) columns.narrow(1, start - b.begin, n).copy_(state.narrow(1, start, n));
+      if (columns.defined() && i + 1 < b.last) {
+        columns.narrow(1, start - b.begin, n).copy_(state.narrow(1, start, n));
+      }
     }
   }
   return {in_layout_of(state, shape, x), norms.all.mean, norms.all.var};

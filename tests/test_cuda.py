@@ -101,6 +101,11 @@ REPLAYED = ["native", pytest.param("triton", marks=pytest.mark.skipif(
 STATS = {name: (f"{name}_forward", f"{name}_backward") for name in ("native", "triton")}
 
 
+def _replayed_layer(backend):
+    """A small float32 layer in eval mode on the GPU, run by ``backend``."""
+    return make_layer(channels=12, segments=3, dtype=torch.float32, device="cuda", backend=backend).eval()
+
+
 @pytest.mark.parametrize("backend", REPLAYED)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("kind", ["gunn", "sunn"])
@@ -149,8 +154,7 @@ def test_graph_replay_under_autocast(backend, deterministic):
 @pytest.mark.parametrize("backend", REPLAYED)
 def test_graph_replay_follows_new_values(backend):
     """A replay reads the current contents of its inputs, parameters and running stats."""
-    layer = make_layer(channels=12, segments=3, dtype=torch.float32, device="cuda",
-                       backend=backend).eval()
+    layer = _replayed_layer(backend)
     reference = twin(layer, "reference")
     x = torch.randn(4, 12, 6, 6, device="cuda")
     with torch.no_grad():
@@ -170,8 +174,7 @@ def test_graph_replay_follows_new_values(backend):
 @pytest.mark.parametrize("backend", REPLAYED)
 def test_graph_replay_recaptures_replaced_parameters(backend):
     """load_state_dict(assign=True) gives the layer new tensors: new graphs, never stale weights."""
-    layer = make_layer(channels=12, segments=3, dtype=torch.float32, device="cuda",
-                       backend=backend).eval()
+    layer = _replayed_layer(backend)
     x = torch.randn(4, 12, 6, 6, device="cuda")
     with torch.no_grad():
         for step in range(3):
@@ -186,8 +189,7 @@ def test_graph_replay_recaptures_replaced_parameters(backend):
 
 @pytest.mark.parametrize("backend", REPLAYED)
 def test_runs_eagerly_inside_a_user_capture(backend):
-    layer = make_layer(channels=12, segments=3, dtype=torch.float32, device="cuda",
-                       backend=backend).eval()
+    layer = _replayed_layer(backend)
     reference = twin(layer, "reference")
     static_x = torch.randn(4, 12, 5, 7, device="cuda")
     side = torch.cuda.Stream()

@@ -25,14 +25,6 @@
 namespace gunn_ext {
 namespace {
 
-// Multiply-adds (or values moved) per parallel task: a smaller task costs
-// more to hand to a thread than to run.
-constexpr int64_t kTaskWork = int64_t(1) << 16;
-
-int64_t grain(int64_t work_per_item) {
-  return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(1, work_per_item));
-}
-
 // The columns of a [rows, C] matrix (unit column stride) as C planes of
 // `rows` values, in the arithmetic type.
 template <typename acc_t, typename scalar_t>
@@ -40,7 +32,7 @@ std::vector<acc_t> planes_of(const at::Tensor& m) {
   const int64_t rows = m.size(0), cols = m.size(1), ld = m.stride(0);
   const scalar_t* p = m.const_data_ptr<scalar_t>();
   std::vector<acc_t> planes(rows * cols);
-  at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, task_grain(cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       for (int64_t c = 0; c < cols; ++c) planes[c * rows + r] = acc_t(p[r * ld + c]);
   });
@@ -57,7 +49,7 @@ void correlate(const std::vector<at::opmath_type<scalar_t>>& in, int64_t a_n, in
   const int64_t rows = s.batch * s.height * s.width, lines = s.batch * s.height, W = s.width;
   scalar_t* po = out.data_ptr<scalar_t>();
   const int64_t ldo = out.stride(0);
-  at::parallel_for(0, lines, grain(9 * a_n * b_n * W), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, lines, task_grain(9 * a_n * b_n * W), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(W);
     for (int64_t line = begin; line < end; ++line) {
       const int64_t b = line / s.height, h = line % s.height;
@@ -86,7 +78,7 @@ void weight_grad(const std::vector<at::opmath_type<scalar_t>>& dy,
                  const ImageShape& s, const at::Tensor& dw) {
   const int64_t rows = s.batch * s.height * s.width, lines = s.batch * s.height, W = s.width;
   const int64_t size = cout * cin * 9;  // dw's layout: [co][ci][t]
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, rows / grain(size)));
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, rows / task_grain(size)));
   const int64_t per_chunk = (lines + chunks - 1) / chunks;
   std::vector<double> partial(chunks * size, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {

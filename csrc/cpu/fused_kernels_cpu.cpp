@@ -19,14 +19,6 @@
 namespace gunn_ext {
 namespace {
 
-// Values per parallel task: a smaller task costs more to hand to a thread
-// than to run.
-constexpr int64_t kTaskValues = int64_t(1) << 15;
-
-int64_t row_grain(int64_t cols) {
-  return std::max<int64_t>(1, kTaskValues / std::max<int64_t>(1, cols));
-}
-
 template <typename stat_t>
 std::vector<BNChannel<double>> channels_of(const Norm& norm) {
   const int64_t c = norm.mean.numel();
@@ -63,7 +55,8 @@ struct Affine {
 // Sums, for every column j, f(row pointer, acc) over all rows, in double.
 template <typename F>
 std::vector<double> column_sums(int64_t rows, int64_t width, F f) {
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, rows / row_grain(width)));
+  const int64_t chunks =
+      std::max<int64_t>(1, std::min<int64_t>(64, rows / task_grain(2 * width)));
   const int64_t per_chunk = (rows + chunks - 1) / chunks;
   std::vector<double> partial(chunks * width, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
@@ -135,7 +128,7 @@ void bn_relu_cpu(const at::Tensor& x, const Norm& norm, const at::Tensor& out) {
     const acc_t* sh = bn.shift.data();
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, task_grain(2 * cols), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* xr = px + r * ldx;
         scalar_t* o = po + r * ldo;
@@ -161,7 +154,7 @@ void bn_add_cpu(const at::Tensor& out, bool accumulate, const at::Tensor& x1, co
     scalar_t* po = out.data_ptr<scalar_t>();
     const scalar_t* p1 = x1.const_data_ptr<scalar_t>();
     const scalar_t* p2 = x2.defined() ? x2.const_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, task_grain(2 * cols), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* o = po + r * ldo;
         const scalar_t* a = p1 + r * ld1;
@@ -232,7 +225,7 @@ void bn_backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const Norm
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* pd = dy.const_data_ptr<scalar_t>();
     scalar_t* po = dx.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, task_grain(2 * cols), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* xr = px + r * ldx;
         const scalar_t* dr = pd + r * ldd;
