@@ -9,13 +9,28 @@
 
 namespace gunn_ext {
 
-// BN parameters of a run of channels: 1-D tensors in the statistics dtype
-// (float32, or float64 for float64 inputs), all of the same length, and the
-// norm's eps (meaningful when the run lies within one norm).
+// BN parameters of a run of channels, [offset, offset + length) of a layer's
+// flat per-channel tensors (1-D, contiguous, in the statistics dtype: float32,
+// or float64 for float64 inputs), and the norm's eps (meaningful when the run
+// lies within one norm). Kernels reach the run through pointers, so a run
+// costs no tensor view. As an output (column_stats, bn_backward_reduce) only
+// the tensors written need be defined.
 struct Norm {
-  at::Tensor mean, var, weight, bias;
+  at::Tensor mean, var, weight, bias;  // the whole flat tensors
+  int64_t offset = 0, length = 0;
   double eps = 0.0;
-  Norm slice(int64_t start, int64_t length) const;
+
+  Norm slice(int64_t start, int64_t count) const {
+    Norm run = *this;
+    run.offset += start;
+    run.length = count;
+    return run;
+  }
+  // The run's first entry of one of the four tensors.
+  template <typename T>
+  T* data(const at::Tensor& t) const {
+    return t.data_ptr<T>() + offset;
+  }
 };
 
 // The spatial shape of the [rows, C] matrices: rows = batch * height * width.
@@ -24,21 +39,20 @@ struct ImageShape {
 };
 
 struct FusedKernels {
-  // mean and biased variance of every column of x.
-  void (*column_stats)(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var);
+  // stats.mean and stats.var = mean and biased variance of every column of x.
+  void (*column_stats)(const at::Tensor& x, const Norm& stats);
   // out = relu(bn(x)).
   void (*bn_relu)(const at::Tensor& x, const Norm& norm, const at::Tensor& out);
   // out = (accumulate ? out : 0) + bn1(x1) [+ bn2(x2)], bn2 absent = identity.
   void (*bn_add)(const at::Tensor& out, bool accumulate, const at::Tensor& x1, const Norm& norm1,
                  const at::Tensor& x2, const Norm* norm2);
-  // sum_dy = sum(dy'), sum_dy_xhat = sum(dy' * xhat), dy' = dy masked by the ReLU
-  // after bn(x) when has_relu.
+  // The norm's parameter gradients: grads.bias = sum(dy') and grads.weight =
+  // sum(dy' * xhat), dy' = dy masked by the ReLU after bn(x) when has_relu.
   void (*bn_backward_reduce)(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
-                             bool has_relu, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat);
-  // dx from dy' and the sums above (see bn_math.h).
+                             bool has_relu, const Norm& grads);
+  // dx from dy' and those sums (see bn_math.h).
   void (*bn_backward_apply)(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
-                            bool has_relu, bool training, const at::Tensor& sum_dy,
-                            const at::Tensor& sum_dy_xhat, const at::Tensor& dx);
+                            bool has_relu, bool training, const Norm& grads, const at::Tensor& dx);
   // Direct 3x3 convolution, stride 1, zero padding 1, of [rows, Cin] into
   // [rows, Cout] (contiguous), Cin and Cout <= direct_conv_max_channels; w
   // is [Cout, Cin, 3, 3]. nullptr where a device has none (the library runs).

@@ -9,6 +9,7 @@
 // contiguous (channels_last). Segment c_i is a column block of it, updated in
 // place; intermediates of a unit are [rows, K*n] matrices.
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -55,38 +56,20 @@ void check_input(const Tensor& x) {
   TORCH_CHECK(x.numel() > 0, "gunn_ext: x must not be empty, got shape ", x.sizes());
 }
 
-// Per-channel BN parameters of all norms in the statistics dtype, with a view
-// per norm made once (views cost a dispatcher call each).
+// Per-channel BN parameters of all norms in the statistics dtype; a norm, or
+// a run of channels spanning several (for their statistics), is a Norm over
+// them.
 struct Norms {
   Norm all;
-  std::vector<Norm> each;  // by the norm's row in the layout
 
-  const Norm& at(const Slot& norm) const { return each[norm.row]; }
-  // A run of channels spanning one or more norms (for their statistics).
-  Norm run(const Slot& channels) const {
-    const Norm& first = each[channels.row];
-    return first.mean.numel() == channels.numel() ? first : all.slice(channels.offset, channels.numel());
-  }
+  Norm at(const Slot& channels) const { return all.slice(channels.offset, channels.numel()); }
 };
-
-std::vector<Norm> split_norms(const Norm& all, at::IntArrayRef sizes, double eps) {
-  const auto split = [&](const Tensor& t) {
-    return t.defined() ? t.split_with_sizes(sizes) : std::vector<Tensor>(sizes.size());
-  };
-  const auto mean = split(all.mean), var = split(all.var), weight = split(all.weight),
-             bias = split(all.bias);
-  std::vector<Norm> each(sizes.size());
-  for (size_t k = 0; k < sizes.size(); ++k) each[k] = {mean[k], var[k], weight[k], bias[k], eps};
-  return each;
-}
 
 Norms pack_norms(const ParameterLayout& layout, const Tensor& bn_weight, const Tensor& bn_bias,
                  double eps, Tensor mean, Tensor var) {
-  Norms n;
   const auto dtype = mean.scalar_type();
-  n.all = {std::move(mean), std::move(var), bn_weight.to(dtype), bn_bias.to(dtype), eps};
-  n.each = split_norms(n.all, layout.norm_sizes(), eps);
-  return n;
+  return {Norm{std::move(mean), std::move(var), bn_weight.to(dtype), bn_bias.to(dtype), 0,
+               layout.norm_channels(), eps}};
 }
 
 // The op's own direct kernel for narrow channels, where the device has one;
@@ -148,8 +131,7 @@ class Unit {
   void bottleneck_tail(int64_t m, BottleneckTape& t, bool compute_stats) const {
     const int64_t mid = layout_.mid(i_);
     if (compute_stats) {
-      const Norm first = norms_.run(layout_.first_norms(i_, m));
-      k_.column_stats(t.pre1, first.mean, first.var);
+      k_.column_stats(t.pre1, norms_.at(layout_.first_norms(i_, m)));
     }
     Tensor pre1 = t.pre1.narrow(1, skip(m), mid);
     t.act1 = at::empty({shape_.rows(), mid}, pre1.options());
@@ -165,9 +147,9 @@ class Unit {
   // out (+)= bn3(pre3) + (shortcut BN of pre1 | extra).
   void combine(int64_t m, const BottleneckTape& t, Tensor& out, bool accumulate,
                const Tensor& extra) const {
-    const Norm& bn3 = norms_.at(layout_.bn3(i_, m));
+    const Norm bn3 = norms_.at(layout_.bn3(i_, m));
     if (layout_.has_shortcut(m)) {
-      const Norm& sc = norms_.at(layout_.shortcut_bn(i_));
+      const Norm sc = norms_.at(layout_.shortcut_bn(i_));
       k_.bn_add(out, accumulate, t.pre3, bn3, t.pre1.narrow(1, 0, n_), &sc);
     } else {
       k_.bn_add(out, accumulate, t.pre3, bn3, extra, nullptr);
@@ -207,10 +189,9 @@ class Unit {
   // dL/dpre of a BN (+ ReLU) given dL/dout; writes the parameter gradients.
   void norm_backward(const Tensor& dout, const Tensor& pre, const Slot& slot, bool has_relu,
                      const Norms& grads, const Tensor& dpre) const {
-    const Norm& g = grads.at(slot);
-    const Norm& norm = norms_.at(slot);
-    k_.bn_backward_reduce(dout, pre, norm, has_relu, g.bias, g.weight);
-    k_.bn_backward_apply(dout, pre, norm, has_relu, training_, g.bias, g.weight, dpre);
+    const Norm g = grads.at(slot), norm = norms_.at(slot);
+    k_.bn_backward_reduce(dout, pre, norm, has_relu, g);
+    k_.bn_backward_apply(dout, pre, norm, has_relu, training_, g, dpre);
   }
 
   // Backpropagates dL/dU through the unit, down to d1, the gradient of the
@@ -250,8 +231,7 @@ class Unit {
 
  private:
   void stats(const Tensor& pre, const Slot& norm) const {
-    const Norm& n = norms_.at(norm);
-    k_.column_stats(pre, n.mean, n.var);
+    k_.column_stats(pre, norms_.at(norm));
   }
 
   const ParameterLayout& layout_;
@@ -261,6 +241,14 @@ class Unit {
   const Shape& shape_;
   const FusedKernels& k_;
   int64_t i_, n_, start_;
+};
+
+// Inside the op: its GEMMs and convolutions run in the op's dtypes (no
+// autocast), and its many slices are plain views (no autograd view tracking:
+// nothing in here is differentiated).
+struct OpGuard {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
 };
 
 Shape shape_of(const Tensor& x) { return {x.size(0), x.size(1), x.size(2), x.size(3)}; }
@@ -363,8 +351,7 @@ ForwardResult gradual_update(const Tensor& x, const Tensor& conv_weight, const T
                              const std::optional<Tensor>& running_var, at::IntArrayRef segments,
                              int64_t expansion, int64_t bottlenecks, bool shortcut, bool sequential,
                              bool training, double eps) {
-  // The op fixes its own dtypes: its GEMMs and convolutions must not autocast.
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const OpGuard guard;
   check_input(x);
   const ParameterLayout layout(x.size(1), segments, expansion, bottlenecks, shortcut);
   layout.check_arguments(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training);
@@ -409,7 +396,7 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
                                        at::IntArrayRef segments, int64_t expansion,
                                        int64_t bottlenecks, bool shortcut, bool sequential,
                                        bool training, double eps) {
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const OpGuard guard;
   check_input(x);
   const ParameterLayout layout(x.size(1), segments, expansion, bottlenecks, shortcut);
   layout.check_parameters(x, conv_weight, bn_weight, bn_bias);
@@ -423,9 +410,11 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
   const Shape shape = shape_of(x);
   const Norms norms = pack_norms(layout, bn_weight, bn_bias, eps, mean, var);
   const FusedKernels& kernels = fused_kernels(x.device().type());
-  Norms grads;
-  grads.all = {Tensor(), Tensor(), at::empty_like(norms.all.weight), at::empty_like(norms.all.bias)};
-  grads.each = split_norms(grads.all, layout.norm_sizes(), eps);
+  Norm all_grads = norms.all;  // d weight and d bias, in place of weight and bias
+  all_grads.mean = all_grads.var = Tensor();
+  all_grads.weight = at::empty_like(norms.all.weight);
+  all_grads.bias = at::empty_like(norms.all.bias);
+  const Norms grads{all_grads};
   // Every slot is written: one gradient per convolution.
   const Tensor grad_convs = at::empty({layout.conv_numel()}, conv_weight.options());
 

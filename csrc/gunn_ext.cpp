@@ -17,11 +17,6 @@ PyObject* PyInit__C(void) {
 
 namespace gunn_ext {
 
-Norm Norm::slice(int64_t start, int64_t length) const {
-  return {mean.narrow(0, start, length), var.narrow(0, start, length),
-          weight.narrow(0, start, length), bias.narrow(0, start, length), eps};
-}
-
 namespace {
 std::array<const FusedKernels*, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>&
 kernel_table() {

@@ -222,12 +222,14 @@ def _library_convolutions(layer, x):
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_narrow_3x3_runs_the_op_own_kernel(train):
+@pytest.mark.parametrize("size", [(5, 6), (3, 11)], ids=["along_channels", "along_rows"])
+def test_narrow_3x3_runs_the_op_own_kernel(train, size):
     """A 3x3 of 8 channels runs the op's direct kernel, one of 24 the library:
     both match the reference, and only the wide one calls the library (its
-    forward, its recomputation in the backward, and its backward)."""
+    forward, its recomputation in the backward, and its backward). The direct
+    kernel runs along channels in images narrower than that, else along rows."""
     layer = make_layer(channels=16, segments=[4, 12])
-    x = torch.randn(2, 16, 5, 6, dtype=torch.float64)
+    x = torch.randn(2, 16, *size, dtype=torch.float64)
     native = twin(layer, "native")
     run_and_compare(layer, native, x, train=train, steps=2)
     assert _library_convolutions(native.train(train), x) == 3

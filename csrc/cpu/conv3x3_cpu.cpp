@@ -6,12 +6,14 @@
 //   out[p, co] = sum_ci sum_t x[p + d_t, ci] w[co, ci, t]
 //   dx[p, ci]  = sum_co sum_t dy[p - d_t, co] w[co, ci, t]
 //   dw[co, ci, t] = sum_p dy[p, co] x[p + d_t, ci]
-// With a few channels, a loop over channels is too short to vectorise, so the
-// kernels first transpose the [rows, C] matrices into one plane per channel
-// and run their inner loops along image rows. Each output sums its terms in a
-// fixed order, and the weight gradient sums fixed chunks of image rows
-// combined in chunk order, in double, so results do not depend on the number
-// of threads.
+// The inner loops run along whichever is longer, the channels or the image
+// rows. Along channels, the kernels read the channels_last activations as
+// they are, pixel by pixel, with the weights packed tap by tap as [a][b]
+// matrices. Along rows, where a loop over a few channels is too short to
+// vectorise, they first transpose the [rows, C] matrices into one plane per
+// channel. Each output sums its terms in a fixed order, and the weight
+// gradient sums fixed chunks of pixels combined in chunk order, in double, so
+// results do not depend on the number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -111,6 +113,105 @@ void weight_grad(const std::vector<at::opmath_type<scalar_t>>& dy,
   }
 }
 
+// Whether the inner loops run along image rows (planes) rather than channels.
+bool along_rows(const ImageShape& s, int64_t channels) { return s.width > channels; }
+
+// The pixel (b, h, w) of row p, moved by sign d_t; -1 outside the image.
+inline int64_t neighbour(int64_t p, int64_t t, int sign, const ImageShape& s) {
+  const int64_t w = p % s.width, h = (p / s.width) % s.height;
+  const int64_t hh = h + sign * (t / 3 - 1), ww = w + sign * (t % 3 - 1);
+  if (hh < 0 || hh >= s.height || ww < 0 || ww >= s.width) return -1;
+  return p + (hh - h) * s.width + (ww - w);
+}
+
+// out[p, b] = sum_t sum_a in[p + sign d_t, a] w[t][a][b], pixel by pixel
+// along channels; `packed` holds w as 9 [a_n, b_n] matrices.
+template <typename scalar_t>
+void correlate_pixels(const at::Tensor& in, const std::vector<at::opmath_type<scalar_t>>& packed,
+                      int64_t a_n, int64_t b_n, int sign, const ImageShape& s,
+                      const at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = s.batch * s.height * s.width, ldi = in.stride(0), ldo = out.stride(0);
+  const scalar_t* pi = in.const_data_ptr<scalar_t>();
+  scalar_t* po = out.data_ptr<scalar_t>();
+  at::parallel_for(0, rows, task_grain(9 * a_n * b_n), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(b_n);
+    for (int64_t p = begin; p < end; ++p) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t t = 0; t < 9; ++t) {
+        const int64_t q = neighbour(p, t, sign, s);
+        if (q < 0) continue;
+        const scalar_t* src = pi + q * ldi;
+        const acc_t* wt = packed.data() + t * a_n * b_n;
+        for (int64_t a = 0; a < a_n; ++a) {
+          const acc_t v = acc_t(src[a]);
+          const acc_t* row = wt + a * b_n;
+          for (int64_t b = 0; b < b_n; ++b) acc[b] += v * row[b];
+        }
+      }
+      for (int64_t b = 0; b < b_n; ++b) po[p * ldo + b] = scalar_t(acc[b]);
+    }
+  });
+}
+
+// dw[co, ci, t] = sum_p dy[p, co] x[p + d_t, ci], pixel by pixel along
+// channels, in fixed chunks of pixels.
+template <typename scalar_t>
+void weight_grad_pixels(const at::Tensor& dy, const at::Tensor& x, int64_t cout, int64_t cin,
+                        const ImageShape& s, const at::Tensor& dw) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = s.batch * s.height * s.width, size = 9 * cin * cout;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, rows / task_grain(size)));
+  const int64_t per_chunk = (rows + chunks - 1) / chunks;
+  const scalar_t* pg = dy.const_data_ptr<scalar_t>();
+  const scalar_t* px = x.const_data_ptr<scalar_t>();
+  const int64_t ldg = dy.stride(0), ldx = x.stride(0);
+  std::vector<double> partial(chunks * size, 0.0);  // [chunk][t][ci][co]
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> g(cout);
+    for (int64_t k = begin; k < end; ++k) {
+      double* acc = partial.data() + k * size;
+      for (int64_t p = k * per_chunk; p < std::min(rows, (k + 1) * per_chunk); ++p) {
+        for (int64_t co = 0; co < cout; ++co) g[co] = acc_t(pg[p * ldg + co]);
+        for (int64_t t = 0; t < 9; ++t) {
+          const int64_t q = neighbour(p, t, 1, s);
+          if (q < 0) continue;
+          for (int64_t ci = 0; ci < cin; ++ci) {
+            const acc_t v = acc_t(px[q * ldx + ci]);
+            double* a = acc + (t * cin + ci) * cout;
+            for (int64_t co = 0; co < cout; ++co) a[co] += double(v * g[co]);
+          }
+        }
+      }
+    }
+  });
+  scalar_t* out = dw.data_ptr<scalar_t>();  // [co, ci, 3, 3], contiguous
+  for (int64_t co = 0; co < cout; ++co)
+    for (int64_t ci = 0; ci < cin; ++ci)
+      for (int64_t t = 0; t < 9; ++t) {
+        double total = 0.0;
+        for (int64_t k = 0; k < chunks; ++k) total += partial[k * size + (t * cin + ci) * cout + co];
+        out[(co * cin + ci) * 9 + t] = scalar_t(total);
+      }
+}
+
+// w[co, ci, t] as 9 matrices [t][a][b]: [ci][co] (forward) or, transposed,
+// [co][ci] (input gradient).
+template <typename acc_t, typename scalar_t>
+std::vector<acc_t> packed_taps(const at::Tensor& w, bool transposed) {
+  const at::Tensor dense = w.contiguous();
+  const scalar_t* p = dense.const_data_ptr<scalar_t>();
+  const int64_t cout = w.size(0), cin = w.size(1);
+  std::vector<acc_t> packed(9 * cin * cout);
+  for (int64_t co = 0; co < cout; ++co)
+    for (int64_t ci = 0; ci < cin; ++ci)
+      for (int64_t t = 0; t < 9; ++t) {
+        const int64_t at = transposed ? co * cin + ci : ci * cout + co;
+        packed[t * cin * cout + at] = acc_t(p[(co * cin + ci) * 9 + t]);
+      }
+  return packed;
+}
+
 // w[co, ci, t] in the arithmetic type, contiguous.
 template <typename acc_t, typename scalar_t>
 std::vector<acc_t> weights_of(const at::Tensor& w) {
@@ -126,6 +227,10 @@ void conv3x3_cpu(const at::Tensor& x, const at::Tensor& w, const ImageShape& s,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv3x3", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t cout = w.size(0), cin = w.size(1);
+    if (!along_rows(s, std::max(cin, cout))) {
+      correlate_pixels<scalar_t>(x, packed_taps<acc_t, scalar_t>(w, false), cin, cout, 1, s, out);
+      return;
+    }
     const auto weights = weights_of<acc_t, scalar_t>(w);
     const auto tap = [&](int64_t ci, int64_t co, int64_t t) {
       return weights[(co * cin + ci) * 9 + t];
@@ -140,6 +245,11 @@ void conv3x3_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "conv3x3_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t cout = w.size(0), cin = w.size(1);
+    if (!along_rows(s, std::max(cin, cout))) {
+      correlate_pixels<scalar_t>(dy, packed_taps<acc_t, scalar_t>(w, true), cout, cin, -1, s, dx);
+      weight_grad_pixels<scalar_t>(dy, x, cout, cin, s, dw);
+      return;
+    }
     const auto weights = weights_of<acc_t, scalar_t>(w);
     const auto tap = [&](int64_t co, int64_t ci, int64_t t) {
       return weights[(co * cin + ci) * 9 + t];

@@ -21,11 +21,11 @@ namespace {
 
 template <typename stat_t>
 std::vector<BNChannel<double>> channels_of(const Norm& norm) {
-  const int64_t c = norm.mean.numel();
-  const stat_t* mean = norm.mean.const_data_ptr<stat_t>();
-  const stat_t* var = norm.var.const_data_ptr<stat_t>();
-  const stat_t* weight = norm.weight.const_data_ptr<stat_t>();
-  const stat_t* bias = norm.bias.const_data_ptr<stat_t>();
+  const int64_t c = norm.length;
+  const stat_t* mean = norm.data<stat_t>(norm.mean);
+  const stat_t* var = norm.data<stat_t>(norm.var);
+  const stat_t* weight = norm.data<stat_t>(norm.weight);
+  const stat_t* bias = norm.data<stat_t>(norm.bias);
   std::vector<BNChannel<double>> out(c);
   for (int64_t j = 0; j < c; ++j) {
     // invstd in the statistics' own precision, as on the GPU.
@@ -71,30 +71,29 @@ std::vector<double> column_sums(int64_t rows, int64_t width, F f) {
   return total;
 }
 
-template <typename T>
-void store(const at::Tensor& out, const std::vector<double>& values, int64_t offset = 0) {
-  T* p = out.data_ptr<T>();
-  for (int64_t j = 0; j < out.numel(); ++j) p[j] = T(values[offset + j]);
+// values[from, from + run.length) into the run of one of a Norm's tensors,
+// in its dtype (float or double).
+void store_stats(const Norm& run, const at::Tensor& t, const std::vector<double>& values,
+                 int64_t from = 0) {
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "store_stats", [&] {
+    scalar_t* p = run.data<scalar_t>(t);
+    for (int64_t j = 0; j < run.length; ++j) p[j] = scalar_t(values[from + j]);
+  });
 }
 
-// A 1-D statistics tensor (float or double), read as doubles.
-std::vector<double> as_doubles(const at::Tensor& t) {
-  if (t.scalar_type() == at::kDouble) {
-    const double* p = t.const_data_ptr<double>();
-    return std::vector<double>(p, p + t.numel());
-  }
-  const float* p = t.const_data_ptr<float>();
-  return std::vector<double>(p, p + t.numel());
-}
-
-void store_stats(const at::Tensor& out, const std::vector<double>& values, int64_t offset = 0) {
-  if (out.scalar_type() == at::kDouble) store<double>(out, values, offset);
-  else store<float>(out, values, offset);
+// The run of one of a Norm's tensors, read as doubles.
+std::vector<double> as_doubles(const Norm& run, const at::Tensor& t) {
+  std::vector<double> out(run.length);
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "as_doubles", [&] {
+    const scalar_t* p = run.data<scalar_t>(t);
+    for (int64_t j = 0; j < run.length; ++j) out[j] = double(p[j]);
+  });
+  return out;
 }
 
 // One pass of shifted sums: with d = x - x[0], mean = x[0] + E[d] and
 // var = E[d^2] - E[d]^2; the shift keeps the double sums well conditioned.
-void column_stats_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var) {
+void column_stats_cpu(const at::Tensor& x, const Norm& stats) {
   const int64_t rows = x.size(0), cols = x.size(1), ld = x.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "column_stats", [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
@@ -113,8 +112,8 @@ void column_stats_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Ten
       mu[j] = shift[j] + m;
       sq[j] = std::max(0.0, sums[cols + j] / double(rows) - m * m);
     }
-    store_stats(mean, mu);
-    store_stats(var, sq);
+    store_stats(stats, stats.mean, mu);
+    store_stats(stats, stats.var, sq);
   });
 }
 
@@ -173,8 +172,7 @@ void bn_add_cpu(const at::Tensor& out, bool accumulate, const at::Tensor& x1, co
 }
 
 void bn_backward_reduce_cpu(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
-                            bool has_relu, const at::Tensor& sum_dy,
-                            const at::Tensor& sum_dy_xhat) {
+                            bool has_relu, const Norm& grads) {
   const int64_t rows = x.size(0), cols = x.size(1), ldx = x.stride(0), ldd = dy.stride(0);
   const auto ch = norm_channels(norm);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_backward_reduce", [&] {
@@ -195,18 +193,18 @@ void bn_backward_reduce_cpu(const at::Tensor& dy, const at::Tensor& x, const Nor
       }
     });
     for (int64_t j = 0; j < cols; ++j) sums[cols + j] *= ch[j].invstd;
-    store_stats(sum_dy, sums);
-    store_stats(sum_dy_xhat, sums, cols);
+    store_stats(grads, grads.bias, sums);
+    store_stats(grads, grads.weight, sums, cols);
   });
 }
 
 void bn_backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
-                           bool has_relu, bool training, const at::Tensor& sum_dy,
-                           const at::Tensor& sum_dy_xhat, const at::Tensor& dx) {
+                           bool has_relu, bool training, const Norm& grads,
+                           const at::Tensor& dx) {
   const int64_t rows = x.size(0), cols = x.size(1);
   const int64_t ldx = x.stride(0), ldd = dy.stride(0), ldo = dx.stride(0);
   const auto ch = norm_channels(norm);
-  const auto s_dy = as_doubles(sum_dy), s_dyx = as_doubles(sum_dy_xhat);
+  const auto s_dy = as_doubles(grads, grads.bias), s_dyx = as_doubles(grads, grads.weight);
   // dx = scale * (dy' - mean_dy - xhat * mean_dy_xhat) = a * dy' + b * x + c.
   std::vector<double> a(cols), b(cols), c(cols);
   for (int64_t j = 0; j < cols; ++j) {

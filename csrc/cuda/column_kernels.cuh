@@ -101,33 +101,30 @@ struct NormParams {
   }
 };
 
+// A Norm's run of `cols` channels in one of its tensors: 1-D, contiguous,
+// acc_t, on the device.
 template <typename acc_t>
-NormParams<acc_t> norm_params(const Norm& norm, int64_t cols, const char* what) {
+acc_t* run_of(const Norm& run, const at::Tensor& t, int64_t cols, const char* what,
+              const char* name) {
   const auto dtype = c10::CppTypeToScalarType<acc_t>::value;
-  for (const at::Tensor* t : {&norm.mean, &norm.var, &norm.weight, &norm.bias}) {
-    TORCH_CHECK(t->defined() && t->dim() == 1 && t->size(0) == cols && t->stride(0) == 1,
-                "gunn_ext: ", what, ": BN parameters must be 1-D with ", cols,
-                " contiguous entries, got ", t->defined() ? t->sizes() : at::IntArrayRef{});
-    TORCH_CHECK(t->scalar_type() == dtype, "gunn_ext: ", what, ": BN parameters must be ", dtype,
-                ", got ", t->scalar_type());
-    TORCH_CHECK(t->device().type() == kDevice, "gunn_ext: ", what, ": BN parameters must be on ",
-                kDevice, ", got ", t->device());
-  }
-  return {norm.mean.const_data_ptr<acc_t>(), norm.var.const_data_ptr<acc_t>(),
-          norm.weight.const_data_ptr<acc_t>(), norm.bias.const_data_ptr<acc_t>(),
-          static_cast<acc_t>(norm.eps)};
-}
-
-// A 1-D per-column output of a reduction: cols contiguous acc_t values.
-template <typename acc_t>
-acc_t* column_output(const at::Tensor& t, int64_t cols, const char* what, const char* name) {
-  const auto dtype = c10::CppTypeToScalarType<acc_t>::value;
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == cols && t.stride(0) == 1, "gunn_ext: ", what, ": ",
-              name, " must be 1-D with ", cols, " contiguous entries, got ", t.sizes());
+  TORCH_CHECK(t.defined() && t.dim() == 1 && t.stride(0) == 1, "gunn_ext: ", what, ": ", name,
+              " must be a contiguous 1-D tensor, got ", t.defined() ? t.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(run.length == cols && run.offset >= 0 && run.offset + cols <= t.size(0),
+              "gunn_ext: ", what, ": ", name, " must have a run of ", cols,
+              " entries, got entries [", run.offset, ", ", run.offset + run.length, ") of ",
+              t.size(0));
   TORCH_CHECK(t.scalar_type() == dtype && t.device().type() == kDevice, "gunn_ext: ", what, ": ",
               name, " must be a ", kDevice, " ", dtype, " tensor, got ", t.scalar_type(), " on ",
               t.device());
-  return t.data_ptr<acc_t>();
+  return run.data<acc_t>(t);
+}
+
+template <typename acc_t>
+NormParams<acc_t> norm_params(const Norm& norm, int64_t cols, const char* what) {
+  return {run_of<acc_t>(norm, norm.mean, cols, what, "the BN mean"),
+          run_of<acc_t>(norm, norm.var, cols, what, "the BN variance"),
+          run_of<acc_t>(norm, norm.weight, cols, what, "the BN weight"),
+          run_of<acc_t>(norm, norm.bias, cols, what, "the BN bias"), static_cast<acc_t>(norm.eps)};
 }
 
 // A [rows, cols] operand: unit column stride, on the GPU, of the given dtype.

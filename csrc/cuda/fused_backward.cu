@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(kThreads)
 using namespace cuda;
 
 void bn_backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
-                             bool has_relu, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat) {
+                             bool has_relu, const Norm& grads) {
   const int64_t rows = x.size(0), cols = x.size(1);
   check_matrix(x, "bn_backward_reduce", "x", rows, cols, x.scalar_type());
   check_matrix(dy, "bn_backward_reduce", "dy", rows, cols, x.scalar_type());
@@ -126,8 +126,8 @@ void bn_backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& x, const No
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_backward_reduce_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     const auto params = norm_params<acc_t>(norm, cols, "bn_backward_reduce");
-    acc_t* out_dy = column_output<acc_t>(sum_dy, cols, "bn_backward_reduce", "sum_dy");
-    acc_t* out_dy_xhat = column_output<acc_t>(sum_dy_xhat, cols, "bn_backward_reduce", "sum_dy_xhat");
+    acc_t* out_dy = run_of<acc_t>(grads, grads.bias, cols, "bn_backward_reduce", "sum_dy");
+    acc_t* out_dy_xhat = run_of<acc_t>(grads, grads.weight, cols, "bn_backward_reduce", "sum_dy_xhat");
     with_vector_width<scalar_t>(vector_width<scalar_t>({&x, &dy}), [&](auto width) {
       constexpr int V = decltype(width)::value;
       const Tiling t = make_tiling(rows, cols, V);
@@ -147,8 +147,8 @@ void bn_backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& x, const No
 }
 
 void bn_backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
-                            bool has_relu, bool training, const at::Tensor& sum_dy,
-                            const at::Tensor& sum_dy_xhat, const at::Tensor& dx) {
+                            bool has_relu, bool training, const Norm& grads,
+                            const at::Tensor& dx) {
   const int64_t rows = x.size(0), cols = x.size(1);
   check_matrix(x, "bn_backward_apply", "x", rows, cols, x.scalar_type());
   check_matrix(dy, "bn_backward_apply", "dy", rows, cols, x.scalar_type());
@@ -158,8 +158,8 @@ void bn_backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, const Nor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_backward_apply_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     const auto params = norm_params<acc_t>(norm, cols, "bn_backward_apply");
-    const acc_t* s_dy = column_output<acc_t>(sum_dy, cols, "bn_backward_apply", "sum_dy");
-    const acc_t* s_dy_xhat = column_output<acc_t>(sum_dy_xhat, cols, "bn_backward_apply", "sum_dy_xhat");
+    const acc_t* s_dy = run_of<acc_t>(grads, grads.bias, cols, "bn_backward_apply", "sum_dy");
+    const acc_t* s_dy_xhat = run_of<acc_t>(grads, grads.weight, cols, "bn_backward_apply", "sum_dy_xhat");
     with_vector_width<scalar_t>(vector_width<scalar_t>({&x, &dy, &dx}), [&](auto width) {
       constexpr int V = decltype(width)::value;
       const Tiling t = make_tiling(rows, cols, V);

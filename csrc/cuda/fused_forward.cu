@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kThreads)
 
 using namespace cuda;
 
-void column_stats_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var) {
+void column_stats_cuda(const at::Tensor& x, const Norm& stats) {
   const int64_t rows = x.size(0), cols = x.size(1);
   check_matrix(x, "column_stats", "x", rows, cols, x.scalar_type());
   TORCH_CHECK(rows > 0, "gunn_ext: column_stats: x must have at least one row, got ", x.sizes());
@@ -154,8 +154,8 @@ void column_stats_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Te
   const DeviceScope scope(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "column_stats_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    acc_t* mean_out = column_output<acc_t>(mean, cols, "column_stats", "mean");
-    acc_t* var_out = column_output<acc_t>(var, cols, "column_stats", "var");
+    acc_t* mean_out = run_of<acc_t>(stats, stats.mean, cols, "column_stats", "mean");
+    acc_t* var_out = run_of<acc_t>(stats, stats.var, cols, "column_stats", "var");
     const int vec = vector_width<scalar_t>({&x});
     with_vector_width<scalar_t>(vec, [&](auto width) {
       constexpr int V = decltype(width)::value;

@@ -21,15 +21,15 @@ constexpr int64_t kConvMaxChannels = 16;
 
 }  // namespace cuda
 
-void column_stats_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var);
+void column_stats_cuda(const at::Tensor& x, const Norm& stats);
 void bn_relu_cuda(const at::Tensor& x, const Norm& norm, const at::Tensor& out);
 void bn_add_cuda(const at::Tensor& out, bool accumulate, const at::Tensor& x1, const Norm& norm1,
                  const at::Tensor& x2, const Norm* norm2);
 void bn_backward_reduce_cuda(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
-                             bool has_relu, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat);
+                             bool has_relu, const Norm& grads);
 void bn_backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
-                            bool has_relu, bool training, const at::Tensor& sum_dy,
-                            const at::Tensor& sum_dy_xhat, const at::Tensor& dx);
+                            bool has_relu, bool training, const Norm& grads,
+                            const at::Tensor& dx);
 void conv3x3_cuda(const at::Tensor& x, const at::Tensor& w, const ImageShape& s,
                   const at::Tensor& out);
 void conv3x3_backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
