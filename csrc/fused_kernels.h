@@ -38,6 +38,41 @@ struct ImageShape {
   int64_t batch, height, width;
 };
 
+// A [rows, cols] operand of the whole-unit kernels: unit column stride, rows
+// `ld` apart; rows and cols are known from the unit.
+struct UnitMatrix {
+  void* data = nullptr;
+  int64_t ld = 0;
+};
+
+// The BN runs of an update unit of one bottleneck: `first` spans the first
+// GEMM's columns (shortcut BN, then bn1), for their statistics.
+struct UnitNorms {
+  Norm first, shortcut, bn1, bn2, bn3;
+};
+
+// An update unit of one bottleneck, from its first GEMM's output on, as a
+// device's whole-unit kernels take it (FusedKernels::unit_forward and
+// unit_backward): the math of Unit in gradual_update.cpp, without a library
+// call or an allocation. Matrices are in `dtype`; weights are contiguous.
+struct SmallUnit {
+  at::ScalarType dtype;
+  ImageShape shape;
+  int64_t n, mid;  // the segment's channels and the bottleneck's, K n
+  bool shortcut, training;
+  UnitMatrix pre1;    // [rows, (n +) mid]: the first GEMM's output, shortcut columns first
+  const void* conv2;  // [mid, mid, 3, 3]
+  const void* conv3;  // [n, mid]
+  UnitNorms norms;
+  void* tape;     // unit_buffer_size values: the forward's activations
+  void* scratch;  // unit_buffer_size values: the backward's gradients
+};
+
+// Values in each of a SmallUnit's buffers: three [rows, mid] and one [rows, n].
+inline int64_t unit_buffer_size(const ImageShape& s, int64_t n, int64_t mid) {
+  return s.batch * s.height * s.width * (3 * mid + n);
+}
+
 struct FusedKernels {
   // stats.mean and stats.var = mean and biased variance of every column of x.
   void (*column_stats)(const at::Tensor& x, const Norm& stats);
@@ -68,6 +103,16 @@ struct FusedKernels {
   // arithmetic.
   int64_t direct_conv_max_channels = 0;
   int64_t direct_conv_max_macs = 0;
+  // A unit of one bottleneck whose 3x3 runs the direct kernel runs whole in
+  // these, where a device has them (nullptr: the op's steps run one by one).
+  // unit_forward fills the tape, writes the unit's BN statistics when
+  // compute_stats, and adds U into target ([rows, n]) unless target.data is
+  // null. unit_backward, after unit_forward on the same unit, takes dL/dU
+  // ([rows, n]) to d1, the gradient of pre1 ([rows, (n +) mid]), and writes
+  // the gradients of conv2 and conv3 (contiguous) and of the BN parameters.
+  void (*unit_forward)(const SmallUnit& unit, bool compute_stats, UnitMatrix target) = nullptr;
+  void (*unit_backward)(const SmallUnit& unit, UnitMatrix grad_unit, UnitMatrix d1,
+                        void* grad_conv2, void* grad_conv3, const UnitNorms& grads) = nullptr;
 };
 
 const FusedKernels& fused_kernels(c10::DeviceType device);

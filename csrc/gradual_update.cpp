@@ -3,7 +3,9 @@
 // CPU, cuBLAS on the GPU), and so do 3x3 convolutions (oneDNN, cuDNN) but the
 // small ones (FusedKernels::direct_conv_max_macs); those, and the BatchNorm,
 // ReLU and residual work, run the device's fused_kernels.h.
-// Narrow segments run their first GEMMs in blocks (delayed updates, below).
+// Narrow segments run their first GEMMs in blocks (delayed updates, below),
+// and, where the device has whole-unit kernels, the rest of their unit in one
+// call each way (FusedKernels::unit_forward, unit_backward).
 //
 // Layout: the layer's state is a [rows, N] matrix, rows = B*H*W, channels
 // contiguous (channels_last). Segment c_i is a column block of it, updated in
@@ -68,23 +70,32 @@ struct Norms {
 Norms pack_norms(const ParameterLayout& layout, const Tensor& bn_weight, const Tensor& bn_bias,
                  double eps, Tensor mean, Tensor var) {
   const auto dtype = mean.scalar_type();
-  return {Norm{std::move(mean), std::move(var), bn_weight.to(dtype), bn_bias.to(dtype), 0,
-               layout.norm_channels(), eps}};
+  return {Norm{mean.contiguous(), var.contiguous(), bn_weight.to(dtype).contiguous(),
+               bn_bias.to(dtype).contiguous(), 0, layout.norm_channels(), eps}};
 }
 
 // The op's own direct kernel for narrow channels, where the device has one;
 // the library's convolution otherwise.
-bool direct_conv(const FusedKernels& k, const Tensor& w, const Shape& s) {
-  const int64_t cout = w.size(0), cin = w.size(1);
+bool direct_conv(const FusedKernels& k, int64_t cout, int64_t cin, const Shape& s) {
   return k.conv3x3 != nullptr && std::max(cin, cout) <= k.direct_conv_max_channels &&
          9 * cin * cout * s.rows() <= k.direct_conv_max_macs;
 }
 
 ImageShape image_shape(const Shape& s) { return {s.batch, s.height, s.width}; }
 
+// Columns from `from` on of a [rows, C] matrix, for the whole-unit kernels.
+UnitMatrix columns_of(const Tensor& m, int64_t from) {
+  return {static_cast<char*>(m.data_ptr()) + from * m.element_size(), m.stride(0)};
+}
+
+// A slot's values in a contiguous flat tensor.
+void* slot_data(const Tensor& flat, const Slot& slot) {
+  return static_cast<char*>(flat.data_ptr()) + slot.offset * flat.element_size();
+}
+
 // The 3x3 convolution (padding 1) of a [rows, Cin] activation: [rows, Cout].
 Tensor conv3x3(const Tensor& a, const Tensor& w, const Shape& s, const FusedKernels& k) {
-  if (direct_conv(k, w, s)) {
+  if (direct_conv(k, w.size(0), w.size(1), s)) {
     Tensor out = at::empty({s.rows(), w.size(0)}, a.options());
     k.conv3x3(a, w, image_shape(s), out);
     return out;
@@ -96,7 +107,7 @@ Tensor conv3x3(const Tensor& a, const Tensor& w, const Shape& s, const FusedKern
 // Its input gradient dL/da ([rows, Cin]), and dL/dw written into dw, from dy = dL/dout.
 Tensor conv3x3_backward(const Tensor& dy, const Tensor& a, const Tensor& w, const Shape& s,
                         const FusedKernels& k, const Tensor& dw) {
-  if (direct_conv(k, w, s)) {
+  if (direct_conv(k, w.size(0), w.size(1), s)) {
     Tensor da = at::empty({s.rows(), w.size(1)}, a.options());
     k.conv3x3_backward(dy, a, w, image_shape(s), da, dw);
     return da;
@@ -122,6 +133,34 @@ class Unit {
        const Shape& shape, const FusedKernels& kernels, int64_t index)
       : layout_(layout), training_(training), convs_(conv_weight), norms_(norms), shape_(shape),
         k_(kernels), i_(index), n_(layout.segments[index]), start_(layout.starts[index]) {}
+
+  // Whether the device's whole-unit kernels run this unit: one bottleneck
+  // whose 3x3 runs the direct kernel.
+  bool whole() const {
+    const int64_t mid = layout_.mid(i_);
+    return k_.unit_forward != nullptr && layout_.bottlenecks == 1 &&
+           direct_conv(k_, mid, mid, shape_);
+  }
+
+  // The unit for those kernels, its first GEMM's output at pre1; `buffers`
+  // holds its tape, then its scratch.
+  SmallUnit small(UnitMatrix pre1, const Tensor& buffers) const {
+    const ImageShape image = image_shape(shape_);
+    const int64_t mid = layout_.mid(i_);
+    char* tape = static_cast<char*>(buffers.data_ptr());
+    return {buffers.scalar_type(), image, n_, mid, layout_.shortcut, training_, pre1,
+            slot_data(convs_, layout_.conv2(i_, 0)), slot_data(convs_, layout_.conv3(i_, 0)),
+            unit_norms(norms_), tape,
+            tape + unit_buffer_size(image, n_, mid) * buffers.element_size()};
+  }
+
+  // The unit's BN runs in `all` (the parameters, or their gradients).
+  UnitNorms unit_norms(const Norms& all) const {
+    UnitNorms u{all.at(layout_.first_norms(i_, 0)), Norm(), all.at(layout_.bn1(i_, 0)),
+                all.at(layout_.bn2(i_, 0)), all.at(layout_.bn3(i_, 0))};
+    if (layout_.shortcut) u.shortcut = all.at(layout_.shortcut_bn(i_));
+    return u;
+  }
 
   // The merged first GEMM's weight: [shortcut; conv1] of bottleneck m, one slice of conv_weight.
   Tensor first_weight(int64_t m) const { return layout_.first_gemm(i_, m).of(convs_); }
@@ -344,6 +383,19 @@ void block_columns(const Block& b, int64_t i, const Tensor& columns, Tensor& pre
   if (!b.single()) pre1.addmm_(columns, b.of(b.weight, i, 0).narrow(1, b.begin, b.width()).t());
 }
 
+// One allocation per call for the whole-unit kernels' tape and scratch, large
+// enough for any segment (empty where the device has none).
+Tensor unit_buffers(const ParameterLayout& layout, const Shape& shape, const FusedKernels& k,
+                    const Tensor& x) {
+  int64_t size = 0;
+  if (k.unit_forward != nullptr && layout.bottlenecks == 1) {
+    for (int64_t i = 0; i < static_cast<int64_t>(layout.segments.size()); ++i) {
+      size = std::max(size, unit_buffer_size(image_shape(shape), layout.segments[i], layout.mid(i)));
+    }
+  }
+  return at::empty({2 * size}, x.options());
+}
+
 }  // namespace
 
 ForwardResult gradual_update(const Tensor& x, const Tensor& conv_weight, const Tensor& bn_weight,
@@ -368,10 +420,12 @@ ForwardResult gradual_update(const Tensor& x, const Tensor& conv_weight, const T
   const Norms norms = pack_norms(layout, bn_weight, bn_bias, eps, mean, var);
   const FusedKernels& kernels = fused_kernels(x.device().type());
 
+  const Tensor convs = conv_weight.contiguous();
+  const Tensor buffers = unit_buffers(layout, shape, kernels, x);
   const Tensor input = as_rows(x);
   Tensor state = input.clone();  // also the output buffer, updated in place
   const int64_t channels = layout.channels;
-  for (const Block& b : blocks_of(layout, conv_weight)) {
+  for (const Block& b : blocks_of(layout, convs)) {
     Tensor pre = sequential ? fixed_product(b, state, state, channels) : at::mm(input, b.weight.t());
     // The block's columns of the state as the next segment finds them.
     Tensor columns =
@@ -380,8 +434,13 @@ ForwardResult gradual_update(const Tensor& x, const Tensor& conv_weight, const T
       const int64_t start = layout.starts[i], n = layout.segments[i];
       Tensor pre1 = b.of(pre, i);
       if (columns.defined()) block_columns(b, i, columns, pre1);
-      const Unit unit(layout, training, conv_weight, norms, shape, kernels, i);
-      unit.forward(pre1, state.narrow(1, start, n), training);
+      const Unit unit(layout, training, convs, norms, shape, kernels, i);
+      if (unit.whole()) {
+        kernels.unit_forward(unit.small(columns_of(pre, b.offsets[i - b.first]), buffers), training,
+                             columns_of(state, start));
+      } else {
+        unit.forward(pre1, state.narrow(1, start, n), training);
+      }
       if (columns.defined() && i + 1 < b.last) {
         columns.narrow(1, start - b.begin, n).copy_(state.narrow(1, start, n));
       }
@@ -428,7 +487,9 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
   Tensor grad = (owned && sequential) ? incoming : incoming.clone();
   const Tensor read_from = sequential ? grad : incoming;
   const int64_t channels = layout.channels, rows = shape.rows();
-  const auto blocks = blocks_of(layout, conv_weight);
+  const Tensor convs = conv_weight.contiguous();
+  const Tensor buffers = unit_buffers(layout, shape, kernels, x);
+  const auto blocks = blocks_of(layout, convs);
   for (auto b = blocks.rbegin(); b != blocks.rend(); ++b) {
     // The state before segment i is y on the columns before c_i, x from c_i on:
     // the forward's first GEMMs, repeated on equal operands.
@@ -447,14 +508,22 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
         columns.narrow(1, start - b->begin, n).copy_(original.narrow(1, start, n));
         block_columns(*b, i, columns, pre1);
       }
-      const Unit unit(layout, training, conv_weight, norms, shape, kernels, i);
-      Tensor scratch = at::empty({rows, n}, x.options());
-      const auto tape = unit.forward(pre1, scratch, false);
+      const Unit unit(layout, training, convs, norms, shape, kernels, i);
       Tensor grad_unit = read_from.narrow(1, start, n);
       if (sequential && i + 1 < b->last) {  // the block's later segments, not yet in grad
         const Tensor later = b->after(b->weight, i, 0).narrow(1, start, n);
         grad_unit = at::addmm(grad_unit, b->after(d1, i), later);
       }
+      if (unit.whole()) {
+        const SmallUnit small = unit.small(columns_of(pre, b->offsets[i - b->first]), buffers);
+        kernels.unit_forward(small, false, UnitMatrix{});
+        kernels.unit_backward(small, columns_of(grad_unit, 0), columns_of(d1, b->offsets[i - b->first]),
+                              slot_data(grad_convs, layout.conv2(i, 0)),
+                              slot_data(grad_convs, layout.conv3(i, 0)), unit.unit_norms(grads));
+        continue;
+      }
+      Tensor scratch = at::empty({rows, n}, x.options());
+      const auto tape = unit.forward(pre1, scratch, false);
       unit.backward(tape, grad_unit, b->of(d1, i), grad_convs, grads);
     }
     // The block's first-GEMM gradients: dW = d1^T (state), then g += d1 W (Eq. 6).

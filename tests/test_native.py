@@ -234,3 +234,30 @@ def test_narrow_3x3_runs_the_op_own_kernel(train, size):
     run_and_compare(layer, native, x, train=train, steps=2)
     assert _library_convolutions(native.train(train), x) == 3
     assert _library_convolutions(make_layer(channels=16, segments=16, backend="native"), x) == 0
+
+
+_LIBRARY_CALLS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::convolution", "aten::empty")
+
+
+def _library_calls(layer, x):
+    """Calls of each of _LIBRARY_CALLS in one forward + backward of ``layer``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        layer(x).sum().backward()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    return {key: counts.get(key, 0) for key in _LIBRARY_CALLS}
+
+
+@pytest.mark.parametrize("kind", ["gunn", "sunn"])
+def test_small_units_run_whole_in_the_op_own_kernels(kind):
+    """On the CPU, the unit of a narrow segment (one bottleneck, a direct 3x3)
+    runs whole in the op's own kernels: a segment more allocates nothing and
+    calls no convolution. GUNN's segments keep the GEMMs of the delayed
+    updates (two in-block products, the block's later gradient terms and one
+    weight-gradient correction); SUNN's keep none."""
+    x = torch.randn(2, 64, 3, 3, dtype=torch.float64)
+    calls = {p: _library_calls(make_layer(kind, channels=64, segments=p, backend="native"), x)
+             for p in (32, 64)}
+    per_segment = {key: (calls[64][key] - calls[32][key]) / 32 for key in _LIBRARY_CALLS}
+    gemms = 4 if kind == "gunn" else 0
+    assert per_segment == {"aten::mm": 0, "aten::addmm": gemms / 4, "aten::addmm_": 3 * gemms / 4,
+                           "aten::convolution": 0, "aten::empty": 0}

@@ -30,9 +30,9 @@ namespace {
 // The columns of a [rows, C] matrix (unit column stride) as C planes of
 // `rows` values, in the arithmetic type.
 template <typename acc_t, typename scalar_t>
-std::vector<acc_t> planes_of(const at::Tensor& m) {
-  const int64_t rows = m.size(0), cols = m.size(1), ld = m.stride(0);
-  const scalar_t* p = m.const_data_ptr<scalar_t>();
+std::vector<acc_t> planes_of(const Mat& m) {
+  const int64_t rows = m.rows, cols = m.cols, ld = m.ld;
+  const scalar_t* p = m.ptr<scalar_t>();
   std::vector<acc_t> planes(rows * cols);
   at::parallel_for(0, rows, task_grain(cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
@@ -46,11 +46,11 @@ std::vector<acc_t> planes_of(const at::Tensor& m) {
 // sign -1). `tap(a, b, t)` reads w. Parallel over image rows.
 template <typename scalar_t, typename Tap>
 void correlate(const std::vector<at::opmath_type<scalar_t>>& in, int64_t a_n, int64_t b_n,
-               Tap tap, int sign, const ImageShape& s, const at::Tensor& out) {
+               Tap tap, int sign, const ImageShape& s, const Mat& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rows = s.batch * s.height * s.width, lines = s.batch * s.height, W = s.width;
-  scalar_t* po = out.data_ptr<scalar_t>();
-  const int64_t ldo = out.stride(0);
+  scalar_t* po = out.ptr<scalar_t>();
+  const int64_t ldo = out.ld;
   at::parallel_for(0, lines, task_grain(9 * a_n * b_n * W), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(W);
     for (int64_t line = begin; line < end; ++line) {
@@ -77,7 +77,7 @@ void correlate(const std::vector<at::opmath_type<scalar_t>>& in, int64_t a_n, in
 template <typename scalar_t>
 void weight_grad(const std::vector<at::opmath_type<scalar_t>>& dy,
                  const std::vector<at::opmath_type<scalar_t>>& x, int64_t cout, int64_t cin,
-                 const ImageShape& s, const at::Tensor& dw) {
+                 const ImageShape& s, void* dw) {
   const int64_t rows = s.batch * s.height * s.width, lines = s.batch * s.height, W = s.width;
   const int64_t size = cout * cin * 9;  // dw's layout: [co][ci][t]
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, rows / task_grain(size)));
@@ -105,7 +105,7 @@ void weight_grad(const std::vector<at::opmath_type<scalar_t>>& dy,
       }
     }
   });
-  scalar_t* out = dw.data_ptr<scalar_t>();  // [co, ci, 3, 3], contiguous
+  scalar_t* out = static_cast<scalar_t*>(dw);  // [co, ci, 3, 3], contiguous
   for (int64_t j = 0; j < size; ++j) {
     double total = 0.0;
     for (int64_t k = 0; k < chunks; ++k) total += partial[k * size + j];
@@ -127,13 +127,12 @@ inline int64_t neighbour(int64_t p, int64_t t, int sign, const ImageShape& s) {
 // out[p, b] = sum_t sum_a in[p + sign d_t, a] w[t][a][b], pixel by pixel
 // along channels; `packed` holds w as 9 [a_n, b_n] matrices.
 template <typename scalar_t>
-void correlate_pixels(const at::Tensor& in, const std::vector<at::opmath_type<scalar_t>>& packed,
-                      int64_t a_n, int64_t b_n, int sign, const ImageShape& s,
-                      const at::Tensor& out) {
+void correlate_pixels(const Mat& in, const std::vector<at::opmath_type<scalar_t>>& packed,
+                      int64_t a_n, int64_t b_n, int sign, const ImageShape& s, const Mat& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t rows = s.batch * s.height * s.width, ldi = in.stride(0), ldo = out.stride(0);
-  const scalar_t* pi = in.const_data_ptr<scalar_t>();
-  scalar_t* po = out.data_ptr<scalar_t>();
+  const int64_t rows = s.batch * s.height * s.width, ldi = in.ld, ldo = out.ld;
+  const scalar_t* pi = in.ptr<scalar_t>();
+  scalar_t* po = out.ptr<scalar_t>();
   at::parallel_for(0, rows, task_grain(9 * a_n * b_n), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(b_n);
     for (int64_t p = begin; p < end; ++p) {
@@ -157,15 +156,15 @@ void correlate_pixels(const at::Tensor& in, const std::vector<at::opmath_type<sc
 // dw[co, ci, t] = sum_p dy[p, co] x[p + d_t, ci], pixel by pixel along
 // channels, in fixed chunks of pixels.
 template <typename scalar_t>
-void weight_grad_pixels(const at::Tensor& dy, const at::Tensor& x, int64_t cout, int64_t cin,
-                        const ImageShape& s, const at::Tensor& dw) {
+void weight_grad_pixels(const Mat& dy, const Mat& x, int64_t cout, int64_t cin,
+                        const ImageShape& s, void* dw) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rows = s.batch * s.height * s.width, size = 9 * cin * cout;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, rows / task_grain(size)));
   const int64_t per_chunk = (rows + chunks - 1) / chunks;
-  const scalar_t* pg = dy.const_data_ptr<scalar_t>();
-  const scalar_t* px = x.const_data_ptr<scalar_t>();
-  const int64_t ldg = dy.stride(0), ldx = x.stride(0);
+  const scalar_t* pg = dy.ptr<scalar_t>();
+  const scalar_t* px = x.ptr<scalar_t>();
+  const int64_t ldg = dy.ld, ldx = x.ld;
   std::vector<double> partial(chunks * size, 0.0);  // [chunk][t][ci][co]
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> g(cout);
@@ -185,7 +184,7 @@ void weight_grad_pixels(const at::Tensor& dy, const at::Tensor& x, int64_t cout,
       }
     }
   });
-  scalar_t* out = dw.data_ptr<scalar_t>();  // [co, ci, 3, 3], contiguous
+  scalar_t* out = static_cast<scalar_t*>(dw);  // [co, ci, 3, 3], contiguous
   for (int64_t co = 0; co < cout; ++co)
     for (int64_t ci = 0; ci < cin; ++ci)
       for (int64_t t = 0; t < 9; ++t) {
@@ -198,10 +197,8 @@ void weight_grad_pixels(const at::Tensor& dy, const at::Tensor& x, int64_t cout,
 // w[co, ci, t] as 9 matrices [t][a][b]: [ci][co] (forward) or, transposed,
 // [co][ci] (input gradient).
 template <typename acc_t, typename scalar_t>
-std::vector<acc_t> packed_taps(const at::Tensor& w, bool transposed) {
-  const at::Tensor dense = w.contiguous();
-  const scalar_t* p = dense.const_data_ptr<scalar_t>();
-  const int64_t cout = w.size(0), cin = w.size(1);
+std::vector<acc_t> packed_taps(const void* w, int64_t cout, int64_t cin, bool transposed) {
+  const scalar_t* p = static_cast<const scalar_t*>(w);
   std::vector<acc_t> packed(9 * cin * cout);
   for (int64_t co = 0; co < cout; ++co)
     for (int64_t ci = 0; ci < cin; ++ci)
@@ -212,26 +209,25 @@ std::vector<acc_t> packed_taps(const at::Tensor& w, bool transposed) {
   return packed;
 }
 
-// w[co, ci, t] in the arithmetic type, contiguous.
+// w[co, ci, t] in the arithmetic type.
 template <typename acc_t, typename scalar_t>
-std::vector<acc_t> weights_of(const at::Tensor& w) {
-  const at::Tensor dense = w.contiguous();
-  const scalar_t* p = dense.const_data_ptr<scalar_t>();
-  return std::vector<acc_t>(p, p + dense.numel());
+std::vector<acc_t> weights_of(const void* w, int64_t cout, int64_t cin) {
+  const scalar_t* p = static_cast<const scalar_t*>(w);
+  return std::vector<acc_t>(p, p + cout * cin * 9);
 }
 
 }  // namespace
 
-void conv3x3_cpu(const at::Tensor& x, const at::Tensor& w, const ImageShape& s,
-                 const at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv3x3", [&] {
+void conv3x3(const Mat& x, const void* w, const ImageShape& s, const Mat& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.dtype, "conv3x3", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t cout = w.size(0), cin = w.size(1);
+    const int64_t cout = out.cols, cin = x.cols;
     if (!along_rows(s, std::max(cin, cout))) {
-      correlate_pixels<scalar_t>(x, packed_taps<acc_t, scalar_t>(w, false), cin, cout, 1, s, out);
+      correlate_pixels<scalar_t>(x, packed_taps<acc_t, scalar_t>(w, cout, cin, false), cin, cout,
+                                 1, s, out);
       return;
     }
-    const auto weights = weights_of<acc_t, scalar_t>(w);
+    const auto weights = weights_of<acc_t, scalar_t>(w, cout, cin);
     const auto tap = [&](int64_t ci, int64_t co, int64_t t) {
       return weights[(co * cin + ci) * 9 + t];
     };
@@ -239,18 +235,18 @@ void conv3x3_cpu(const at::Tensor& x, const at::Tensor& w, const ImageShape& s,
   });
 }
 
-void conv3x3_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
-                          const ImageShape& s, const at::Tensor& dx, const at::Tensor& dw) {
-  const auto dtype = x.scalar_type();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "conv3x3_backward", [&] {
+void conv3x3_backward(const Mat& dy, const Mat& x, const void* w, const ImageShape& s,
+                      const Mat& dx, void* dw) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.dtype, "conv3x3_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t cout = w.size(0), cin = w.size(1);
+    const int64_t cout = dy.cols, cin = x.cols;
     if (!along_rows(s, std::max(cin, cout))) {
-      correlate_pixels<scalar_t>(dy, packed_taps<acc_t, scalar_t>(w, true), cout, cin, -1, s, dx);
+      correlate_pixels<scalar_t>(dy, packed_taps<acc_t, scalar_t>(w, cout, cin, true), cout, cin,
+                                 -1, s, dx);
       weight_grad_pixels<scalar_t>(dy, x, cout, cin, s, dw);
       return;
     }
-    const auto weights = weights_of<acc_t, scalar_t>(w);
+    const auto weights = weights_of<acc_t, scalar_t>(w, cout, cin);
     const auto tap = [&](int64_t co, int64_t ci, int64_t t) {
       return weights[(co * cin + ci) * 9 + t];
     };
@@ -258,6 +254,18 @@ void conv3x3_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::T
     correlate<scalar_t>(grad, cout, cin, tap, -1, s, dx);
     weight_grad<scalar_t>(grad, planes_of<acc_t, scalar_t>(x), cout, cin, s, dw);
   });
+}
+
+void conv3x3_cpu(const at::Tensor& x, const at::Tensor& w, const ImageShape& s,
+                 const at::Tensor& out) {
+  conv3x3(mat_of(x), w.contiguous().const_data_ptr(), s, mat_of(out));
+}
+
+void conv3x3_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                          const ImageShape& s, const at::Tensor& dx, const at::Tensor& dw) {
+  TORCH_CHECK(dw.is_contiguous(), "gunn_ext: conv3x3_backward: dw must be contiguous");
+  conv3x3_backward(mat_of(dy), mat_of(x), w.contiguous().const_data_ptr(), s, mat_of(dx),
+                   dw.data_ptr());
 }
 
 }  // namespace gunn_ext

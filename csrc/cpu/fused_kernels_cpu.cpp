@@ -91,12 +91,14 @@ std::vector<double> as_doubles(const Norm& run, const at::Tensor& t) {
   return out;
 }
 
+}  // namespace
+
 // One pass of shifted sums: with d = x - x[0], mean = x[0] + E[d] and
 // var = E[d^2] - E[d]^2; the shift keeps the double sums well conditioned.
-void column_stats_cpu(const at::Tensor& x, const Norm& stats) {
-  const int64_t rows = x.size(0), cols = x.size(1), ld = x.stride(0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "column_stats", [&] {
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
+void column_stats(const Mat& x, const Norm& stats) {
+  const int64_t rows = x.rows, cols = x.cols, ld = x.ld;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.dtype, "column_stats", [&] {
+    const scalar_t* px = x.ptr<scalar_t>();
     std::vector<double> shift(px, px + cols);
     auto sums = column_sums(rows, 2 * cols, [&](int64_t r, double* acc) {
       const scalar_t* row = px + r * ld;
@@ -117,16 +119,16 @@ void column_stats_cpu(const at::Tensor& x, const Norm& stats) {
   });
 }
 
-void bn_relu_cpu(const at::Tensor& x, const Norm& norm, const at::Tensor& out) {
-  const int64_t rows = x.size(0), cols = x.size(1), ldx = x.stride(0), ldo = out.stride(0);
+void bn_relu(const Mat& x, const Norm& norm, const Mat& out) {
+  const int64_t rows = x.rows, cols = x.cols, ldx = x.ld, ldo = out.ld;
   const auto ch = norm_channels(norm);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.dtype, "bn_relu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Affine<acc_t> bn(ch);
     const acc_t* sc = bn.scale.data();
     const acc_t* sh = bn.shift.data();
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
-    scalar_t* po = out.data_ptr<scalar_t>();
+    const scalar_t* px = x.ptr<scalar_t>();
+    scalar_t* po = out.ptr<scalar_t>();
     at::parallel_for(0, rows, task_grain(2 * cols), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* xr = px + r * ldx;
@@ -137,22 +139,22 @@ void bn_relu_cpu(const at::Tensor& x, const Norm& norm, const at::Tensor& out) {
   });
 }
 
-void bn_add_cpu(const at::Tensor& out, bool accumulate, const at::Tensor& x1, const Norm& norm1,
-                const at::Tensor& x2, const Norm* norm2) {
-  const int64_t rows = out.size(0), cols = out.size(1);
-  const int64_t ldo = out.stride(0), ld1 = x1.stride(0), ld2 = x2.defined() ? x2.stride(0) : 0;
+void bn_add(const Mat& out, bool accumulate, const Mat& x1, const Norm& norm1, const Mat& x2,
+            const Norm* norm2) {
+  const int64_t rows = out.rows, cols = out.cols;
+  const int64_t ldo = out.ld, ld1 = x1.ld, ld2 = x2.ld;
   const auto ch1 = norm_channels(norm1);
   // The second term is bn2(x2), or x2 itself (scale 1, shift 0).
   std::vector<BNChannel<double>> ch2(cols, BNChannel<double>{0.0, 1.0, 1.0, 0.0});
   if (norm2) ch2 = norm_channels(*norm2);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "bn_add", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.dtype, "bn_add", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Affine<acc_t> bn1(ch1), bn2(ch2);
     const acc_t *sc1 = bn1.scale.data(), *sh1 = bn1.shift.data();
     const acc_t *sc2 = bn2.scale.data(), *sh2 = bn2.shift.data();
-    scalar_t* po = out.data_ptr<scalar_t>();
-    const scalar_t* p1 = x1.const_data_ptr<scalar_t>();
-    const scalar_t* p2 = x2.defined() ? x2.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* po = out.ptr<scalar_t>();
+    const scalar_t* p1 = x1.ptr<scalar_t>();
+    const scalar_t* p2 = x2.ptr<scalar_t>();
     at::parallel_for(0, rows, task_grain(2 * cols), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* o = po + r * ldo;
@@ -171,16 +173,16 @@ void bn_add_cpu(const at::Tensor& out, bool accumulate, const at::Tensor& x1, co
   });
 }
 
-void bn_backward_reduce_cpu(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
-                            bool has_relu, const Norm& grads) {
-  const int64_t rows = x.size(0), cols = x.size(1), ldx = x.stride(0), ldd = dy.stride(0);
+void bn_backward_reduce(const Mat& dy, const Mat& x, const Norm& norm, bool has_relu,
+                        const Norm& grads) {
+  const int64_t rows = x.rows, cols = x.cols, ldx = x.ld, ldd = dy.ld;
   const auto ch = norm_channels(norm);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_backward_reduce", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.dtype, "bn_backward_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Affine<acc_t> bn(ch);
     const acc_t *sc = bn.scale.data(), *sh = bn.shift.data();
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
-    const scalar_t* pd = dy.const_data_ptr<scalar_t>();
+    const scalar_t* px = x.ptr<scalar_t>();
+    const scalar_t* pd = dy.ptr<scalar_t>();
     // sum(dy' * xhat) = invstd * (sum(dy' * x) - mean * sum(dy')), accumulated in double.
     auto sums = column_sums(rows, 2 * cols, [&](int64_t r, double* acc) {
       const scalar_t* xr = px + r * ldx;
@@ -198,11 +200,10 @@ void bn_backward_reduce_cpu(const at::Tensor& dy, const at::Tensor& x, const Nor
   });
 }
 
-void bn_backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
-                           bool has_relu, bool training, const Norm& grads,
-                           const at::Tensor& dx) {
-  const int64_t rows = x.size(0), cols = x.size(1);
-  const int64_t ldx = x.stride(0), ldd = dy.stride(0), ldo = dx.stride(0);
+void bn_backward_apply(const Mat& dy, const Mat& x, const Norm& norm, bool has_relu,
+                       bool training, const Norm& grads, const Mat& dx) {
+  const int64_t rows = x.rows, cols = x.cols;
+  const int64_t ldx = x.ld, ldd = dy.ld, ldo = dx.ld;
   const auto ch = norm_channels(norm);
   const auto s_dy = as_doubles(grads, grads.bias), s_dyx = as_doubles(grads, grads.weight);
   // dx = scale * (dy' - mean_dy - xhat * mean_dy_xhat) = a * dy' + b * x + c.
@@ -215,14 +216,14 @@ void bn_backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const Norm
     b[j] = -a[j] * k;
     c[j] = a[j] * (ch[j].mean * k - mean_dy);
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_backward_apply", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.dtype, "bn_backward_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Affine<acc_t> bn(ch);
     const acc_t *sc = bn.scale.data(), *sh = bn.shift.data();
     const std::vector<acc_t> ka(a.begin(), a.end()), kb(b.begin(), b.end()), kc(c.begin(), c.end());
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
-    const scalar_t* pd = dy.const_data_ptr<scalar_t>();
-    scalar_t* po = dx.data_ptr<scalar_t>();
+    const scalar_t* px = x.ptr<scalar_t>();
+    const scalar_t* pd = dy.ptr<scalar_t>();
+    scalar_t* po = dx.ptr<scalar_t>();
     at::parallel_for(0, rows, task_grain(2 * cols), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* xr = px + r * ldx;
@@ -238,6 +239,30 @@ void bn_backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const Norm
   });
 }
 
+namespace {
+
+// The fused_kernels.h entry points: the kernels above on tensors.
+void column_stats_cpu(const at::Tensor& x, const Norm& stats) { column_stats(mat_of(x), stats); }
+
+void bn_relu_cpu(const at::Tensor& x, const Norm& norm, const at::Tensor& out) {
+  bn_relu(mat_of(x), norm, mat_of(out));
+}
+
+void bn_add_cpu(const at::Tensor& out, bool accumulate, const at::Tensor& x1, const Norm& norm1,
+                const at::Tensor& x2, const Norm* norm2) {
+  bn_add(mat_of(out), accumulate, mat_of(x1), norm1, mat_of(x2), norm2);
+}
+
+void bn_backward_reduce_cpu(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
+                            bool has_relu, const Norm& grads) {
+  bn_backward_reduce(mat_of(dy), mat_of(x), norm, has_relu, grads);
+}
+
+void bn_backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const Norm& norm,
+                           bool has_relu, bool training, const Norm& grads, const at::Tensor& dx) {
+  bn_backward_apply(mat_of(dy), mat_of(x), norm, has_relu, training, grads, mat_of(dx));
+}
+
 // The direct 3x3 beats oneDNN's fixed cost per call up to about 2^17
 // multiply-adds on the 2-core development machine (a 2-channel 3x3 over
 // 2048 pixels is even; wider or larger ones run faster in oneDNN). It takes
@@ -248,7 +273,8 @@ const FusedKernelsRegistration registration(
     c10::DeviceType::CPU,
     FusedKernels{column_stats_cpu, bn_relu_cpu, bn_add_cpu, bn_backward_reduce_cpu,
                  bn_backward_apply_cpu, conv3x3_cpu, conv3x3_backward_cpu,
-                 std::numeric_limits<int64_t>::max(), kDirectConvMaxMacs});
+                 std::numeric_limits<int64_t>::max(), kDirectConvMaxMacs, unit_forward_cpu,
+                 unit_backward_cpu});
 
 }  // namespace
 }  // namespace gunn_ext

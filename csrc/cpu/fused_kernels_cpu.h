@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 
 #include <algorithm>
 
@@ -17,6 +18,47 @@ constexpr int64_t kTaskWork = int64_t(1) << 16;
 inline int64_t task_grain(int64_t work_per_item) {
   return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(1, work_per_item));
 }
+
+// A [rows, cols] matrix in memory, unit column stride, rows `ld` apart: the
+// CPU kernels' operands, so that callers with raw buffers need no tensors.
+struct Mat {
+  void* data = nullptr;
+  int64_t rows = 0, cols = 0, ld = 0;
+  at::ScalarType dtype = at::kFloat;
+
+  template <typename T>
+  T* ptr() const {
+    return static_cast<T*>(data);
+  }
+  // Columns [from, from + count).
+  Mat columns(int64_t from, int64_t count) const {
+    return {static_cast<char*>(data) + from * at::elementSize(dtype), rows, count, ld, dtype};
+  }
+};
+
+// A 2-D tensor with unit column stride as a Mat (null when undefined).
+inline Mat mat_of(const at::Tensor& t) {
+  if (!t.defined()) return {};
+  return {t.data_ptr(), t.size(0), t.size(1), t.stride(0), t.scalar_type()};
+}
+
+// fused_kernels.h's kernels on Mats; conv weights are contiguous
+// [Cout, Cin, 3, 3] in the matrices' dtype, Cin = x.cols and Cout = out.cols.
+void column_stats(const Mat& x, const Norm& stats);
+void bn_relu(const Mat& x, const Norm& norm, const Mat& out);
+void bn_add(const Mat& out, bool accumulate, const Mat& x1, const Norm& norm1, const Mat& x2,
+            const Norm* norm2);
+void bn_backward_reduce(const Mat& dy, const Mat& x, const Norm& norm, bool has_relu,
+                        const Norm& grads);
+void bn_backward_apply(const Mat& dy, const Mat& x, const Norm& norm, bool has_relu,
+                       bool training, const Norm& grads, const Mat& dx);
+void conv3x3(const Mat& x, const void* w, const ImageShape& s, const Mat& out);
+void conv3x3_backward(const Mat& dy, const Mat& x, const void* w, const ImageShape& s,
+                      const Mat& dx, void* dw);
+
+void unit_forward_cpu(const SmallUnit& unit, bool compute_stats, UnitMatrix target);
+void unit_backward_cpu(const SmallUnit& unit, UnitMatrix grad_unit, UnitMatrix d1,
+                       void* grad_conv2, void* grad_conv3, const UnitNorms& grads);
 
 void conv3x3_cpu(const at::Tensor& x, const at::Tensor& w, const ImageShape& s,
                  const at::Tensor& out);
