@@ -4,7 +4,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICES, LAYER_CASES, make_layer, run_and_compare, twin
+from conftest import (DEVICES, LAYER_CASES, check_against_truth, forward_backward, make_layer,
+                      run_and_compare, twin)
 from gunn_ext import GUNNLayer, ops
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -261,3 +262,18 @@ def test_small_units_run_whole_in_the_op_own_kernels(kind):
     gemms = 4 if kind == "gunn" else 0
     assert per_segment == {"aten::mm": 0, "aten::addmm": gemms / 4, "aten::addmm_": 3 * gemms / 4,
                            "aten::convolution": 0, "aten::empty": 0}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("segments", [16, [4, 12]], ids=["whole_units", "mixed"])
+def test_half_precision_on_cpu(dtype, segments):
+    """In bfloat16 and float16 the CPU op (its whole small units, and a wide
+    unit step by step) is as close to float64 truth as PyTorch in the same
+    precision."""
+    truth = make_layer(channels=16, segments=segments)
+    x = torch.randn(4, 16, 5, 6, dtype=torch.float64)
+    grad = torch.randn_like(x)
+    ours = forward_backward(twin(truth, "native").to(dtype), x.to(dtype), grad.to(dtype))
+    assert all(t.dtype == dtype for t in ours)
+    theirs = forward_backward(twin(truth, "reference").to(dtype), x.to(dtype), grad.to(dtype))
+    check_against_truth(ours, theirs, forward_backward(truth, x, grad), dtype)
