@@ -19,8 +19,22 @@
 namespace gunn_ext {
 namespace {
 
+// bn(x) = x * scale + shift, per channel, in the arithmetic type.
+template <typename acc_t>
+struct Affine {
+  std::vector<acc_t> scale, shift;
+  explicit Affine(const std::vector<BNChannel<double>>& ch) : scale(ch.size()), shift(ch.size()) {
+    for (size_t j = 0; j < ch.size(); ++j) {
+      scale[j] = acc_t(ch[j].scale());
+      shift[j] = acc_t(ch[j].shift());
+    }
+  }
+};
+
+}  // namespace
+
 template <typename stat_t>
-std::vector<BNChannel<double>> channels_of(const Norm& norm) {
+static std::vector<BNChannel<double>> channels_of(const Norm& norm) {
   const int64_t c = norm.length;
   const stat_t* mean = norm.data<stat_t>(norm.mean);
   const stat_t* var = norm.data<stat_t>(norm.var);
@@ -40,41 +54,8 @@ std::vector<BNChannel<double>> norm_channels(const Norm& norm) {
                                                 : channels_of<float>(norm);
 }
 
-// bn(x) = x * scale + shift, per channel, in the arithmetic type.
-template <typename acc_t>
-struct Affine {
-  std::vector<acc_t> scale, shift;
-  explicit Affine(const std::vector<BNChannel<double>>& ch) : scale(ch.size()), shift(ch.size()) {
-    for (size_t j = 0; j < ch.size(); ++j) {
-      scale[j] = acc_t(ch[j].scale());
-      shift[j] = acc_t(ch[j].shift());
-    }
-  }
-};
-
-// Sums, for every column j, f(row pointer, acc) over all rows, in double.
-template <typename F>
-std::vector<double> column_sums(int64_t rows, int64_t width, F f) {
-  const int64_t chunks =
-      std::max<int64_t>(1, std::min<int64_t>(64, rows / task_grain(2 * width)));
-  const int64_t per_chunk = (rows + chunks - 1) / chunks;
-  std::vector<double> partial(chunks * width, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t r1 = std::min(rows, (k + 1) * per_chunk);
-      for (int64_t r = k * per_chunk; r < r1; ++r) f(r, partial.data() + k * width);
-    }
-  });
-  std::vector<double> total(width, 0.0);
-  for (int64_t k = 0; k < chunks; ++k)
-    for (int64_t j = 0; j < width; ++j) total[j] += partial[k * width + j];
-  return total;
-}
-
-// values[from, from + run.length) into the run of one of a Norm's tensors,
-// in its dtype (float or double).
 void store_stats(const Norm& run, const at::Tensor& t, const std::vector<double>& values,
-                 int64_t from = 0) {
+                 int64_t from) {
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "store_stats", [&] {
     scalar_t* p = run.data<scalar_t>(t);
     for (int64_t j = 0; j < run.length; ++j) p[j] = scalar_t(values[from + j]);
@@ -82,7 +63,7 @@ void store_stats(const Norm& run, const at::Tensor& t, const std::vector<double>
 }
 
 // The run of one of a Norm's tensors, read as doubles.
-std::vector<double> as_doubles(const Norm& run, const at::Tensor& t) {
+static std::vector<double> as_doubles(const Norm& run, const at::Tensor& t) {
   std::vector<double> out(run.length);
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "as_doubles", [&] {
     const scalar_t* p = run.data<scalar_t>(t);
@@ -91,7 +72,22 @@ std::vector<double> as_doubles(const Norm& run, const at::Tensor& t) {
   return out;
 }
 
-}  // namespace
+InputGradCoefficients input_grad_coefficients(const std::vector<BNChannel<double>>& ch,
+                                              const Norm& grads, int64_t rows, bool training) {
+  const int64_t cols = static_cast<int64_t>(ch.size());
+  const auto s_dy = as_doubles(grads, grads.bias), s_dyx = as_doubles(grads, grads.weight);
+  InputGradCoefficients k{std::vector<double>(cols), std::vector<double>(cols),
+                          std::vector<double>(cols)};
+  for (int64_t j = 0; j < cols; ++j) {
+    const double mean_dy = training ? s_dy[j] / double(rows) : 0.0;
+    const double mean_dy_xhat = training ? s_dyx[j] / double(rows) : 0.0;
+    const double kk = ch[j].invstd * mean_dy_xhat;
+    k.a[j] = ch[j].scale();
+    k.b[j] = -k.a[j] * kk;
+    k.c[j] = k.a[j] * (ch[j].mean * kk - mean_dy);
+  }
+  return k;
+}
 
 // One pass of shifted sums: with d = x - x[0], mean = x[0] + E[d] and
 // var = E[d^2] - E[d]^2; the shift keeps the double sums well conditioned.
@@ -205,17 +201,7 @@ void bn_backward_apply(const Mat& dy, const Mat& x, const Norm& norm, bool has_r
   const int64_t rows = x.rows, cols = x.cols;
   const int64_t ldx = x.ld, ldd = dy.ld, ldo = dx.ld;
   const auto ch = norm_channels(norm);
-  const auto s_dy = as_doubles(grads, grads.bias), s_dyx = as_doubles(grads, grads.weight);
-  // dx = scale * (dy' - mean_dy - xhat * mean_dy_xhat) = a * dy' + b * x + c.
-  std::vector<double> a(cols), b(cols), c(cols);
-  for (int64_t j = 0; j < cols; ++j) {
-    const double mean_dy = training ? s_dy[j] / double(rows) : 0.0;
-    const double mean_dy_xhat = training ? s_dyx[j] / double(rows) : 0.0;
-    const double k = ch[j].invstd * mean_dy_xhat;
-    a[j] = ch[j].scale();
-    b[j] = -a[j] * k;
-    c[j] = a[j] * (ch[j].mean * k - mean_dy);
-  }
+  const auto [a, b, c] = input_grad_coefficients(ch, grads, rows, training);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.dtype, "bn_backward_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Affine<acc_t> bn(ch);

@@ -6,6 +6,11 @@
 
 #include <algorithm>
 
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "../bn_math.h"
 #include "../fused_kernels.h"
 
 namespace gunn_ext {
@@ -18,6 +23,41 @@ constexpr int64_t kTaskWork = int64_t(1) << 16;
 inline int64_t task_grain(int64_t work_per_item) {
   return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(1, work_per_item));
 }
+
+// Sums, for every column j, f(row pointer, acc) over all rows, in double.
+template <typename F>
+inline std::vector<double> column_sums(int64_t rows, int64_t width, F f) {
+  const int64_t chunks =
+      std::max<int64_t>(1, std::min<int64_t>(64, rows / task_grain(2 * width)));
+  const int64_t per_chunk = (rows + chunks - 1) / chunks;
+  std::vector<double> partial(chunks * width, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t r1 = std::min(rows, (k + 1) * per_chunk);
+      for (int64_t r = k * per_chunk; r < r1; ++r) f(r, partial.data() + k * width);
+    }
+  });
+  std::vector<double> total(width, 0.0);
+  for (int64_t k = 0; k < chunks; ++k)
+    for (int64_t j = 0; j < width; ++j) total[j] += partial[k * width + j];
+  return total;
+}
+
+// A norm's channels in double.
+std::vector<BNChannel<double>> norm_channels(const Norm& norm);
+
+// values[from, from + run.length) into the run of one of a Norm's tensors,
+// in its dtype (float or double).
+void store_stats(const Norm& run, const at::Tensor& t, const std::vector<double>& values,
+                 int64_t from = 0);
+
+// BN backward's input gradient per column, dx = a dy' + b x + c (bn_math.h),
+// from the parameter gradients (dbias, dweight) in `grads`.
+struct InputGradCoefficients {
+  std::vector<double> a, b, c;
+};
+InputGradCoefficients input_grad_coefficients(const std::vector<BNChannel<double>>& ch,
+                                              const Norm& grads, int64_t rows, bool training);
 
 // A [rows, cols] matrix in memory, unit column stride, rows `ld` apart: the
 // CPU kernels' operands, so that callers with raw buffers need no tensors.

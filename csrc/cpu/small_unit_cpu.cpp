@@ -12,8 +12,11 @@
 //   d3 = bn3'(g)       dW3 = d3^T act2      d_act2 = d3 W3
 //   d2 = bn2'(d_act2)  (d_act1, dW2) = conv3x3'(d2)
 //   d1 = [shortcut_bn'(g), bn1'(d_act1)]
-// Every sum runs in a fixed order (dW3 over fixed chunks of rows, in double),
-// so results do not depend on the number of threads.
+// bn2 + ReLU and the last 1x1 are one pass over the rows, and so are the
+// backward's steps from g to bn2's input (bn3's input gradient, dW3, d_act2
+// and bn2's reduction). Every sum runs in a fixed
+// order (over fixed chunks of rows, in double), so results do not depend on
+// the number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -45,28 +48,32 @@ struct Buffers {
   }
 };
 
-// out = a w^T (transpose_w) or a w, w a contiguous [O, K] (or [K, O]) matrix:
-// out[r, o] = sum_k a[r, k] w[o, k]  or  sum_k a[r, k] w[k, o]. A few outputs
-// per row are dot products; more run along the outputs, which vectorises.
-void matmul(const Mat& a, const void* w, bool transpose_w, const Mat& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "unit_matmul", [&] {
+// One pass: act = relu(bn(pre)), out = act w^T with w a contiguous [O, K]
+// matrix: out[r, o] = sum_k act[r, k] w[o, k]. A few outputs per row are dot
+// products; more run along the outputs, which vectorises.
+void bn_relu_matmul(const Mat& pre, const Norm& norm, const Mat& act, const void* w,
+                    const Mat& out) {
+  const auto ch = norm_channels(norm);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre.dtype, "unit_bn_relu_matmul", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t K = a.cols, O = out.cols;
+    const int64_t K = pre.cols, O = out.cols;
+    std::vector<acc_t> scale(K), shift(K);
+    for (int64_t k = 0; k < K; ++k) {
+      scale[k] = acc_t(ch[k].scale());
+      shift[k] = acc_t(ch[k].shift());
+    }
     const scalar_t* pw = static_cast<const scalar_t*>(w);
     const bool dots = O < 4;
     std::vector<acc_t> packed(K * O);  // [o][k] for dot products, else [k][o]
     for (int64_t k = 0; k < K; ++k)
-      for (int64_t o = 0; o < O; ++o) {
-        const acc_t v = acc_t(transpose_w ? pw[o * K + k] : pw[k * O + o]);
-        packed[dots ? o * K + k : k * O + o] = v;
-      }
-    const scalar_t* pa = a.ptr<scalar_t>();
-    scalar_t* po = out.ptr<scalar_t>();
-    at::parallel_for(0, a.rows, task_grain(K * O), [&](int64_t begin, int64_t end) {
+      for (int64_t o = 0; o < O; ++o) packed[dots ? o * K + k : k * O + o] = acc_t(pw[o * K + k]);
+    at::parallel_for(0, pre.rows, task_grain(K * O), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(O);
       for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* ar = pa + r * a.ld;
-        scalar_t* o_r = po + r * out.ld;
+        const scalar_t* pr = pre.ptr<scalar_t>() + r * pre.ld;
+        scalar_t* ar = act.ptr<scalar_t>() + r * act.ld;
+        for (int64_t k = 0; k < K; ++k) ar[k] = scalar_t(relu(acc_t(pr[k]) * scale[k] + shift[k]));
+        scalar_t* o_r = out.ptr<scalar_t>() + r * out.ld;
         if (dots) {
           for (int64_t o = 0; o < O; ++o) {
             const acc_t* wo = packed.data() + o * K;
@@ -88,38 +95,57 @@ void matmul(const Mat& a, const void* w, bool transpose_w, const Mat& out) {
   });
 }
 
-// dw = a^T b ([a.cols, b.cols], contiguous): sums over fixed chunks of rows
-// in double, combined in chunk order.
-void matmul_tn(const Mat& a, const Mat& b, void* dw) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "unit_matmul_tn", [&] {
-    const int64_t rows = a.rows, A = a.cols, B = b.cols, size = A * B;
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, rows / task_grain(size)));
-    const int64_t per_chunk = (rows + chunks - 1) / chunks;
-    const scalar_t* pa = a.ptr<scalar_t>();
-    const scalar_t* pb = b.ptr<scalar_t>();
-    std::vector<double> partial(chunks * size, 0.0);
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> bv(B);
-      for (int64_t k = begin; k < end; ++k) {
-        double* acc = partial.data() + k * size;
-        for (int64_t r = k * per_chunk; r < std::min(rows, (k + 1) * per_chunk); ++r) {
-          const scalar_t* br = pb + r * b.ld;
-          for (int64_t j = 0; j < B; ++j) bv[j] = double(br[j]);
-          const scalar_t* ar = pa + r * a.ld;
-          for (int64_t i = 0; i < A; ++i) {
-            const double v = double(ar[i]);
-            double* row = acc + i * B;
-            for (int64_t j = 0; j < B; ++j) row[j] += v * bv[j];
-          }
-        }
+// One pass from dL/dU to bn2's input: per row,
+//   d3 = bn3'(g)   dW3 += d3^T act2   d_act2 = d3 W3
+// and bn2's parameter gradients (its backward reduction over d_act2). bn3's
+// parameter gradients must be in grads.bn3 already.
+void last_conv_backward(const SmallUnit& u, const Mat& g, const Buffers& tape, const Buffers& grad,
+                        void* grad_conv3, const UnitNorms& grads) {
+  const int64_t rows = g.rows, n = u.n, mid = u.mid;
+  const auto ch3 = norm_channels(u.norms.bn3), ch2 = norm_channels(u.norms.bn2);
+  const auto k3 = input_grad_coefficients(ch3, grads.bn3, rows, u.training);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.dtype, "unit_last_conv_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<acc_t> a3(k3.a.begin(), k3.a.end()), b3(k3.b.begin(), k3.b.end()),
+        c3(k3.c.begin(), k3.c.end());
+    std::vector<acc_t> w3(n * mid), scale2(mid), shift2(mid);  // w3: [o][k]
+    const scalar_t* pw = static_cast<const scalar_t*>(u.conv3);
+    for (int64_t j = 0; j < n * mid; ++j) w3[j] = acc_t(pw[j]);
+    for (int64_t k = 0; k < mid; ++k) {
+      scale2[k] = acc_t(ch2[k].scale());
+      shift2[k] = acc_t(ch2[k].shift());
+    }
+    const Mat &pre3 = tape.d, &act2 = tape.c, &pre2 = tape.b, &d3 = grad.d, &d_act2 = grad.a;
+    // sums: dW3 [o][k], then bn2's sum(dy') and sum(dy' (x - mean)).
+    auto sums = column_sums(rows, n * mid + 2 * mid, [&](int64_t r, double* acc) {
+      const scalar_t* gr = g.ptr<scalar_t>() + r * g.ld;
+      const scalar_t* p3 = pre3.ptr<scalar_t>() + r * pre3.ld;
+      const scalar_t* a2 = act2.ptr<scalar_t>() + r * act2.ld;
+      const scalar_t* p2 = pre2.ptr<scalar_t>() + r * pre2.ld;
+      scalar_t* d3r = d3.ptr<scalar_t>() + r * d3.ld;
+      scalar_t* da = d_act2.ptr<scalar_t>() + r * d_act2.ld;
+      for (int64_t o = 0; o < n; ++o) {
+        d3r[o] = scalar_t(a3[o] * acc_t(gr[o]) + b3[o] * acc_t(p3[o]) + c3[o]);
+        const double v = double(d3r[o]);
+        double* row = acc + o * mid;
+        for (int64_t k = 0; k < mid; ++k) row[k] += v * double(a2[k]);
+      }
+      double* s2 = acc + n * mid;
+      for (int64_t k = 0; k < mid; ++k) {
+        acc_t sum = 0;
+        for (int64_t o = 0; o < n; ++o) sum += acc_t(d3r[o]) * w3[o * mid + k];
+        da[k] = scalar_t(sum);
+        const acc_t x = acc_t(p2[k]);
+        const double dy = double(relu_backward(acc_t(da[k]), x * scale2[k] + shift2[k], true));
+        s2[k] += dy;
+        s2[mid + k] += dy * (double(x) - ch2[k].mean);
       }
     });
-    scalar_t* out = static_cast<scalar_t*>(dw);
-    for (int64_t j = 0; j < size; ++j) {
-      double total = 0.0;
-      for (int64_t k = 0; k < chunks; ++k) total += partial[k * size + j];
-      out[j] = scalar_t(total);
-    }
+    scalar_t* dw = static_cast<scalar_t*>(grad_conv3);
+    for (int64_t j = 0; j < n * mid; ++j) dw[j] = scalar_t(sums[j]);
+    for (int64_t k = 0; k < mid; ++k) sums[n * mid + mid + k] *= ch2[k].invstd;
+    store_stats(grads.bn2, grads.bn2.bias, sums, n * mid);
+    store_stats(grads.bn2, grads.bn2.weight, sums, n * mid + mid);
   });
 }
 
@@ -140,8 +166,7 @@ void unit_forward_cpu(const SmallUnit& u, bool compute_stats, UnitMatrix target)
   bn_relu(pre1.columns(skip, u.mid), u.norms.bn1, tape.a);
   conv3x3(tape.a, u.conv2, u.shape, tape.b);
   if (compute_stats) column_stats(tape.b, u.norms.bn2);
-  bn_relu(tape.b, u.norms.bn2, tape.c);
-  matmul(tape.c, u.conv3, true, tape.d);
+  bn_relu_matmul(tape.b, u.norms.bn2, tape.c, u.conv3, tape.d);
   if (compute_stats) column_stats(tape.d, u.norms.bn3);
   if (target.data == nullptr) return;
   const Mat out = mat(target, rows, u.n, u.dtype);
@@ -156,10 +181,9 @@ void unit_backward_cpu(const SmallUnit& u, UnitMatrix grad_unit, UnitMatrix d1, 
   const Mat g = mat(grad_unit, rows, u.n, u.dtype), dpre1 = mat(d1, rows, skip + u.mid, u.dtype);
   const Buffers tape(u.tape, u);        // act1, pre2, act2, pre3
   const Buffers grad(u.scratch, u);     // d_act2, d2, d_act1, d3
-  norm_backward(g, tape.d, u.norms.bn3, false, u.training, grads.bn3, grad.d);
-  matmul_tn(grad.d, tape.c, grad_conv3);
-  matmul(grad.d, u.conv3, false, grad.a);
-  norm_backward(grad.a, tape.b, u.norms.bn2, true, u.training, grads.bn2, grad.b);
+  bn_backward_reduce(g, tape.d, u.norms.bn3, false, grads.bn3);
+  last_conv_backward(u, g, tape, grad, grad_conv3, grads);
+  bn_backward_apply(grad.a, tape.b, u.norms.bn2, true, u.training, grads.bn2, grad.b);
   conv3x3_backward(grad.b, tape.a, u.conv2, u.shape, grad.c, grad_conv2);
   norm_backward(grad.c, pre1.columns(skip, u.mid), u.norms.bn1, true, u.training, grads.bn1,
                 dpre1.columns(skip, u.mid));
