@@ -96,13 +96,16 @@ void column_stats(const Mat& x, const Norm& stats) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.dtype, "column_stats", [&] {
     const scalar_t* px = x.ptr<scalar_t>();
     std::vector<double> shift(px, px + cols);
-    auto sums = column_sums(rows, 2 * cols, [&](int64_t r, double* acc) {
-      const scalar_t* row = px + r * ld;
-      for (int64_t j = 0; j < cols; ++j) {
-        const double d = double(row[j]) - shift[j];
-        acc[j] += d;
-        acc[cols + j] += d * d;
-      }
+    std::vector<double> sums;
+    with_cols(cols, [&](auto C) {
+      sums = column_sums(rows, 2 * cols, [&](int64_t r, double* acc) {
+        const scalar_t* row = px + r * ld;
+        for (int64_t j = 0; j < C; ++j) {
+          const double d = double(row[j]) - shift[j];
+          acc[j] += d;
+          acc[C + j] += d * d;
+        }
+      });
     });
     std::vector<double> mu(cols), sq(cols);
     for (int64_t j = 0; j < cols; ++j) {
@@ -125,12 +128,14 @@ void bn_relu(const Mat& x, const Norm& norm, const Mat& out) {
     const acc_t* sh = bn.shift.data();
     const scalar_t* px = x.ptr<scalar_t>();
     scalar_t* po = out.ptr<scalar_t>();
-    at::parallel_for(0, rows, task_grain(2 * cols), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* xr = px + r * ldx;
-        scalar_t* o = po + r * ldo;
-        for (int64_t j = 0; j < cols; ++j) o[j] = scalar_t(relu(acc_t(xr[j]) * sc[j] + sh[j]));
-      }
+    with_cols(cols, [&](auto C) {
+      at::parallel_for(0, rows, task_grain(2 * cols), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const scalar_t* xr = px + r * ldx;
+          scalar_t* o = po + r * ldo;
+          for (int64_t j = 0; j < C; ++j) o[j] = scalar_t(relu(acc_t(xr[j]) * sc[j] + sh[j]));
+        }
+      });
     });
   });
 }
@@ -151,20 +156,22 @@ void bn_add(const Mat& out, bool accumulate, const Mat& x1, const Norm& norm1, c
     scalar_t* po = out.ptr<scalar_t>();
     const scalar_t* p1 = x1.ptr<scalar_t>();
     const scalar_t* p2 = x2.ptr<scalar_t>();
-    at::parallel_for(0, rows, task_grain(2 * cols), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        scalar_t* o = po + r * ldo;
-        const scalar_t* a = p1 + r * ld1;
-        if (p2) {
-          const scalar_t* b = p2 + r * ld2;
-          for (int64_t j = 0; j < cols; ++j)
-            o[j] = scalar_t((accumulate ? acc_t(o[j]) : acc_t(0)) + (acc_t(a[j]) * sc1[j] + sh1[j]) +
-                            (acc_t(b[j]) * sc2[j] + sh2[j]));
-        } else {
-          for (int64_t j = 0; j < cols; ++j)
-            o[j] = scalar_t((accumulate ? acc_t(o[j]) : acc_t(0)) + (acc_t(a[j]) * sc1[j] + sh1[j]));
+    with_cols(cols, [&](auto C) {
+      at::parallel_for(0, rows, task_grain(2 * cols), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          scalar_t* o = po + r * ldo;
+          const scalar_t* a = p1 + r * ld1;
+          if (p2) {
+            const scalar_t* b = p2 + r * ld2;
+            for (int64_t j = 0; j < C; ++j)
+              o[j] = scalar_t((accumulate ? acc_t(o[j]) : acc_t(0)) +
+                              (acc_t(a[j]) * sc1[j] + sh1[j]) + (acc_t(b[j]) * sc2[j] + sh2[j]));
+          } else {
+            for (int64_t j = 0; j < C; ++j)
+              o[j] = scalar_t((accumulate ? acc_t(o[j]) : acc_t(0)) + (acc_t(a[j]) * sc1[j] + sh1[j]));
+          }
         }
-      }
+      });
     });
   });
 }
@@ -180,15 +187,18 @@ void bn_backward_reduce(const Mat& dy, const Mat& x, const Norm& norm, bool has_
     const scalar_t* px = x.ptr<scalar_t>();
     const scalar_t* pd = dy.ptr<scalar_t>();
     // sum(dy' * xhat) = invstd * (sum(dy' * x) - mean * sum(dy')), accumulated in double.
-    auto sums = column_sums(rows, 2 * cols, [&](int64_t r, double* acc) {
-      const scalar_t* xr = px + r * ldx;
-      const scalar_t* dr = pd + r * ldd;
-      for (int64_t j = 0; j < cols; ++j) {
-        const acc_t xv = acc_t(xr[j]);
-        const double g = double(relu_backward(acc_t(dr[j]), xv * sc[j] + sh[j], has_relu));
-        acc[j] += g;
-        acc[cols + j] += g * (double(xv) - ch[j].mean);
-      }
+    std::vector<double> sums;
+    with_cols(cols, [&](auto C) {
+      sums = column_sums(rows, 2 * cols, [&](int64_t r, double* acc) {
+        const scalar_t* xr = px + r * ldx;
+        const scalar_t* dr = pd + r * ldd;
+        for (int64_t j = 0; j < C; ++j) {
+          const acc_t xv = acc_t(xr[j]);
+          const double g = double(relu_backward(acc_t(dr[j]), xv * sc[j] + sh[j], has_relu));
+          acc[j] += g;
+          acc[C + j] += g * (double(xv) - ch[j].mean);
+        }
+      });
     });
     for (int64_t j = 0; j < cols; ++j) sums[cols + j] *= ch[j].invstd;
     store_stats(grads, grads.bias, sums);
@@ -210,17 +220,19 @@ void bn_backward_apply(const Mat& dy, const Mat& x, const Norm& norm, bool has_r
     const scalar_t* px = x.ptr<scalar_t>();
     const scalar_t* pd = dy.ptr<scalar_t>();
     scalar_t* po = dx.ptr<scalar_t>();
-    at::parallel_for(0, rows, task_grain(2 * cols), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* xr = px + r * ldx;
-        const scalar_t* dr = pd + r * ldd;
-        scalar_t* o = po + r * ldo;
-        for (int64_t j = 0; j < cols; ++j) {
-          const acc_t xv = acc_t(xr[j]);
-          const acc_t g = relu_backward(acc_t(dr[j]), xv * sc[j] + sh[j], has_relu);
-          o[j] = scalar_t(ka[j] * g + kb[j] * xv + kc[j]);
+    with_cols(cols, [&](auto C) {
+      at::parallel_for(0, rows, task_grain(2 * cols), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const scalar_t* xr = px + r * ldx;
+          const scalar_t* dr = pd + r * ldd;
+          scalar_t* o = po + r * ldo;
+          for (int64_t j = 0; j < C; ++j) {
+            const acc_t xv = acc_t(xr[j]);
+            const acc_t g = relu_backward(acc_t(dr[j]), xv * sc[j] + sh[j], has_relu);
+            o[j] = scalar_t(ka[j] * g + kb[j] * xv + kc[j]);
+          }
         }
-      }
+      });
     });
   });
 }

@@ -8,6 +8,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../bn_math.h"
@@ -41,6 +42,20 @@ inline std::vector<double> column_sums(int64_t rows, int64_t width, F f) {
   for (int64_t k = 0; k < chunks; ++k)
     for (int64_t j = 0; j < width; ++j) total[j] += partial[k * width + j];
   return total;
+}
+
+// f(cols), with cols a compile-time constant for 1 to 4 channels: the
+// per-row loops over a few channels then unroll, and reductions keep their
+// sums in registers.
+template <typename F>
+void with_cols(int64_t cols, F f) {
+  switch (cols) {
+    case 1: return f(std::integral_constant<int64_t, 1>{});
+    case 2: return f(std::integral_constant<int64_t, 2>{});
+    case 3: return f(std::integral_constant<int64_t, 3>{});
+    case 4: return f(std::integral_constant<int64_t, 4>{});
+    default: return f(cols);
+  }
 }
 
 // A norm's channels in double.
