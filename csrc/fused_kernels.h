@@ -36,6 +36,8 @@ struct Norm {
 // The spatial shape of the [rows, C] matrices: rows = batch * height * width.
 struct ImageShape {
   int64_t batch, height, width;
+
+  int64_t rows() const { return batch * height * width; }
 };
 
 // A [rows, cols] operand of the whole-unit kernels: unit column stride, rows
@@ -70,7 +72,7 @@ struct SmallUnit {
 
 // Values in each of a SmallUnit's buffers: three [rows, mid] and one [rows, n].
 inline int64_t unit_buffer_size(const ImageShape& s, int64_t n, int64_t mid) {
-  return s.batch * s.height * s.width * (3 * mid + n);
+  return s.rows() * (3 * mid + n);
 }
 
 struct FusedKernels {

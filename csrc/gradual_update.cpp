@@ -83,6 +83,12 @@ bool direct_conv(const FusedKernels& k, int64_t cout, int64_t cin, const Shape& 
 
 ImageShape image_shape(const Shape& s) { return {s.batch, s.height, s.width}; }
 
+// Whether the device's whole-unit kernels can run this layer's units (those
+// of one bottleneck; Unit::whole decides per unit).
+bool has_whole_units(const FusedKernels& k, const ParameterLayout& layout) {
+  return k.unit_forward != nullptr && layout.bottlenecks == 1;
+}
+
 // Columns from `from` on of a [rows, C] matrix, for the whole-unit kernels.
 UnitMatrix columns_of(const Tensor& m, int64_t from) {
   return {static_cast<char*>(m.data_ptr()) + from * m.element_size(), m.stride(0)};
@@ -138,8 +144,7 @@ class Unit {
   // whose 3x3 runs the direct kernel.
   bool whole() const {
     const int64_t mid = layout_.mid(i_);
-    return k_.unit_forward != nullptr && layout_.bottlenecks == 1 &&
-           direct_conv(k_, mid, mid, shape_);
+    return has_whole_units(k_, layout_) && direct_conv(k_, mid, mid, shape_);
   }
 
   // The unit for those kernels, its first GEMM's output at pre1; `buffers`
@@ -388,7 +393,7 @@ void block_columns(const Block& b, int64_t i, const Tensor& columns, Tensor& pre
 Tensor unit_buffers(const ParameterLayout& layout, const Shape& shape, const FusedKernels& k,
                     const Tensor& x) {
   int64_t size = 0;
-  if (k.unit_forward != nullptr && layout.bottlenecks == 1) {
+  if (has_whole_units(k, layout)) {
     for (int64_t i = 0; i < static_cast<int64_t>(layout.segments.size()); ++i) {
       size = std::max(size, unit_buffer_size(image_shape(shape), layout.segments[i], layout.mid(i)));
     }
@@ -436,7 +441,7 @@ ForwardResult gradual_update(const Tensor& x, const Tensor& conv_weight, const T
       if (columns.defined()) block_columns(b, i, columns, pre1);
       const Unit unit(layout, training, convs, norms, shape, kernels, i);
       if (unit.whole()) {
-        kernels.unit_forward(unit.small(columns_of(pre, b.offsets[i - b.first]), buffers), training,
+        kernels.unit_forward(unit.small(columns_of(pre1, 0), buffers), training,
                              columns_of(state, start));
       } else {
         unit.forward(pre1, state.narrow(1, start, n), training);
@@ -515,9 +520,9 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
         grad_unit = at::addmm(grad_unit, b->after(d1, i), later);
       }
       if (unit.whole()) {
-        const SmallUnit small = unit.small(columns_of(pre, b->offsets[i - b->first]), buffers);
+        const SmallUnit small = unit.small(columns_of(pre1, 0), buffers);
         kernels.unit_forward(small, false, UnitMatrix{});
-        kernels.unit_backward(small, columns_of(grad_unit, 0), columns_of(d1, b->offsets[i - b->first]),
+        kernels.unit_backward(small, columns_of(grad_unit, 0), columns_of(b->of(d1, i), 0),
                               slot_data(grad_convs, layout.conv2(i, 0)),
                               slot_data(grad_convs, layout.conv3(i, 0)), unit.unit_norms(grads));
         continue;

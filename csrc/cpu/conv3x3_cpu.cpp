@@ -48,7 +48,7 @@ template <typename scalar_t, typename Tap>
 void correlate(const std::vector<at::opmath_type<scalar_t>>& in, int64_t a_n, int64_t b_n,
                Tap tap, int sign, const ImageShape& s, const Mat& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t rows = s.batch * s.height * s.width, lines = s.batch * s.height, W = s.width;
+  const int64_t rows = s.rows(), lines = s.batch * s.height, W = s.width;
   scalar_t* po = out.ptr<scalar_t>();
   const int64_t ldo = out.ld;
   at::parallel_for(0, lines, task_grain(9 * a_n * b_n * W), [&](int64_t begin, int64_t end) {
@@ -78,7 +78,7 @@ template <typename scalar_t>
 void weight_grad(const std::vector<at::opmath_type<scalar_t>>& dy,
                  const std::vector<at::opmath_type<scalar_t>>& x, int64_t cout, int64_t cin,
                  const ImageShape& s, void* dw) {
-  const int64_t rows = s.batch * s.height * s.width, lines = s.batch * s.height, W = s.width;
+  const int64_t rows = s.rows(), lines = s.batch * s.height, W = s.width;
   const int64_t size = cout * cin * 9;  // dw's layout: [co][ci][t]
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, rows / task_grain(size)));
   const int64_t per_chunk = (lines + chunks - 1) / chunks;
@@ -130,7 +130,7 @@ template <typename scalar_t>
 void correlate_pixels(const Mat& in, const std::vector<at::opmath_type<scalar_t>>& packed,
                       int64_t a_n, int64_t b_n, int sign, const ImageShape& s, const Mat& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t rows = s.batch * s.height * s.width, ldi = in.ld, ldo = out.ld;
+  const int64_t rows = s.rows(), ldi = in.ld, ldo = out.ld;
   const scalar_t* pi = in.ptr<scalar_t>();
   scalar_t* po = out.ptr<scalar_t>();
   at::parallel_for(0, rows, task_grain(9 * a_n * b_n), [&](int64_t begin, int64_t end) {
@@ -154,44 +154,30 @@ void correlate_pixels(const Mat& in, const std::vector<at::opmath_type<scalar_t>
 }
 
 // dw[co, ci, t] = sum_p dy[p, co] x[p + d_t, ci], pixel by pixel along
-// channels, in fixed chunks of pixels.
+// channels (column_sums, over [t][ci][co]).
 template <typename scalar_t>
 void weight_grad_pixels(const Mat& dy, const Mat& x, int64_t cout, int64_t cin,
                         const ImageShape& s, void* dw) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t rows = s.batch * s.height * s.width, size = 9 * cin * cout;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, rows / task_grain(size)));
-  const int64_t per_chunk = (rows + chunks - 1) / chunks;
   const scalar_t* pg = dy.ptr<scalar_t>();
   const scalar_t* px = x.ptr<scalar_t>();
-  const int64_t ldg = dy.ld, ldx = x.ld;
-  std::vector<double> partial(chunks * size, 0.0);  // [chunk][t][ci][co]
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> g(cout);
-    for (int64_t k = begin; k < end; ++k) {
-      double* acc = partial.data() + k * size;
-      for (int64_t p = k * per_chunk; p < std::min(rows, (k + 1) * per_chunk); ++p) {
-        for (int64_t co = 0; co < cout; ++co) g[co] = acc_t(pg[p * ldg + co]);
-        for (int64_t t = 0; t < 9; ++t) {
-          const int64_t q = neighbour(p, t, 1, s);
-          if (q < 0) continue;
-          for (int64_t ci = 0; ci < cin; ++ci) {
-            const acc_t v = acc_t(px[q * ldx + ci]);
-            double* a = acc + (t * cin + ci) * cout;
-            for (int64_t co = 0; co < cout; ++co) a[co] += double(v * g[co]);
-          }
-        }
+  const auto sums = column_sums(s.rows(), 9 * cin * cout, [&](int64_t p, double* acc) {
+    const scalar_t* g = pg + p * dy.ld;
+    for (int64_t t = 0; t < 9; ++t) {
+      const int64_t q = neighbour(p, t, 1, s);
+      if (q < 0) continue;
+      for (int64_t ci = 0; ci < cin; ++ci) {
+        const acc_t v = acc_t(px[q * x.ld + ci]);
+        double* a = acc + (t * cin + ci) * cout;
+        for (int64_t co = 0; co < cout; ++co) a[co] += double(v * acc_t(g[co]));
       }
     }
   });
   scalar_t* out = static_cast<scalar_t*>(dw);  // [co, ci, 3, 3], contiguous
   for (int64_t co = 0; co < cout; ++co)
     for (int64_t ci = 0; ci < cin; ++ci)
-      for (int64_t t = 0; t < 9; ++t) {
-        double total = 0.0;
-        for (int64_t k = 0; k < chunks; ++k) total += partial[k * size + (t * cin + ci) * cout + co];
-        out[(co * cin + ci) * 9 + t] = scalar_t(total);
-      }
+      for (int64_t t = 0; t < 9; ++t)
+        out[(co * cin + ci) * 9 + t] = scalar_t(sums[(t * cin + ci) * cout + co]);
 }
 
 // w[co, ci, t] as 9 matrices [t][a][b]: [ci][co] (forward) or, transposed,

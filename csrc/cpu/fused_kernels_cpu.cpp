@@ -17,21 +17,6 @@
 #include "fused_kernels_cpu.h"
 
 namespace gunn_ext {
-namespace {
-
-// bn(x) = x * scale + shift, per channel, in the arithmetic type.
-template <typename acc_t>
-struct Affine {
-  std::vector<acc_t> scale, shift;
-  explicit Affine(const std::vector<BNChannel<double>>& ch) : scale(ch.size()), shift(ch.size()) {
-    for (size_t j = 0; j < ch.size(); ++j) {
-      scale[j] = acc_t(ch[j].scale());
-      shift[j] = acc_t(ch[j].shift());
-    }
-  }
-};
-
-}  // namespace
 
 template <typename stat_t>
 static std::vector<BNChannel<double>> channels_of(const Norm& norm) {
@@ -128,14 +113,10 @@ void bn_relu(const Mat& x, const Norm& norm, const Mat& out) {
     const acc_t* sh = bn.shift.data();
     const scalar_t* px = x.ptr<scalar_t>();
     scalar_t* po = out.ptr<scalar_t>();
-    with_cols(cols, [&](auto C) {
-      at::parallel_for(0, rows, task_grain(2 * cols), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const scalar_t* xr = px + r * ldx;
-          scalar_t* o = po + r * ldo;
-          for (int64_t j = 0; j < C; ++j) o[j] = scalar_t(relu(acc_t(xr[j]) * sc[j] + sh[j]));
-        }
-      });
+    each_row(rows, cols, [&](int64_t r, auto C) {
+      const scalar_t* xr = px + r * ldx;
+      scalar_t* o = po + r * ldo;
+      for (int64_t j = 0; j < C; ++j) o[j] = scalar_t(relu(acc_t(xr[j]) * sc[j] + sh[j]));
     });
   });
 }
@@ -156,22 +137,18 @@ void bn_add(const Mat& out, bool accumulate, const Mat& x1, const Norm& norm1, c
     scalar_t* po = out.ptr<scalar_t>();
     const scalar_t* p1 = x1.ptr<scalar_t>();
     const scalar_t* p2 = x2.ptr<scalar_t>();
-    with_cols(cols, [&](auto C) {
-      at::parallel_for(0, rows, task_grain(2 * cols), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          scalar_t* o = po + r * ldo;
-          const scalar_t* a = p1 + r * ld1;
-          if (p2) {
-            const scalar_t* b = p2 + r * ld2;
-            for (int64_t j = 0; j < C; ++j)
-              o[j] = scalar_t((accumulate ? acc_t(o[j]) : acc_t(0)) +
-                              (acc_t(a[j]) * sc1[j] + sh1[j]) + (acc_t(b[j]) * sc2[j] + sh2[j]));
-          } else {
-            for (int64_t j = 0; j < C; ++j)
-              o[j] = scalar_t((accumulate ? acc_t(o[j]) : acc_t(0)) + (acc_t(a[j]) * sc1[j] + sh1[j]));
-          }
-        }
-      });
+    each_row(rows, cols, [&](int64_t r, auto C) {
+      scalar_t* o = po + r * ldo;
+      const scalar_t* a = p1 + r * ld1;
+      if (p2) {
+        const scalar_t* b = p2 + r * ld2;
+        for (int64_t j = 0; j < C; ++j)
+          o[j] = scalar_t((accumulate ? acc_t(o[j]) : acc_t(0)) + (acc_t(a[j]) * sc1[j] + sh1[j]) +
+                          (acc_t(b[j]) * sc2[j] + sh2[j]));
+      } else {
+        for (int64_t j = 0; j < C; ++j)
+          o[j] = scalar_t((accumulate ? acc_t(o[j]) : acc_t(0)) + (acc_t(a[j]) * sc1[j] + sh1[j]));
+      }
     });
   });
 }
@@ -220,19 +197,15 @@ void bn_backward_apply(const Mat& dy, const Mat& x, const Norm& norm, bool has_r
     const scalar_t* px = x.ptr<scalar_t>();
     const scalar_t* pd = dy.ptr<scalar_t>();
     scalar_t* po = dx.ptr<scalar_t>();
-    with_cols(cols, [&](auto C) {
-      at::parallel_for(0, rows, task_grain(2 * cols), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const scalar_t* xr = px + r * ldx;
-          const scalar_t* dr = pd + r * ldd;
-          scalar_t* o = po + r * ldo;
-          for (int64_t j = 0; j < C; ++j) {
-            const acc_t xv = acc_t(xr[j]);
-            const acc_t g = relu_backward(acc_t(dr[j]), xv * sc[j] + sh[j], has_relu);
-            o[j] = scalar_t(ka[j] * g + kb[j] * xv + kc[j]);
-          }
-        }
-      });
+    each_row(rows, cols, [&](int64_t r, auto C) {
+      const scalar_t* xr = px + r * ldx;
+      const scalar_t* dr = pd + r * ldd;
+      scalar_t* o = po + r * ldo;
+      for (int64_t j = 0; j < C; ++j) {
+        const acc_t xv = acc_t(xr[j]);
+        const acc_t g = relu_backward(acc_t(dr[j]), xv * sc[j] + sh[j], has_relu);
+        o[j] = scalar_t(ka[j] * g + kb[j] * xv + kc[j]);
+      }
     });
   });
 }

@@ -58,6 +58,29 @@ void with_cols(int64_t cols, F f) {
   }
 }
 
+// f(r, C) for every row r, in parallel tasks, with C the number of columns
+// as with_cols gives it.
+template <typename F>
+void each_row(int64_t rows, int64_t cols, F f) {
+  with_cols(cols, [&](auto C) {
+    at::parallel_for(0, rows, task_grain(2 * cols), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) f(r, C);
+    });
+  });
+}
+
+// bn(x) = x * scale + shift, per channel, in the arithmetic type.
+template <typename acc_t>
+struct Affine {
+  std::vector<acc_t> scale, shift;
+  explicit Affine(const std::vector<BNChannel<double>>& ch) : scale(ch.size()), shift(ch.size()) {
+    for (size_t j = 0; j < ch.size(); ++j) {
+      scale[j] = acc_t(ch[j].scale());
+      shift[j] = acc_t(ch[j].shift());
+    }
+  }
+};
+
 // A norm's channels in double.
 std::vector<BNChannel<double>> norm_channels(const Norm& norm);
 

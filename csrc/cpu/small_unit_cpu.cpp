@@ -29,8 +29,6 @@
 namespace gunn_ext {
 namespace {
 
-int64_t rows_of(const ImageShape& s) { return s.batch * s.height * s.width; }
-
 Mat mat(const UnitMatrix& m, int64_t rows, int64_t cols, at::ScalarType dtype) {
   return {m.data, rows, cols, m.ld, dtype};
 }
@@ -39,7 +37,7 @@ Mat mat(const UnitMatrix& m, int64_t rows, int64_t cols, at::ScalarType dtype) {
 struct Buffers {
   Mat a, b, c, d;
   Buffers(void* data, const SmallUnit& u) {
-    const int64_t rows = rows_of(u.shape), size = at::elementSize(u.dtype);
+    const int64_t rows = u.shape.rows(), size = at::elementSize(u.dtype);
     char* p = static_cast<char*>(data);
     a = {p, rows, u.mid, u.mid, u.dtype};
     b = {p + rows * u.mid * size, rows, u.mid, u.mid, u.dtype};
@@ -57,11 +55,7 @@ void bn_relu_matmul(const Mat& pre, const Norm& norm, const Mat& act, const void
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre.dtype, "unit_bn_relu_matmul", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t K = pre.cols, O = out.cols;
-    std::vector<acc_t> scale(K), shift(K);
-    for (int64_t k = 0; k < K; ++k) {
-      scale[k] = acc_t(ch[k].scale());
-      shift[k] = acc_t(ch[k].shift());
-    }
+    const Affine<acc_t> bn(ch);
     const scalar_t* pw = static_cast<const scalar_t*>(w);
     const bool dots = O < 4;
     std::vector<acc_t> packed(K * O);  // [o][k] for dot products, else [k][o]
@@ -72,7 +66,7 @@ void bn_relu_matmul(const Mat& pre, const Norm& norm, const Mat& act, const void
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* pr = pre.ptr<scalar_t>() + r * pre.ld;
         scalar_t* ar = act.ptr<scalar_t>() + r * act.ld;
-        for (int64_t k = 0; k < K; ++k) ar[k] = scalar_t(relu(acc_t(pr[k]) * scale[k] + shift[k]));
+        for (int64_t k = 0; k < K; ++k) ar[k] = scalar_t(relu(acc_t(pr[k]) * bn.scale[k] + bn.shift[k]));
         scalar_t* o_r = out.ptr<scalar_t>() + r * out.ld;
         if (dots) {
           for (int64_t o = 0; o < O; ++o) {
@@ -108,13 +102,9 @@ void last_conv_backward(const SmallUnit& u, const Mat& g, const Buffers& tape, c
     using acc_t = at::opmath_type<scalar_t>;
     const std::vector<acc_t> a3(k3.a.begin(), k3.a.end()), b3(k3.b.begin(), k3.b.end()),
         c3(k3.c.begin(), k3.c.end());
-    std::vector<acc_t> w3(n * mid), scale2(mid), shift2(mid);  // w3: [o][k]
     const scalar_t* pw = static_cast<const scalar_t*>(u.conv3);
-    for (int64_t j = 0; j < n * mid; ++j) w3[j] = acc_t(pw[j]);
-    for (int64_t k = 0; k < mid; ++k) {
-      scale2[k] = acc_t(ch2[k].scale());
-      shift2[k] = acc_t(ch2[k].shift());
-    }
+    const std::vector<acc_t> w3(pw, pw + n * mid);  // [o][k]
+    const Affine<acc_t> bn2(ch2);
     const Mat &pre3 = tape.d, &act2 = tape.c, &pre2 = tape.b, &d3 = grad.d, &d_act2 = grad.a;
     // sums: dW3 [o][k], then bn2's sum(dy') and sum(dy' (x - mean)).
     auto sums = column_sums(rows, n * mid + 2 * mid, [&](int64_t r, double* acc) {
@@ -136,7 +126,7 @@ void last_conv_backward(const SmallUnit& u, const Mat& g, const Buffers& tape, c
         for (int64_t o = 0; o < n; ++o) sum += acc_t(d3r[o]) * w3[o * mid + k];
         da[k] = scalar_t(sum);
         const acc_t x = acc_t(p2[k]);
-        const double dy = double(relu_backward(acc_t(da[k]), x * scale2[k] + shift2[k], true));
+        const double dy = double(relu_backward(acc_t(da[k]), x * bn2.scale[k] + bn2.shift[k], true));
         s2[k] += dy;
         s2[mid + k] += dy * (double(x) - ch2[k].mean);
       }
@@ -159,7 +149,7 @@ void norm_backward(const Mat& dy, const Mat& x, const Norm& norm, bool has_relu,
 }  // namespace
 
 void unit_forward_cpu(const SmallUnit& u, bool compute_stats, UnitMatrix target) {
-  const int64_t rows = rows_of(u.shape), skip = u.shortcut ? u.n : 0;
+  const int64_t rows = u.shape.rows(), skip = u.shortcut ? u.n : 0;
   const Mat pre1 = mat(u.pre1, rows, skip + u.mid, u.dtype);
   const Buffers tape(u.tape, u);  // act1, pre2, act2, pre3
   if (compute_stats) column_stats(pre1, u.norms.first);
@@ -176,7 +166,7 @@ void unit_forward_cpu(const SmallUnit& u, bool compute_stats, UnitMatrix target)
 
 void unit_backward_cpu(const SmallUnit& u, UnitMatrix grad_unit, UnitMatrix d1, void* grad_conv2,
                        void* grad_conv3, const UnitNorms& grads) {
-  const int64_t rows = rows_of(u.shape), skip = u.shortcut ? u.n : 0;
+  const int64_t rows = u.shape.rows(), skip = u.shortcut ? u.n : 0;
   const Mat pre1 = mat(u.pre1, rows, skip + u.mid, u.dtype);
   const Mat g = mat(grad_unit, rows, u.n, u.dtype), dpre1 = mat(d1, rows, skip + u.mid, u.dtype);
   const Buffers tape(u.tape, u);        // act1, pre2, act2, pre3

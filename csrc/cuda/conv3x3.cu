@@ -115,7 +115,7 @@ void correlate(const at::Tensor& in, const at::Tensor& w, bool transposed, const
   TORCH_CHECK(cout <= kConvMaxChannels && cin <= kConvMaxChannels,
               "gunn_ext: direct 3x3 convolution takes at most ", kConvMaxChannels,
               " channels, got weight ", w.sizes());
-  const int64_t pixels = s.batch * s.height * s.width;
+  const int64_t pixels = s.rows();
   const size_t shared = size_t(9) * cin * cout * sizeof(acc_type<scalar_t>);
   launch(correlate_kernel<scalar_t>, dim3(blocks_for(pixels, kConvThreads, kMaxConvBlocks)),
          dim3(kConvThreads), shared, stream, in.const_data_ptr<scalar_t>(), in.stride(0),
@@ -129,7 +129,7 @@ void weight_grad(const at::Tensor& dy, const at::Tensor& x, const ImageShape& s,
   using acc_t = acc_type<scalar_t>;
   const int cout = static_cast<int>(dw.size(0)), cin = static_cast<int>(dw.size(1));
   const int weights = 9 * cin * cout;
-  const int64_t pixels = s.batch * s.height * s.width;
+  const int64_t pixels = s.rows();
   // A function of the shape only, so the sums are the same on every GPU.
   const int64_t chunk =
       std::max(kMinChunkPixels, (pixels + kMaxWeightChunks - 1) / kMaxWeightChunks);
