@@ -53,12 +53,38 @@ struct UnitNorms {
   Norm first, shortcut, bn1, bn2, bn3;
 };
 
+// Columns of a block of delayed updates (gradual_update.cpp) at most.
+constexpr int64_t kMaxBlockColumns = 32;
+
+// The terms of a unit's first GEMM and of its incoming gradient that come
+// from the other segments of its block of delayed updates, where the
+// whole-unit kernels add them (FusedKernels::unit_block_terms; columns or
+// later > 0):
+//   pre1 += S W^T, S = [updated[:, :seen], original[:, seen:columns]]
+//   g     = dL/dU + later_d1 later_weight
+// S is the block's columns as the unit finds them (seen of them updated
+// already), W ([F, columns], rows weight_ld apart) their part of the unit's
+// first GEMM weight; later_d1 ([rows, later]) is the first GEMM's gradient of
+// the block's later units and later_weight ([later, n], rows later_ld apart)
+// their weights on this unit's channels.
+struct BlockTerms {
+  UnitMatrix updated, original;
+  int64_t columns = 0, seen = 0;
+  const void* weight = nullptr;
+  int64_t weight_ld = 0;
+  UnitMatrix later_d1;
+  int64_t later = 0;
+  const void* later_weight = nullptr;
+  int64_t later_ld = 0;
+};
+
 // An update unit of one bottleneck, from its first GEMM's output on, as a
 // device's whole-unit kernels take it (FusedKernels::unit_forward and
 // unit_backward): the math of Unit in gradual_update.cpp, without a library
 // call or an allocation. Matrices are in `dtype`; weights are contiguous.
 struct SmallUnit {
   at::ScalarType dtype;
+  c10::Device device;
   ImageShape shape;
   int64_t n, mid;  // the segment's channels and the bottleneck's, K n
   bool shortcut, training;
@@ -66,13 +92,15 @@ struct SmallUnit {
   const void* conv2;  // [mid, mid, 3, 3]
   const void* conv3;  // [n, mid]
   UnitNorms norms;
-  void* tape;     // unit_buffer_size values: the forward's activations
-  void* scratch;  // unit_buffer_size values: the backward's gradients
+  void* tape;       // unit_buffer_size values: the forward's activations
+  void* scratch;    // unit_buffer_size values: the backward's gradients
+  void* workspace;  // the device's unit_workspace_bytes, for its reductions
+  BlockTerms block;
 };
 
-// Values in each of a SmallUnit's buffers: three [rows, mid] and one [rows, n].
+// Values in each of a SmallUnit's buffers: three [rows, mid] and two [rows, n].
 inline int64_t unit_buffer_size(const ImageShape& s, int64_t n, int64_t mid) {
-  return s.rows() * (3 * mid + n);
+  return s.rows() * (3 * mid + 2 * n);
 }
 
 struct FusedKernels {
@@ -107,14 +135,22 @@ struct FusedKernels {
   int64_t direct_conv_max_macs = 0;
   // A unit of one bottleneck whose 3x3 runs the direct kernel runs whole in
   // these, where a device has them (nullptr: the op's steps run one by one).
-  // unit_forward fills the tape, writes the unit's BN statistics when
-  // compute_stats, and adds U into target ([rows, n]) unless target.data is
-  // null. unit_backward, after unit_forward on the same unit, takes dL/dU
-  // ([rows, n]) to d1, the gradient of pre1 ([rows, (n +) mid]), and writes
+  // unit_forward first adds the unit's block terms into pre1, then fills the
+  // tape, writes the unit's BN statistics when compute_stats, and adds U
+  // into target ([rows, n]) unless target.data is null. unit_backward, after
+  // unit_forward on the same unit, takes g (dL/dU, [rows, n], plus the later
+  // block terms) to d1, the gradient of pre1 ([rows, (n +) mid]), and writes
   // the gradients of conv2 and conv3 (contiguous) and of the BN parameters.
   void (*unit_forward)(const SmallUnit& unit, bool compute_stats, UnitMatrix target) = nullptr;
   void (*unit_backward)(const SmallUnit& unit, UnitMatrix grad_unit, UnitMatrix d1,
                         void* grad_conv2, void* grad_conv3, const UnitNorms& grads) = nullptr;
+  // Whether the whole-unit kernels add a unit's BlockTerms themselves (else
+  // the op adds them with library GEMMs, and SmallUnit::block stays empty).
+  bool unit_block_terms = false;
+  // Bytes of SmallUnit::workspace the whole-unit kernels need for a unit of
+  // n channels (nullptr: none).
+  int64_t (*unit_workspace_bytes)(const ImageShape& s, int64_t n, int64_t mid,
+                                  at::ScalarType dtype) = nullptr;
 };
 
 const FusedKernels& fused_kernels(c10::DeviceType device);

@@ -89,6 +89,14 @@ bool has_whole_units(const FusedKernels& k, const ParameterLayout& layout) {
   return k.unit_forward != nullptr && layout.bottlenecks == 1;
 }
 
+// Whether the device's whole-unit kernels run unit i: one bottleneck whose
+// 3x3 runs the direct kernel.
+bool runs_whole(const FusedKernels& k, const ParameterLayout& layout, const Shape& shape,
+                int64_t i) {
+  const int64_t mid = layout.mid(i);
+  return has_whole_units(k, layout) && direct_conv(k, mid, mid, shape);
+}
+
 // Columns from `from` on of a [rows, C] matrix, for the whole-unit kernels.
 UnitMatrix columns_of(const Tensor& m, int64_t from) {
   return {static_cast<char*>(m.data_ptr()) + from * m.element_size(), m.stride(0)};
@@ -125,6 +133,14 @@ Tensor conv3x3_backward(const Tensor& dy, const Tensor& a, const Tensor& w, cons
   return as_rows(da);
 }
 
+// The whole-unit kernels' buffers of a call: each unit's tape and scratch
+// (unit_buffer_size values of dtype each), then the device's workspace.
+struct UnitBuffers {
+  Tensor bytes;
+  at::ScalarType dtype;
+  int64_t workspace_offset;
+};
+
 // Activations of one bottleneck, kept for its backward.
 struct BottleneckTape {
   Tensor input;  // [rows, Cin] (undefined for the first bottleneck: the state)
@@ -140,23 +156,19 @@ class Unit {
       : layout_(layout), training_(training), convs_(conv_weight), norms_(norms), shape_(shape),
         k_(kernels), i_(index), n_(layout.segments[index]), start_(layout.starts[index]) {}
 
-  // Whether the device's whole-unit kernels run this unit: one bottleneck
-  // whose 3x3 runs the direct kernel.
-  bool whole() const {
-    const int64_t mid = layout_.mid(i_);
-    return has_whole_units(k_, layout_) && direct_conv(k_, mid, mid, shape_);
-  }
+  bool whole() const { return runs_whole(k_, layout_, shape_, i_); }
 
-  // The unit for those kernels, its first GEMM's output at pre1; `buffers`
-  // holds its tape, then its scratch.
-  SmallUnit small(UnitMatrix pre1, const Tensor& buffers) const {
+  // The unit for those kernels, its first GEMM's output at pre1, its buffers
+  // in `buffers` (unit_buffers).
+  SmallUnit small(UnitMatrix pre1, const UnitBuffers& buffers) const {
     const ImageShape image = image_shape(shape_);
     const int64_t mid = layout_.mid(i_);
-    char* tape = static_cast<char*>(buffers.data_ptr());
-    return {buffers.scalar_type(), image, n_, mid, layout_.shortcut, training_, pre1,
-            slot_data(convs_, layout_.conv2(i_, 0)), slot_data(convs_, layout_.conv3(i_, 0)),
+    char* tape = static_cast<char*>(buffers.bytes.data_ptr());
+    return {buffers.dtype, buffers.bytes.device(), image, n_, mid, layout_.shortcut, training_,
+            pre1, slot_data(convs_, layout_.conv2(i_, 0)), slot_data(convs_, layout_.conv3(i_, 0)),
             unit_norms(norms_), tape,
-            tape + unit_buffer_size(image, n_, mid) * buffers.element_size()};
+            tape + unit_buffer_size(image, n_, mid) * at::elementSize(buffers.dtype),
+            tape + buffers.workspace_offset};
   }
 
   // The unit's BN runs in `all` (the parameters, or their gradients).
@@ -310,21 +322,27 @@ Shape shape_of(const Tensor& x) { return {x.size(0), x.size(1), x.size(2), x.siz
 //   g_j = g[:, c_j] + sum_{k > j in block} d1_k W_k[:, c_j],
 // and dW_j = d1_j^T S_j is one GEMM per block plus, for the block's columns
 // that segment j saw updated, d1_j^T (y - x)[:, begin:start_j].
-// The arithmetic is the same; only the shape of the GEMMs changes.
+// The arithmetic is the same; only the shape of the GEMMs changes. Where a
+// device's whole-unit kernels take block terms (FusedKernels::
+// unit_block_terms: CUDA, where a launch costs more than these small
+// products) they add the in-block terms of pre1_j (when every unit of the
+// block runs whole) and of g_j themselves: no GEMM and no copy per segment.
 //
-// The backward recomputes each pre1_j with the forward's own GEMMs, on the
-// same operands (first_gemm_inputs), so that it is bitwise the forward's: a
+// The backward recomputes each pre1_j with the forward's own GEMMs (or
+// kernels), on the same operands, so that it is bitwise the forward's: a
 // ReLU mask recomputed from a rounding-level difference would flip where
 // BN + ReLU is near 0 and change the gradient there by O(1).
-constexpr int64_t kBlockChannels = 32;
-
 struct Block {
   int64_t first, last;           // segments [first, last)
   int64_t begin, end;            // their columns
   std::vector<int64_t> offsets;  // each segment's rows in `weight`; back() = F
   Tensor weight;                 // [F, N]: the segments' first-GEMM weights, stacked
+  // Where the segments are of one size, their first-GEMM weights' slots lie
+  // this far apart in the flat convolution tensor (0 otherwise).
+  int64_t slot_stride = 0;
 
   bool single() const { return last - first == 1; }
+  int64_t count() const { return last - first; }
   int64_t width() const { return end - begin; }
   // Segment j's columns of a [rows, F] block matrix (or rows of an [F, N] one).
   Tensor of(const Tensor& t, int64_t j, int64_t dim = 1) const {
@@ -347,12 +365,21 @@ std::vector<Block> blocks_of(const ParameterLayout& layout, const Tensor& conv_w
       b.end += layout.segments[b.last];
       b.offsets.push_back(b.offsets.back() + layout.first_gemm(b.last, 0).shape[0]);
       ++b.last;
-    } while (b.last < count && b.width() + layout.segments[b.last] <= kBlockChannels);
+    } while (b.last < count && b.width() + layout.segments[b.last] <= kMaxBlockColumns);
     std::vector<Tensor> weights;
     for (int64_t j = b.first; j < b.last; ++j) {
       weights.push_back(layout.first_gemm(j, 0).of(conv_weight));
     }
     b.weight = b.single() ? weights[0] : at::cat(weights);
+    if (!b.single()) {
+      const int64_t stride = layout.first_gemm(b.first + 1, 0).offset - layout.first_gemm(b.first, 0).offset;
+      bool equal = true;
+      for (int64_t j = b.first + 1; j < b.last; ++j) {
+        equal = equal && layout.segments[j] == layout.segments[b.first] &&
+                layout.first_gemm(j, 0).offset - layout.first_gemm(j - 1, 0).offset == stride;
+      }
+      if (equal) b.slot_stride = stride;
+    }
     blocks.push_back(std::move(b));
     i = blocks.back().last;
   }
@@ -388,17 +415,98 @@ void block_columns(const Block& b, int64_t i, const Tensor& columns, Tensor& pre
   if (!b.single()) pre1.addmm_(columns, b.of(b.weight, i, 0).narrow(1, b.begin, b.width()).t());
 }
 
-// One allocation per call for the whole-unit kernels' tape and scratch, large
-// enough for any segment (empty where the device has none).
-Tensor unit_buffers(const ParameterLayout& layout, const Shape& shape, const FusedKernels& k,
-                    const Tensor& x) {
-  int64_t size = 0;
+// Whether the whole-unit kernels add the block's own columns themselves
+// (BlockTerms), with no copy of them: where they take block terms and every
+// unit of the block runs whole.
+bool own_columns_in_kernels(const Block& b, const FusedKernels& k, const ParameterLayout& layout,
+                            const Shape& shape) {
+  if (!k.unit_block_terms || b.single()) return false;
+  for (int64_t i = b.first; i < b.last; ++i) {
+    if (!runs_whole(k, layout, shape, i)) return false;
+  }
+  return true;
+}
+
+// Segment i's own-column terms: the block's columns of `updated` before the
+// segment, of `original` from it on (the state itself in the forward).
+void add_own_columns(BlockTerms& t, const Block& b, int64_t i, const ParameterLayout& layout,
+                     const Tensor& updated, const Tensor& original) {
+  t.updated = columns_of(updated, b.begin);
+  t.original = columns_of(original, b.begin);
+  t.columns = b.width();
+  t.seen = layout.starts[i] - b.begin;
+  const Tensor w = b.of(b.weight, i, 0);
+  t.weight = columns_of(w, b.begin).data;
+  t.weight_ld = w.stride(0);
+}
+
+// Segment i's later terms: the first-GEMM gradients of the block's later
+// segments (columns of d1) and their weights on the segment's channels.
+void add_later_terms(BlockTerms& t, const Block& b, int64_t i, const ParameterLayout& layout,
+                     const Tensor& d1) {
+  const Tensor later_d1 = b.after(d1, i);
+  const Tensor weight = b.after(b.weight, i, 0).narrow(1, layout.starts[i], layout.segments[i]);
+  t.later_d1 = columns_of(later_d1, 0);
+  t.later = later_d1.size(1);
+  t.later_weight = weight.data_ptr();
+  t.later_ld = weight.stride(0);
+}
+
+// dW_i[:, begin:start_i] += d1_i^T (y - x)[:, begin:start_i] for every
+// segment i of the block: the block's columns that segment i saw updated
+// (delta = (y - x)[:, begin:end]). For segments of one size this is one
+// product for the block, d1^T delta, masked to the columns of earlier
+// segments.
+void add_seen_columns(const Block& b, const ParameterLayout& layout, const Tensor& d1,
+                      const Tensor& delta, const Tensor& dw) {
+  if (b.slot_stride > 0) {
+    const int64_t count = b.count(), rows = b.offsets[1], n = layout.segments[b.first];
+    Tensor seen = at::mm(d1.t(), delta);  // [count * rows, count * n]
+    const Tensor earlier = at::ones({count, count}, seen.options()).tril_(-1);
+    seen.view({count, rows, count, n}).mul_(earlier.view({count, 1, count, 1}));
+    dw.narrow(1, b.begin, b.width()).add_(seen);
+    return;
+  }
+  for (int64_t i = b.first + 1; i < b.last; ++i) {
+    const int64_t seen = layout.starts[i] - b.begin;
+    Tensor dw_seen = b.of(dw, i, 0).narrow(1, b.begin, seen);
+    dw_seen.addmm_(b.of(d1, i).t(), delta.narrow(1, 0, seen));
+  }
+}
+
+// The block's stacked first-GEMM weight gradients dw to their slots of
+// grad_convs: one strided copy for segments of one size.
+void store_first_gemm_grads(const Block& b, const ParameterLayout& layout, const Tensor& dw,
+                            const Tensor& grad_convs) {
+  if (b.slot_stride > 0) {
+    const int64_t count = b.count(), rows = b.offsets[1], channels = dw.size(1);
+    grad_convs
+        .as_strided({count, rows, channels}, {b.slot_stride, channels, 1},
+                    layout.first_gemm(b.first, 0).offset)
+        .copy_(dw.view({count, rows, channels}));
+    return;
+  }
+  for (int64_t i = b.first; i < b.last; ++i) layout.first_gemm(i, 0).of(grad_convs).copy_(b.of(dw, i, 0));
+}
+
+// One allocation per call for the whole-unit kernels' tape, scratch and
+// workspace, large enough for any segment (empty where the device has none).
+UnitBuffers unit_buffers(const ParameterLayout& layout, const Shape& shape, const FusedKernels& k,
+                         const Tensor& x) {
+  const ImageShape image = image_shape(shape);
+  int64_t values = 0, workspace = 0;
   if (has_whole_units(k, layout)) {
     for (int64_t i = 0; i < static_cast<int64_t>(layout.segments.size()); ++i) {
-      size = std::max(size, unit_buffer_size(image_shape(shape), layout.segments[i], layout.mid(i)));
+      const int64_t n = layout.segments[i], mid = layout.mid(i);
+      values = std::max(values, unit_buffer_size(image, n, mid));
+      if (k.unit_workspace_bytes != nullptr) {
+        workspace = std::max(workspace, k.unit_workspace_bytes(image, n, mid, x.scalar_type()));
+      }
     }
   }
-  return at::empty({2 * size}, x.options());
+  constexpr int64_t kAlign = 16;
+  const int64_t offset = (2 * values * x.element_size() + kAlign - 1) / kAlign * kAlign;
+  return {at::empty({offset + workspace}, x.options().dtype(at::kByte)), x.scalar_type(), offset};
 }
 
 }  // namespace
@@ -426,23 +534,25 @@ ForwardResult gradual_update(const Tensor& x, const Tensor& conv_weight, const T
   const FusedKernels& kernels = fused_kernels(x.device().type());
 
   const Tensor convs = conv_weight.contiguous();
-  const Tensor buffers = unit_buffers(layout, shape, kernels, x);
+  const UnitBuffers buffers = unit_buffers(layout, shape, kernels, x);
   const Tensor input = as_rows(x);
   Tensor state = input.clone();  // also the output buffer, updated in place
   const int64_t channels = layout.channels;
   for (const Block& b : blocks_of(layout, convs)) {
     Tensor pre = sequential ? fixed_product(b, state, state, channels) : at::mm(input, b.weight.t());
+    const bool own_columns = sequential && !b.single();
+    const bool in_kernels = own_columns && own_columns_in_kernels(b, kernels, layout, shape);
     // The block's columns of the state as the next segment finds them.
-    Tensor columns =
-        sequential && !b.single() ? state.narrow(1, b.begin, b.width()).clone() : Tensor();
+    Tensor columns = own_columns && !in_kernels ? state.narrow(1, b.begin, b.width()).clone() : Tensor();
     for (int64_t i = b.first; i < b.last; ++i) {
       const int64_t start = layout.starts[i], n = layout.segments[i];
       Tensor pre1 = b.of(pre, i);
       if (columns.defined()) block_columns(b, i, columns, pre1);
       const Unit unit(layout, training, convs, norms, shape, kernels, i);
       if (unit.whole()) {
-        kernels.unit_forward(unit.small(columns_of(pre1, 0), buffers), training,
-                             columns_of(state, start));
+        SmallUnit small = unit.small(columns_of(pre1, 0), buffers);
+        if (in_kernels) add_own_columns(small.block, b, i, layout, state, state);
+        kernels.unit_forward(small, training, columns_of(state, start));
       } else {
         unit.forward(pre1, state.narrow(1, start, n), training);
       }
@@ -493,17 +603,19 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
   const Tensor read_from = sequential ? grad : incoming;
   const int64_t channels = layout.channels, rows = shape.rows();
   const Tensor convs = conv_weight.contiguous();
-  const Tensor buffers = unit_buffers(layout, shape, kernels, x);
+  const UnitBuffers buffers = unit_buffers(layout, shape, kernels, x);
   const auto blocks = blocks_of(layout, convs);
   for (auto b = blocks.rbegin(); b != blocks.rend(); ++b) {
     // The state before segment i is y on the columns before c_i, x from c_i on:
     // the forward's first GEMMs, repeated on equal operands.
     Tensor pre = sequential ? fixed_product(*b, updated, original, channels)
                             : at::mm(original, b->weight.t());
+    const bool own_columns = sequential && !b->single();
+    const bool in_kernels = own_columns && own_columns_in_kernels(*b, kernels, layout, shape);
     Tensor columns, delta;
-    if (sequential && !b->single()) {
-      columns = updated.narrow(1, b->begin, b->width()).clone();
-      delta = columns - original.narrow(1, b->begin, b->width());
+    if (own_columns) {
+      delta = updated.narrow(1, b->begin, b->width()) - original.narrow(1, b->begin, b->width());
+      if (!in_kernels) columns = updated.narrow(1, b->begin, b->width()).clone();
     }
     const Tensor d1 = at::empty({rows, b->offsets.back()}, x.options());
     for (int64_t i = b->last - 1; i >= b->first; --i) {
@@ -515,12 +627,16 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
       }
       const Unit unit(layout, training, convs, norms, shape, kernels, i);
       Tensor grad_unit = read_from.narrow(1, start, n);
-      if (sequential && i + 1 < b->last) {  // the block's later segments, not yet in grad
-        const Tensor later = b->after(b->weight, i, 0).narrow(1, start, n);
-        grad_unit = at::addmm(grad_unit, b->after(d1, i), later);
+      const bool later = sequential && i + 1 < b->last;  // the block's later segments, not yet in grad
+      const bool whole = unit.whole();
+      if (later && !(whole && kernels.unit_block_terms)) {
+        const Tensor weight = b->after(b->weight, i, 0).narrow(1, start, n);
+        grad_unit = at::addmm(grad_unit, b->after(d1, i), weight);
       }
-      if (unit.whole()) {
-        const SmallUnit small = unit.small(columns_of(pre1, 0), buffers);
+      if (whole) {
+        SmallUnit small = unit.small(columns_of(pre1, 0), buffers);
+        if (in_kernels) add_own_columns(small.block, *b, i, layout, updated, original);
+        if (later && kernels.unit_block_terms) add_later_terms(small.block, *b, i, layout, d1);
         kernels.unit_forward(small, false, UnitMatrix{});
         kernels.unit_backward(small, columns_of(grad_unit, 0), columns_of(b->of(d1, i), 0),
                               slot_data(grad_convs, layout.conv2(i, 0)),
@@ -541,14 +657,8 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
     }
     Tensor tail = dw.narrow(1, from, channels - from);
     at::mm_out(tail, d1.t(), original.narrow(1, from, channels - from));
-    for (int64_t i = b->first; i < b->last; ++i) {
-      const int64_t seen = layout.starts[i] - b->begin;  // block columns updated before segment i
-      if (delta.defined() && seen > 0) {
-        Tensor dw_seen = b->of(dw, i, 0).narrow(1, b->begin, seen);
-        dw_seen.addmm_(b->of(d1, i).t(), delta.narrow(1, 0, seen));
-      }
-      if (!b->single()) layout.first_gemm(i, 0).of(grad_convs).copy_(b->of(dw, i, 0));
-    }
+    if (delta.defined()) add_seen_columns(*b, layout, d1, delta, dw);
+    if (!b->single()) store_first_gemm_grads(*b, layout, dw, grad_convs);
     grad.addmm_(d1, b->weight);
   }
   return {in_layout_of(grad, shape, x), grad_convs, grads.all.weight.to(bn_weight.scalar_type()),

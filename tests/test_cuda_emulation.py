@@ -93,6 +93,19 @@ def test_channels_last_and_strided_input(emulated_op):
     run_and_compare(layer, emulated, x, train=True)
 
 
+@pytest.mark.parametrize("kind", ["gunn", "sunn"])
+@pytest.mark.parametrize("segments", [40, [3, 1, 20, 2, 2, 12]], ids=["P=N", "uneven"])
+def test_blocks_of_small_units(emulated_op, kind, segments):
+    """Blocks of delayed updates whose units all run whole (their in-block
+    terms in the unit kernels), and blocks that mix a wide unit in (its terms
+    through the library)."""
+    layer = make_layer(kind, channels=40, segments=segments)
+    x = torch.randn(2, 40, 3, 5, dtype=torch.float64)
+    emulated = Emulated(twin(layer, "reference"), emulated_op)
+    run_and_compare(layer, emulated, x, train=True, steps=2)
+    run_and_compare(layer, emulated, x, train=False)
+
+
 def test_many_row_chunks(emulated_op):
     """Enough rows that every column reduction combines several chunk partials."""
     layer = make_layer(channels=6, segments=[1, 2, 3], expansion=1)
@@ -154,15 +167,18 @@ def _launches(emulated, x):
     return count() - before, library
 
 
-def test_launches_per_small_segment(emulated_op):
+@pytest.mark.parametrize("kind", ["gunn", "sunn"])
+def test_launches_per_small_segment(emulated_op, kind):
     """GPU launches per segment of a small segment in training, forward +
     backward: the slope between P = 12 and P = 6 at 12 channels (one block of
-    delayed updates each). Today: 29 of the op's own kernels and 12 library
-    calls; this bounds them so that they only go down."""
+    delayed updates each). A small unit runs whole, with its block terms, in
+    the op's own kernels: 4 launches forward, 3 to recompute it and 5 for its
+    backward (GUNN; SUNN has no block terms to add, so its forward
+    recomputation is 2), and no library call."""
     x = torch.randn(2, 12, 4, 5, dtype=torch.float32)
     counts = {}
     for segments in (6, 12):
-        layer = make_layer(channels=12, segments=segments, dtype=torch.float32)
+        layer = make_layer(kind, channels=12, segments=segments, dtype=torch.float32)
         counts[segments] = _launches(Emulated(twin(layer, "reference"), emulated_op).train(), x)
     own, library = ((a - b) / 6 for a, b in zip(counts[12], counts[6]))
-    assert own <= 29 and library <= 12, f"per segment: {own} own launches, {library} library calls"
+    assert (own, library) == ((12, 0) if kind == "gunn" else (11, 0)), (own, library)

@@ -226,6 +226,42 @@ __global__ void combine_partials_kernel(const State* partials, int64_t chunks, S
   if (threadIdx.x == 0) finish(col, smem[0]);
 }
 
+// Count, mean and sum of squared deviations of a run of values.
+template <typename acc_t>
+struct Welford {
+  acc_t mean, m2;
+  int64_t n;
+};
+
+// Chan et al.'s pairwise update: exact for any split of the values.
+template <typename acc_t>
+struct WelfordCombine {
+  __device__ Welford<acc_t> operator()(const Welford<acc_t>& a, const Welford<acc_t>& b) const {
+    if (b.n == 0) return a;
+    if (a.n == 0) return b;
+    const int64_t n = a.n + b.n;
+    const acc_t fraction_b = static_cast<acc_t>(b.n) / static_cast<acc_t>(n);
+    const acc_t delta = b.mean - a.mean;
+    return {a.mean + delta * fraction_b, a.m2 + b.m2 + delta * delta * static_cast<acc_t>(a.n) * fraction_b,
+            n};
+  }
+};
+
+// A channels_last image's pixels as the rows of its [rows, C] matrix.
+struct Image {
+  int64_t batch, height, width;
+
+  __device__ int64_t pixels() const { return batch * height * width; }
+  // The pixel at offset (dy, dx) from pixel p, or -1 outside the image.
+  __device__ int64_t shifted(int64_t p, int64_t dy, int64_t dx) const {
+    const int64_t x = p % width + dx, y = (p / width) % height + dy;
+    if (x < 0 || x >= width || y < 0 || y >= height) return -1;
+    return p + dy * width + dx;
+  }
+};
+
+inline Image image_of(const ImageShape& s) { return {s.batch, s.height, s.width}; }
+
 inline at::Tensor partials_workspace(const at::Tensor& like, int64_t count, size_t state_bytes) {
   return at::empty({static_cast<int64_t>(count * state_bytes)}, like.options().dtype(at::kByte));
 }

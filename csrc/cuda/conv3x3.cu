@@ -21,17 +21,6 @@ constexpr int64_t kMaxConvBlocks = 8192;
 constexpr int64_t kMaxWeightChunks = 256;
 constexpr int64_t kMinChunkPixels = 256;
 
-struct Image {
-  int64_t batch, height, width;
-
-  __device__ int64_t pixels() const { return batch * height * width; }
-  // The pixel at offset (dy, dx) from pixel p, or -1 outside the image.
-  __device__ int64_t shifted(int64_t p, int64_t dy, int64_t dx) const {
-    const int64_t x = p % width + dx, y = (p / width) % height + dy;
-    if (x < 0 || x >= width || y < 0 || y >= height) return -1;
-    return p + dy * width + dx;
-  }
-};
 
 // out[p, b] = sum_t sum_a in[p + sign d_t, a] taps[t][a][b] for every pixel p:
 // the forward (a = ci, b = co, sign 1) and the input gradient (a = co,
@@ -101,8 +90,6 @@ __global__ void __launch_bounds__(kConvThreads)
   for (int64_t c = 0; c < chunks; ++c) sum += partials[c * weights + k];
   dw[k] = static_cast<scalar_t>(sum);
 }
-
-Image image_of(const ImageShape& s) { return {s.batch, s.height, s.width}; }
 
 int blocks_for(int64_t items, int threads, int64_t cap) {
   return static_cast<int>(std::max<int64_t>(1, std::min((items + threads - 1) / threads, cap)));

@@ -22,8 +22,9 @@ namespace cuda {
 // For the duration of a call: t's device made current, and its current stream.
 class DeviceScope {
  public:
-  explicit DeviceScope(const at::Tensor& t)
-      : guard_(t.device()), stream_(c10::cuda::getCurrentCUDAStream(t.device().index())) {}
+  explicit DeviceScope(c10::Device device)
+      : guard_(device), stream_(c10::cuda::getCurrentCUDAStream(device.index())) {}
+  explicit DeviceScope(const at::Tensor& t) : DeviceScope(t.device()) {}
   cudaStream_t stream() const { return stream_; }
 
  private:

@@ -5,27 +5,6 @@ namespace gunn_ext {
 namespace cuda {
 namespace {
 
-// Count, mean and sum of squared deviations of a run of values.
-template <typename acc_t>
-struct Welford {
-  acc_t mean, m2;
-  int64_t n;
-};
-
-// Chan et al.'s pairwise update: exact for any split of the values.
-template <typename acc_t>
-struct WelfordCombine {
-  __device__ Welford<acc_t> operator()(const Welford<acc_t>& a, const Welford<acc_t>& b) const {
-    if (b.n == 0) return a;
-    if (a.n == 0) return b;
-    const int64_t n = a.n + b.n;
-    const acc_t fraction_b = static_cast<acc_t>(b.n) / static_cast<acc_t>(n);
-    const acc_t delta = b.mean - a.mean;
-    return {a.mean + delta * fraction_b, a.m2 + b.m2 + delta * delta * static_cast<acc_t>(a.n) * fraction_b,
-            n};
-  }
-};
-
 template <typename acc_t>
 struct WriteMoments {
   acc_t *mean, *var;

@@ -1,4 +1,5 @@
-// CUDA implementations of fused_kernels.h (fused_forward.cu, fused_backward.cu, conv3x3.cu).
+// CUDA implementations of fused_kernels.h (fused_forward.cu, fused_backward.cu, conv3x3.cu,
+// small_unit.cu).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -32,6 +33,11 @@ void bn_backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, const Nor
                             const at::Tensor& dx);
 void conv3x3_cuda(const at::Tensor& x, const at::Tensor& w, const ImageShape& s,
                   const at::Tensor& out);
+void unit_forward_cuda(const SmallUnit& unit, bool compute_stats, UnitMatrix target);
+void unit_backward_cuda(const SmallUnit& unit, UnitMatrix grad_unit, UnitMatrix d1,
+                        void* grad_conv2, void* grad_conv3, const UnitNorms& grads);
+int64_t unit_workspace_bytes_cuda(const ImageShape& s, int64_t n, int64_t mid,
+                                  at::ScalarType dtype);
 void conv3x3_backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
                            const ImageShape& s, const at::Tensor& dx, const at::Tensor& dw);
 

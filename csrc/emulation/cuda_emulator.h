@@ -50,6 +50,7 @@ inline std::atomic<int64_t> launches{0};
 
 class DeviceScope {
  public:
+  explicit DeviceScope(c10::Device) {}
   explicit DeviceScope(const at::Tensor&) {}
   cudaStream_t stream() const { return nullptr; }
 };
