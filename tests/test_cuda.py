@@ -219,6 +219,31 @@ def test_switch_off():
     assert cuda_graphs.stats()["native_forward"].captures == 0
 
 
+def _gpu_kernels(layer, x):
+    """GPU kernels run by one eager training forward + backward of ``layer``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        layer(x).backward(torch.ones_like(x))
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+@pytest.mark.parametrize("kind", ["gunn", "sunn"])
+def test_kernels_per_small_segment(kind):
+    """The emulator's count holds on the GPU: a small segment in training
+    costs 12 kernels forward + backward (SUNN 11), the op's own, and no
+    library kernel or copy (the slope between P = 12 and P = 6 at 12
+    channels, one block of delayed updates each; graph replay off)."""
+    x = torch.randn(2, 12, 4, 5, device="cuda")
+    counts = {}
+    with cuda_graphs.disabled():
+        for segments in (6, 12):
+            layer = make_layer(kind, channels=12, segments=segments, dtype=torch.float32,
+                               device="cuda", backend="native").train()
+            _gpu_kernels(layer, x)  # warm-up: cuBLAS handles, autotuning
+            counts[segments] = _gpu_kernels(layer, x)
+    assert (counts[12] - counts[6]) / 6 == (12 if kind == "gunn" else 11), counts
+
+
 def test_repeated_backward_is_bitwise_equal(deterministic):
     layer = make_layer(channels=36, segments=3, dtype=torch.float32, device="cuda", backend="native")
     x = torch.randn(16, 36, 16, 16, device="cuda").to(memory_format=torch.channels_last)

@@ -23,8 +23,9 @@
 // Every column reduction is deterministic without atomics: block b reduces
 // the fixed row chunk b (a function of the shape only) into a partial, and
 // every block of the next launch combines the partials in chunk order before
-// it uses the totals; block 0 also stores them (the batch statistics, the BN
-// parameter gradients, dW2 and dW3 are split between the blocks).
+// it uses the totals; block 0 also stores them (the batch statistics and the
+// BN parameter gradients). input_grad's blocks split the combining of dW2's
+// and dW3's partials between them.
 #include "column_kernels.cuh"
 #include "fused_kernels_cuda.h"
 
@@ -660,11 +661,6 @@ UnitArgs<scalar_t> unit_args(const SmallUnit& u) {
   return a;
 }
 
-template <typename scalar_t>
-dim3 unit_grid(const UnitArgs<scalar_t>& a) {
-  return dim3(static_cast<unsigned>(a.chunks.count));
-}
-
 }  // namespace
 }  // namespace cuda
 
@@ -680,7 +676,7 @@ void unit_forward_cuda(const SmallUnit& unit, bool compute_stats, UnitMatrix tar
   const DeviceScope scope(unit.device);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, unit.dtype, "unit_forward_cuda", [&] {
     const UnitArgs<scalar_t> a = unit_args<scalar_t>(unit);
-    const dim3 grid = unit_grid(a);
+    const dim3 grid(static_cast<unsigned>(a.chunks.count));
     if (compute_stats || a.columns > 0) {
       launch(unit_first_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a, compute_stats);
     }
@@ -706,7 +702,7 @@ void unit_backward_cuda(const SmallUnit& unit, UnitMatrix grad_unit, UnitMatrix 
     const auto* grad = static_cast<const scalar_t*>(grad_unit.data);
     a.g = a.later > 0 ? a.g_sum : grad;
     a.ldg = a.later > 0 ? a.n : grad_unit.ld;
-    const dim3 grid = unit_grid(a);
+    const dim3 grid(static_cast<unsigned>(a.chunks.count));
     const int weights = 9 * a.mid * a.mid + a.n * a.mid;
     const dim3 weight_grid(grid.x, (weights + kUnitThreads - 1) / kUnitThreads);
     launch(unit_out_sums_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a, grad,
