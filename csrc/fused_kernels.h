@@ -58,8 +58,8 @@ constexpr int64_t kMaxBlockColumns = 32;
 
 // The terms of a unit's first GEMM and of its incoming gradient that come
 // from the other segments of its block of delayed updates, where the
-// whole-unit kernels add them (FusedKernels::unit_block_terms; columns or
-// later > 0):
+// whole-unit kernels add them (FusedKernels::block_terms_max_macs; columns
+// or later > 0):
 //   pre1 += S W^T, S = [updated[:, :seen], original[:, seen:columns]]
 //   g     = dL/dU + later_d1 later_weight
 // S is the block's columns as the unit finds them (seen of them updated
@@ -144,9 +144,11 @@ struct FusedKernels {
   void (*unit_forward)(const SmallUnit& unit, bool compute_stats, UnitMatrix target) = nullptr;
   void (*unit_backward)(const SmallUnit& unit, UnitMatrix grad_unit, UnitMatrix d1,
                         void* grad_conv2, void* grad_conv3, const UnitNorms& grads) = nullptr;
-  // Whether the whole-unit kernels add a unit's BlockTerms themselves (else
-  // the op adds them with library GEMMs, and SmallUnit::block stays empty).
-  bool unit_block_terms = false;
+  // The whole-unit kernels add a unit's BlockTerms themselves where each
+  // term's multiply-adds (rows x its columns x its outputs) are at most this
+  // many (else the op adds them with library GEMMs, and SmallUnit::block
+  // leaves them out): where a library call's fixed cost outweighs them.
+  int64_t block_terms_max_macs = 0;
   // Bytes of SmallUnit::workspace the whole-unit kernels need for a unit of
   // n channels (nullptr: none).
   int64_t (*unit_workspace_bytes)(const ImageShape& s, int64_t n, int64_t mid,

@@ -322,11 +322,12 @@ Shape shape_of(const Tensor& x) { return {x.size(0), x.size(1), x.size(2), x.siz
 //   g_j = g[:, c_j] + sum_{k > j in block} d1_k W_k[:, c_j],
 // and dW_j = d1_j^T S_j is one GEMM per block plus, for the block's columns
 // that segment j saw updated, d1_j^T (y - x)[:, begin:start_j].
-// The arithmetic is the same; only the shape of the GEMMs changes. Where a
-// device's whole-unit kernels take block terms (FusedKernels::
-// unit_block_terms: CUDA, where a launch costs more than these small
-// products) they add the in-block terms of pre1_j (when every unit of the
-// block runs whole) and of g_j themselves: no GEMM and no copy per segment.
+// The arithmetic is the same; only the shape of the GEMMs changes. Where
+// these in-block products are small (FusedKernels::block_terms_max_macs:
+// always on CUDA, where a launch costs more than they do; on the CPU below a
+// library call's fixed cost), the whole-unit kernels add the terms of pre1_j
+// (when every unit of the block runs whole) and of g_j themselves: no GEMM
+// and no copy per segment.
 //
 // The backward recomputes each pre1_j with the forward's own GEMMs (or
 // kernels), on the same operands, so that it is bitwise the forward's: a
@@ -415,14 +416,21 @@ void block_columns(const Block& b, int64_t i, const Tensor& columns, Tensor& pre
   if (!b.single()) pre1.addmm_(columns, b.of(b.weight, i, 0).narrow(1, b.begin, b.width()).t());
 }
 
+// Whether the whole-unit kernels add an in-block term of `columns` inputs and
+// `outputs` outputs per row themselves.
+bool small_terms(const FusedKernels& k, const Shape& shape, int64_t columns, int64_t outputs) {
+  return shape.rows() * columns * outputs <= k.block_terms_max_macs;
+}
+
 // Whether the whole-unit kernels add the block's own columns themselves
-// (BlockTerms), with no copy of them: where they take block terms and every
-// unit of the block runs whole.
+// (BlockTerms), with no copy of them: where every unit of the block runs
+// whole and its term is small.
 bool own_columns_in_kernels(const Block& b, const FusedKernels& k, const ParameterLayout& layout,
                             const Shape& shape) {
-  if (!k.unit_block_terms || b.single()) return false;
+  if (b.single()) return false;
   for (int64_t i = b.first; i < b.last; ++i) {
-    if (!runs_whole(k, layout, shape, i)) return false;
+    const int64_t outputs = b.of(b.weight, i, 0).size(0);
+    if (!runs_whole(k, layout, shape, i) || !small_terms(k, shape, b.width(), outputs)) return false;
   }
   return true;
 }
@@ -629,14 +637,16 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
       Tensor grad_unit = read_from.narrow(1, start, n);
       const bool later = sequential && i + 1 < b->last;  // the block's later segments, not yet in grad
       const bool whole = unit.whole();
-      if (later && !(whole && kernels.unit_block_terms)) {
+      const bool later_in_kernels =
+          later && whole && small_terms(kernels, shape, b->after(b->weight, i, 0).size(0), n);
+      if (later && !later_in_kernels) {
         const Tensor weight = b->after(b->weight, i, 0).narrow(1, start, n);
         grad_unit = at::addmm(grad_unit, b->after(d1, i), weight);
       }
       if (whole) {
         SmallUnit small = unit.small(columns_of(pre1, 0), buffers);
         if (in_kernels) add_own_columns(small.block, *b, i, layout, updated, original);
-        if (later && kernels.unit_block_terms) add_later_terms(small.block, *b, i, layout, d1);
+        if (later_in_kernels) add_later_terms(small.block, *b, i, layout, d1);
         kernels.unit_forward(small, false, UnitMatrix{});
         kernels.unit_backward(small, columns_of(grad_unit, 0), columns_of(b->of(d1, i), 0),
                               slot_data(grad_convs, layout.conv2(i, 0)),

@@ -185,11 +185,14 @@ def test_op_does_not_autocast_inside():
 
 @pytest.mark.parametrize("kind", ["gunn", "sunn"])
 @pytest.mark.parametrize("segments", [70, [3, 30, 1, 1, 2, 28, 5]], ids=["P=N", "uneven"])
-def test_blocks_of_narrow_segments_match_reference(kind, segments):
+@pytest.mark.parametrize("size", [(3, 5), (16, 16)], ids=["few_rows", "many_rows"])
+def test_blocks_of_narrow_segments_match_reference(kind, segments, size):
     """Narrow segments share their first GEMMs in blocks (delayed updates); a
-    wide segment is a block of its own."""
+    wide segment is a block of its own. On few rows the whole-unit kernels
+    add the in-block terms, on many the library (the later gradient terms of
+    a block's last segments still in the kernels)."""
     layer = make_layer(kind, channels=70, segments=segments)
-    x = torch.randn(2, 70, 3, 5, dtype=torch.float64)
+    x = torch.randn(2, 70, *size, dtype=torch.float64)
     run_and_compare(layer, twin(layer, "native"), x, train=True, steps=2)
     run_and_compare(layer, twin(layer, "native"), x, train=False)
 
@@ -254,21 +257,17 @@ def _library_calls(layer, x):
 @pytest.mark.parametrize("kind", ["gunn", "sunn"])
 def test_small_units_run_whole_in_the_op_own_kernels(kind):
     """On the CPU, the unit of a narrow segment (one bottleneck, a direct 3x3)
-    runs whole in the op's own kernels: a segment more allocates nothing and
-    calls no convolution and no elementwise step. GUNN's segments keep the
-    library GEMMs of the delayed updates' in-block terms, which beat a loop
-    of the op's own on the CPU (the two in-block products and the later
-    gradient terms, which copies its input), and the copies of the block's
-    columns they read; SUNN's keep nothing. The slope between P = 32 and
-    P = 64 at 64 channels: two blocks of delayed updates each."""
+    runs whole in the op's own kernels, and on few rows so do the delayed
+    updates' in-block terms: a segment more makes no library call at all
+    (GEMM, convolution, copy, elementwise step or allocation). The slope
+    between P = 32 and P = 64 at 64 channels: two blocks of delayed updates
+    each. On many rows the in-block terms go through library GEMMs
+    (test_blocks_of_narrow_segments_match_reference covers both)."""
     x = torch.randn(2, 64, 3, 3, dtype=torch.float64)
     calls = {p: _library_calls(make_layer(kind, channels=64, segments=p, backend="native"), x)
              for p in (32, 64)}
     per_segment = {key: (calls[64][key] - calls[32][key]) / 32 for key in _LIBRARY_CALLS}
-    expected = dict.fromkeys(_LIBRARY_CALLS, 0)
-    if kind == "gunn":
-        expected.update({"aten::addmm": 1, "aten::addmm_": 2, "aten::copy_": 3})
-    assert per_segment == expected, per_segment
+    assert per_segment == dict.fromkeys(_LIBRARY_CALLS, 0), per_segment
     assert calls[64]["aten::mm"] > 0  # the blocks' GEMMs are counted
 
 

@@ -14,7 +14,8 @@
 //   d1 = [shortcut_bn'(g), bn1'(d_act1)]
 // bn2 + ReLU and the last 1x1 are one pass over the rows, and so are the
 // backward's steps from g to bn2's input (bn3's input gradient, dW3, d_act2
-// and bn2's reduction). Every sum runs in a fixed
+// and bn2's reduction). The block terms (fused_kernels.h: BlockTerms), where
+// the op hands them over, are one pass each. Every sum runs in a fixed
 // order (over fixed chunks of rows, in double), so results do not depend on
 // the number of threads.
 #include <ATen/Dispatch.h>
@@ -33,9 +34,9 @@ Mat mat(const UnitMatrix& m, int64_t rows, int64_t cols, at::ScalarType dtype) {
   return {m.data, rows, cols, m.ld, dtype};
 }
 
-// A buffer's matrices, back to back: three [rows, mid], then one [rows, n].
+// A buffer's matrices, back to back: three [rows, mid], then two [rows, n].
 struct Buffers {
-  Mat a, b, c, d;
+  Mat a, b, c, d, e;
   Buffers(void* data, const SmallUnit& u) {
     const int64_t rows = u.shape.rows(), size = at::elementSize(u.dtype);
     char* p = static_cast<char*>(data);
@@ -43,8 +44,82 @@ struct Buffers {
     b = {p + rows * u.mid * size, rows, u.mid, u.mid, u.dtype};
     c = {p + 2 * rows * u.mid * size, rows, u.mid, u.mid, u.dtype};
     d = {p + 3 * rows * u.mid * size, rows, u.n, u.n, u.dtype};
+    e = {p + (3 * rows * u.mid + rows * u.n) * size, rows, u.n, u.n, u.dtype};
   }
 };
+
+// sum_k a[k] b[k] in a fixed order, in eight lanes (which vectorise).
+template <typename T>
+T dot(const T* a, const T* b, int64_t count) {
+  T lanes[8] = {};
+  int64_t k = 0;
+  for (; k + 8 <= count; k += 8) {
+    for (int j = 0; j < 8; ++j) lanes[j] += a[k + j] * b[k + j];
+  }
+  T sum = 0;
+  for (; k < count; ++k) sum += a[k] * b[k];
+  for (int j = 0; j < 8; ++j) sum += lanes[j];
+  return sum;
+}
+
+// out[r, o] = base[r, o] + sum_k in[k] w[o][k] for every row r, with w an
+// [O, K] matrix and in = input(r, buffer) row r's K inputs.
+template <typename scalar_t, typename acc_t, typename Input>
+void add_row_products(const Mat& base, const Mat& out, const std::vector<acc_t>& w, int64_t K,
+                      Input input) {
+  const int64_t O = out.cols;
+  at::parallel_for(0, out.rows, task_grain(K * O), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buffer(K);
+    for (int64_t r = begin; r < end; ++r) {
+      const acc_t* in = input(r, buffer.data());
+      const scalar_t* b = base.ptr<scalar_t>() + r * base.ld;
+      scalar_t* o_r = out.ptr<scalar_t>() + r * out.ld;
+      for (int64_t o = 0; o < O; ++o) o_r[o] = scalar_t(acc_t(b[o]) + dot(in, w.data() + o * K, K));
+    }
+  });
+}
+
+// pre1 += S W^T over the block's own columns (BlockTerms).
+void add_own_columns(const SmallUnit& u, const Mat& pre1) {
+  const BlockTerms& t = u.block;
+  if (t.columns == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.dtype, "unit_own_columns", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t C = t.columns, F = pre1.cols;
+    const scalar_t* pw = static_cast<const scalar_t*>(t.weight);
+    std::vector<acc_t> w(F * C);
+    for (int64_t f = 0; f < F; ++f)
+      for (int64_t c = 0; c < C; ++c) w[f * C + c] = acc_t(pw[f * t.weight_ld + c]);
+    const Mat updated = mat(t.updated, pre1.rows, C, u.dtype);
+    const Mat original = mat(t.original, pre1.rows, C, u.dtype);
+    add_row_products<scalar_t>(pre1, pre1, w, C, [&](int64_t r, acc_t* row) {
+      const scalar_t* up = updated.ptr<scalar_t>() + r * updated.ld;
+      const scalar_t* orig = original.ptr<scalar_t>() + r * original.ld;
+      for (int64_t c = 0; c < t.seen; ++c) row[c] = acc_t(up[c]);
+      for (int64_t c = t.seen; c < C; ++c) row[c] = acc_t(orig[c]);
+      return static_cast<const acc_t*>(row);
+    });
+  });
+}
+
+// out = dL/dU + later_d1 later_weight (BlockTerms).
+void add_later_terms(const SmallUnit& u, const Mat& grad_unit, const Mat& out) {
+  const BlockTerms& t = u.block;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.dtype, "unit_later_terms", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t L = t.later, n = out.cols;
+    const scalar_t* pw = static_cast<const scalar_t*>(t.later_weight);
+    std::vector<acc_t> w(n * L);  // [o][f]
+    for (int64_t f = 0; f < L; ++f)
+      for (int64_t o = 0; o < n; ++o) w[o * L + f] = acc_t(pw[f * t.later_ld + o]);
+    const Mat d1 = mat(t.later_d1, out.rows, L, u.dtype);
+    add_row_products<scalar_t>(grad_unit, out, w, L, [&](int64_t r, acc_t* row) {
+      const scalar_t* d = d1.ptr<scalar_t>() + r * d1.ld;
+      for (int64_t f = 0; f < L; ++f) row[f] = acc_t(d[f]);
+      return static_cast<const acc_t*>(row);
+    });
+  });
+}
 
 // One pass: act = relu(bn(pre)), out = act w^T with w a contiguous [O, K]
 // matrix: out[r, o] = sum_k act[r, k] w[o, k]. A few outputs per row are dot
@@ -152,6 +227,7 @@ void unit_forward_cpu(const SmallUnit& u, bool compute_stats, UnitMatrix target)
   const int64_t rows = u.shape.rows(), skip = u.shortcut ? u.n : 0;
   const Mat pre1 = mat(u.pre1, rows, skip + u.mid, u.dtype);
   const Buffers tape(u.tape, u);  // act1, pre2, act2, pre3
+  add_own_columns(u, pre1);
   if (compute_stats) column_stats(pre1, u.norms.first);
   bn_relu(pre1.columns(skip, u.mid), u.norms.bn1, tape.a);
   conv3x3(tape.a, u.conv2, u.shape, tape.b);
@@ -168,9 +244,14 @@ void unit_backward_cpu(const SmallUnit& u, UnitMatrix grad_unit, UnitMatrix d1, 
                        void* grad_conv3, const UnitNorms& grads) {
   const int64_t rows = u.shape.rows(), skip = u.shortcut ? u.n : 0;
   const Mat pre1 = mat(u.pre1, rows, skip + u.mid, u.dtype);
-  const Mat g = mat(grad_unit, rows, u.n, u.dtype), dpre1 = mat(d1, rows, skip + u.mid, u.dtype);
-  const Buffers tape(u.tape, u);        // act1, pre2, act2, pre3
-  const Buffers grad(u.scratch, u);     // d_act2, d2, d_act1, d3
+  const Mat dpre1 = mat(d1, rows, skip + u.mid, u.dtype);
+  const Buffers tape(u.tape, u);     // act1, pre2, act2, pre3
+  const Buffers grad(u.scratch, u);  // d_act2, d2, d_act1, d3, g
+  Mat g = mat(grad_unit, rows, u.n, u.dtype);
+  if (u.block.later > 0) {
+    add_later_terms(u, g, grad.e);
+    g = grad.e;
+  }
   bn_backward_reduce(g, tape.d, u.norms.bn3, false, grads.bn3);
   last_conv_backward(u, g, tape, grad, grad_conv3, grads);
   bn_backward_apply(grad.a, tape.b, u.norms.bn2, true, u.training, grads.bn2, grad.b);

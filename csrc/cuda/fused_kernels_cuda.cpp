@@ -15,7 +15,8 @@ const FusedKernelsRegistration registration(
     FusedKernels{column_stats_cuda, bn_relu_cuda, bn_add_cuda, bn_backward_reduce_cuda,
                  bn_backward_apply_cuda, conv3x3_cuda, conv3x3_backward_cuda,
                  cuda::kConvMaxChannels, std::numeric_limits<int64_t>::max(), unit_forward_cuda,
-                 unit_backward_cuda, true, unit_workspace_bytes_cuda});
+                 unit_backward_cuda, std::numeric_limits<int64_t>::max(),
+                 unit_workspace_bytes_cuda});
 
 }  // namespace
 }  // namespace gunn_ext
