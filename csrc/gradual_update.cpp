@@ -462,12 +462,13 @@ void add_later_terms(BlockTerms& t, const Block& b, int64_t i, const ParameterLa
 
 // dW_i[:, begin:start_i] += d1_i^T (y - x)[:, begin:start_i] for every
 // segment i of the block: the block's columns that segment i saw updated
-// (delta = (y - x)[:, begin:end]). For segments of one size this is one
-// product for the block, d1^T delta, masked to the columns of earlier
-// segments.
+// (delta = (y - x)[:, begin:end]). For many segments of one size this is
+// one product for the block, d1^T delta, masked to the columns of earlier
+// segments: five library calls in place of one per segment after the first.
 void add_seen_columns(const Block& b, const ParameterLayout& layout, const Tensor& d1,
                       const Tensor& delta, const Tensor& dw) {
-  if (b.slot_stride > 0) {
+  constexpr int64_t kMaskedProductCalls = 5;
+  if (b.slot_stride > 0 && b.count() - 1 > kMaskedProductCalls) {
     const int64_t count = b.count(), rows = b.offsets[1], n = layout.segments[b.first];
     Tensor seen = at::mm(d1.t(), delta);  // [count * rows, count * n]
     const Tensor earlier = at::ones({count, count}, seen.options()).tril_(-1);
