@@ -9,6 +9,7 @@ Environment switches:
 import glob
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -53,11 +54,20 @@ def want_cuda():
     return True, f"CUDA {torch.version.cuda}, toolkit {cuda_home}"
 
 
+def openmp_flags():
+    """-fopenmp where torch's own parallel backend is OpenMP (Linux with GCC):
+    at::parallel_for runs its tasks on threads only in code compiled with
+    OpenMP, and compiled without it runs every kernel on one thread."""
+    if sys.platform != "linux" or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return []
+    return ["-fopenmp"]
+
+
 def extension():
     with_cuda, why = want_cuda()
     debug = os.environ.get("GUNN_EXT_DEBUG") == "1"
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = (["-O0", "-g"] if debug else ["-O3"]) + openmp_flags()
     extra = {"cxx": cxx}
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -73,7 +83,8 @@ def extension():
     print(f"gunn_ext: building against torch {torch.__version__}; CUDA kernels: "
           f"{'yes' if with_cuda else 'no'} ({why}){'; archs ' + archs if archs else ''}")
     write_build_info(with_cuda, archs)
-    return ext_cls("gunn_ext._C", sources, extra_compile_args=extra)
+    return ext_cls("gunn_ext._C", sources, extra_compile_args=extra,
+                   extra_link_args=openmp_flags())
 
 
 def write_build_info(with_cuda, archs):

@@ -38,6 +38,18 @@ const FusedKernels& fused_kernels(c10::DeviceType device) {
   return *k;
 }
 
+// Whether this build's CPU kernels run their parallel_for tasks on threads:
+// at::parallel_for spreads them over torch's OpenMP threads only in code
+// compiled with OpenMP (setup.py: openmp_flags), and otherwise runs them all
+// on the calling thread.
+bool cpu_kernels_parallel() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
 // The tensors are flat, laid out as parameter_layout.h (and the docstring of
 // gunn_ext/parameter_layout.py) describes.
 TORCH_LIBRARY(gunn_ext, m) {
@@ -50,6 +62,7 @@ TORCH_LIBRARY(gunn_ext, m) {
       "Tensor bn_weight, Tensor bn_bias, Tensor mean, Tensor var, int[] segments, int expansion, "
       "int bottlenecks, bool shortcut, bool sequential, bool training, float eps) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpu_kernels_parallel() -> bool", &cpu_kernels_parallel);
 }
 
 }  // namespace gunn_ext

@@ -1,11 +1,13 @@
 """The compiled ``native`` backend against the pure-PyTorch reference."""
+import sys
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import (DEVICES, LAYER_CASES, check_against_truth, forward_backward, make_layer,
-                      run_and_compare, twin)
+                      relative_error, run_and_compare, twin)
 from gunn_ext import GUNNLayer, ops
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -269,6 +271,50 @@ def test_small_units_run_whole_in_the_op_own_kernels(kind):
     per_segment = {key: (calls[64][key] - calls[32][key]) / 32 for key in _LIBRARY_CALLS}
     assert per_segment == dict.fromkeys(_LIBRARY_CALLS, 0), per_segment
     assert calls[64]["aten::mm"] > 0  # the blocks' GEMMs are counted
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="setup.py enables OpenMP on Linux only")
+def test_cpu_kernels_run_on_threads_where_torch_does():
+    """The op's CPU kernels split their work over torch's threads wherever
+    torch's own parallel backend is OpenMP; built without it, every
+    at::parallel_for in them would run on one thread."""
+    torch_openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    assert torch.ops.gunn_ext.cpu_kernels_parallel() == torch_openmp
+
+
+@pytest.mark.parametrize("kind", ["gunn", "sunn"])
+@pytest.mark.parametrize("segments", [48, [6, 18, 24]], ids=["whole_units", "library_units"])
+def test_results_do_not_depend_on_the_number_of_threads(kind, segments):
+    """The op's kernels sum over fixed chunks in a fixed order: one thread and
+    four give bitwise the same output, input gradient, BN gradients and
+    running statistics, and, where units run whole, 3x3 and last 1x1 weight
+    gradients, on enough rows (4 x 24 x 24) that the kernels split their work
+    into tasks. The weight gradients of library GEMMs and convolutions
+    follow the library's split of the rows over threads: they agree to
+    rounding."""
+    layer = make_layer(kind, channels=48, segments=segments, dtype=torch.float32, backend="native")
+    x = torch.randn(4, 48, 24, 24)
+    grad = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 4):
+            torch.set_num_threads(count)
+            copy = twin(layer, "native").train()
+            results.append(forward_backward(copy, x, grad) + list(copy.buffers()))
+    finally:
+        torch.set_num_threads(threads)
+    names = ["y", "dx"] + [n for n, _ in layer.named_parameters()] + [n for n, _ in layer.named_buffers()]
+    layout = layer.units.layout
+    for name, one, four in zip(names, *results):
+        if name != "units.conv_weight":
+            assert torch.equal(one, four), name
+            continue
+        assert relative_error(one, four) < 1e-6
+        if segments == 48:
+            for i in range(len(layout.segments)):
+                for slot in (layout.conv2(i, 0), layout.conv3(i, 0)):
+                    assert torch.equal(slot.of(one), slot.of(four)), (i, slot)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

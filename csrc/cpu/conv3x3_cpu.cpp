@@ -96,9 +96,7 @@ void weight_grad(const std::vector<at::opmath_type<scalar_t>>& dy,
               if (hh < 0 || hh >= s.height) continue;
               const auto* v = x.data() + ci * rows + (b * s.height + hh) * W + dx;
               const int64_t x0 = std::max<int64_t>(0, -dx), x1 = std::min<int64_t>(W, W - dx);
-              at::opmath_type<scalar_t> sum = 0;
-              for (int64_t xx = x0; xx < x1; ++xx) sum += g[xx] * v[xx];
-              acc[(co * cin + ci) * 9 + t] += double(sum);
+              acc[(co * cin + ci) * 9 + t] += double(dot(g + x0, v + x0, x1 - x0));
             }
           }
         }

@@ -18,11 +18,25 @@ namespace gunn_ext {
 
 // Work (values moved or multiply-adds) per parallel task: a smaller task
 // costs more to hand to a thread than to run.
-constexpr int64_t kTaskWork = int64_t(1) << 16;
+constexpr int64_t kTaskWork = int64_t(1) << 13;
 
 // Items per parallel task, for items of `work_per_item` each.
 inline int64_t task_grain(int64_t work_per_item) {
   return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(1, work_per_item));
+}
+
+// sum_k a[k] b[k] in a fixed order, in eight lanes (which vectorise).
+template <typename T>
+T dot(const T* a, const T* b, int64_t count) {
+  T lanes[8] = {};
+  int64_t k = 0;
+  for (; k + 8 <= count; k += 8) {
+    for (int j = 0; j < 8; ++j) lanes[j] += a[k + j] * b[k + j];
+  }
+  T sum = 0;
+  for (; k < count; ++k) sum += a[k] * b[k];
+  for (int j = 0; j < 8; ++j) sum += lanes[j];
+  return sum;
 }
 
 // Sums, for every column j, f(row pointer, acc) over all rows, in double.

@@ -48,20 +48,6 @@ struct Buffers {
   }
 };
 
-// sum_k a[k] b[k] in a fixed order, in eight lanes (which vectorise).
-template <typename T>
-T dot(const T* a, const T* b, int64_t count) {
-  T lanes[8] = {};
-  int64_t k = 0;
-  for (; k + 8 <= count; k += 8) {
-    for (int j = 0; j < 8; ++j) lanes[j] += a[k + j] * b[k + j];
-  }
-  T sum = 0;
-  for (; k < count; ++k) sum += a[k] * b[k];
-  for (int j = 0; j < 8; ++j) sum += lanes[j];
-  return sum;
-}
-
 // out[r, o] = base[r, o] + sum_k in[k] w[o][k] for every row r, with w an
 // [O, K] matrix and in = input(r, buffer) row r's K inputs.
 template <typename scalar_t, typename acc_t, typename Input>
