@@ -80,7 +80,7 @@ void weight_grad(const std::vector<at::opmath_type<scalar_t>>& dy,
                  const ImageShape& s, void* dw) {
   const int64_t rows = s.rows(), lines = s.batch * s.height, W = s.width;
   const int64_t size = cout * cin * 9;  // dw's layout: [co][ci][t]
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, rows / task_grain(size)));
+  const int64_t chunks = sum_chunks(lines, size * W);
   const int64_t per_chunk = (lines + chunks - 1) / chunks;
   std::vector<double> partial(chunks * size, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {

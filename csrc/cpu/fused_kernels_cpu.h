@@ -39,11 +39,19 @@ T dot(const T* a, const T* b, int64_t count) {
   return sum;
 }
 
+// The fixed number of row chunks a sum over `rows` rows of `work_per_row`
+// each runs in: tasks worth handing to a thread, and at least 32 rows a
+// chunk, so that combining the chunks' partial sums costs little next to
+// the sums themselves. It depends on the sizes alone, never on the threads.
+inline int64_t sum_chunks(int64_t rows, int64_t work_per_row) {
+  constexpr int64_t kMinChunkRows = 32;
+  return std::clamp<int64_t>(rows / std::max(task_grain(work_per_row), kMinChunkRows), 1, 64);
+}
+
 // Sums, for every column j, f(row pointer, acc) over all rows, in double.
 template <typename F>
 inline std::vector<double> column_sums(int64_t rows, int64_t width, F f) {
-  const int64_t chunks =
-      std::max<int64_t>(1, std::min<int64_t>(64, rows / task_grain(2 * width)));
+  const int64_t chunks = sum_chunks(rows, 2 * width);
   const int64_t per_chunk = (rows + chunks - 1) / chunks;
   std::vector<double> partial(chunks * width, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
