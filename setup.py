@@ -55,10 +55,10 @@ def want_cuda():
 
 
 def openmp_flags():
-    """-fopenmp where torch's own parallel backend is OpenMP (Linux with GCC):
-    at::parallel_for runs its tasks on threads only in code compiled with
-    OpenMP, and compiled without it runs every kernel on one thread."""
-    if sys.platform != "linux" or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+    """-fopenmp where torch itself runs on OpenMP (Linux): at::parallel_for
+    runs its tasks on torch's threads only in code compiled with OpenMP, and
+    compiled without it runs every kernel on the calling thread."""
+    if sys.platform != "linux" or not torch.backends.openmp.is_available():
         return []
     return ["-fopenmp"]
 
