@@ -11,7 +11,8 @@
 // they are, pixel by pixel, with the weights packed tap by tap as [a][b]
 // matrices. Along rows, where a loop over a few channels is too short to
 // vectorise, they first transpose the [rows, C] matrices into one plane per
-// channel. Each output sums its terms in a fixed order, and the weight
+// channel (zero-padded around each image for the outputs, so that a tap is
+// one shift over the whole batch). Each output sums its terms in a fixed order, and the weight
 // gradient sums fixed chunks of pixels combined in chunk order, in double, so
 // results do not depend on the number of threads.
 #include <ATen/Dispatch.h>
@@ -41,34 +42,65 @@ std::vector<acc_t> planes_of(const Mat& m) {
   return planes;
 }
 
-// out[p, b] = sum_a sum_t in[p + sign d_t, a] w_t[a, b], in planes: the
-// forward (a = ci, b = co, sign 1) and the input gradient (a = co, b = ci,
-// sign -1). `tap(a, b, t)` reads w. Parallel over image rows.
+// The columns of a [rows, C] matrix (unit column stride) as C zero-padded
+// planes, in the arithmetic type: images of (H + 2) x (W + 2) values, pixel
+// (b, h, w) at (b (H + 2) + h + 1) (W + 2) + w + 1, zeros around each image.
+template <typename acc_t, typename scalar_t>
+std::vector<acc_t> padded_planes_of(const Mat& m, const ImageShape& s) {
+  const int64_t W = s.width, PW = W + 2, PH = s.height + 2, plane = s.batch * PH * PW;
+  const int64_t cols = m.cols, ld = m.ld;
+  const scalar_t* p = m.ptr<scalar_t>();
+  std::vector<acc_t> planes(cols * plane, acc_t(0));
+  at::parallel_for(0, s.batch * s.height, task_grain(cols * W), [&](int64_t begin, int64_t end) {
+    for (int64_t line = begin; line < end; ++line) {
+      const int64_t b = line / s.height, h = line % s.height;
+      const int64_t to = (b * PH + h + 1) * PW + 1;
+      for (int64_t c = 0; c < cols; ++c)
+        for (int64_t w = 0; w < W; ++w) planes[c * plane + to + w] = acc_t(p[(line * W + w) * ld + c]);
+    }
+  });
+  return planes;
+}
+
+// out[p, b] = sum_a sum_t in[p + sign d_t, a] w_t[a, b], on zero-padded
+// planes (padded_planes_of): the forward (a = ci, b = co, sign 1) and the
+// input gradient (a = co, b = ci, sign -1). `tap(a, b, t)` reads w. With the
+// zeros in place, a tap is one shift of the whole padded batch, so the inner
+// loop runs over every padded line of a task at once (the padding positions
+// computed along, and dropped). Parallel over padded lines.
 template <typename scalar_t, typename Tap>
 void correlate(const std::vector<at::opmath_type<scalar_t>>& in, int64_t a_n, int64_t b_n,
                Tap tap, int sign, const ImageShape& s, const Mat& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t rows = s.rows(), lines = s.batch * s.height, W = s.width;
+  const int64_t W = s.width, PW = W + 2, PH = s.height + 2, lines = s.batch * PH;
+  const int64_t plane = lines * PW;
+  int64_t shift[9];
+  for (int64_t t = 0; t < 9; ++t) shift[t] = sign * ((t / 3 - 1) * PW + (t % 3 - 1));
   scalar_t* po = out.ptr<scalar_t>();
   const int64_t ldo = out.ld;
-  at::parallel_for(0, lines, task_grain(9 * a_n * b_n * W), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(W);
-    for (int64_t line = begin; line < end; ++line) {
-      const int64_t b = line / s.height, h = line % s.height;
-      for (int64_t ob = 0; ob < b_n; ++ob) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t ia = 0; ia < a_n; ++ia) {
-          for (int64_t t = 0; t < 9; ++t) {
-            const int64_t hh = h + sign * (t / 3 - 1), dx = sign * (t % 3 - 1);
-            if (hh < 0 || hh >= s.height) continue;
-            const acc_t* src = in.data() + ia * rows + (b * s.height + hh) * W + dx;
-            const acc_t w = tap(ia, ob, t);
-            const int64_t x0 = std::max<int64_t>(0, -dx), x1 = std::min<int64_t>(W, W - dx);
-            for (int64_t x = x0; x < x1; ++x) acc[x] += w * src[x];
-          }
+  at::parallel_for(0, lines, task_grain(9 * a_n * b_n * PW), [&](int64_t begin, int64_t end) {
+    // Positions [q0, q1): the task's padded lines, less the batch's first
+    // and last padded positions, whose neighbours lie outside the planes.
+    const int64_t q0 = std::max<int64_t>(begin * PW, PW + 1);
+    const int64_t q1 = std::min<int64_t>(end * PW, plane - PW - 1);
+    if (q0 >= q1) return;
+    std::vector<acc_t> acc(q1 - q0);
+    for (int64_t ob = 0; ob < b_n; ++ob) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t ia = 0; ia < a_n; ++ia) {
+        for (int64_t t = 0; t < 9; ++t) {
+          const acc_t w = tap(ia, ob, t);
+          const acc_t* src = in.data() + ia * plane + q0 + shift[t];
+          const int64_t n = q1 - q0;
+          for (int64_t i = 0; i < n; ++i) acc[i] += w * src[i];
         }
-        scalar_t* o = po + line * W * ldo + ob;
-        for (int64_t x = 0; x < W; ++x) o[x * ldo] = scalar_t(acc[x]);
+      }
+      for (int64_t line = begin; line < end; ++line) {
+        const int64_t b = line / PH, hp = line % PH;
+        if (hp == 0 || hp == PH - 1) continue;
+        const acc_t* a = acc.data() + line * PW + 1 - q0;
+        scalar_t* o = po + ((b * s.height + hp - 1) * W) * ldo + ob;
+        for (int64_t x = 0; x < W; ++x) o[x * ldo] = scalar_t(a[x]);
       }
     }
   });
@@ -215,7 +247,7 @@ void conv3x3(const Mat& x, const void* w, const ImageShape& s, const Mat& out) {
     const auto tap = [&](int64_t ci, int64_t co, int64_t t) {
       return weights[(co * cin + ci) * 9 + t];
     };
-    correlate<scalar_t>(planes_of<acc_t, scalar_t>(x), cin, cout, tap, 1, s, out);
+    correlate<scalar_t>(padded_planes_of<acc_t, scalar_t>(x, s), cin, cout, tap, 1, s, out);
   });
 }
 
@@ -234,9 +266,9 @@ void conv3x3_backward(const Mat& dy, const Mat& x, const void* w, const ImageSha
     const auto tap = [&](int64_t co, int64_t ci, int64_t t) {
       return weights[(co * cin + ci) * 9 + t];
     };
-    const auto grad = planes_of<acc_t, scalar_t>(dy);
-    correlate<scalar_t>(grad, cout, cin, tap, -1, s, dx);
-    weight_grad<scalar_t>(grad, planes_of<acc_t, scalar_t>(x), cout, cin, s, dw);
+    correlate<scalar_t>(padded_planes_of<acc_t, scalar_t>(dy, s), cout, cin, tap, -1, s, dx);
+    weight_grad<scalar_t>(planes_of<acc_t, scalar_t>(dy), planes_of<acc_t, scalar_t>(x), cout, cin, s,
+                          dw);
   });
 }
 
