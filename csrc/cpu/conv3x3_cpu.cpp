@@ -11,10 +11,11 @@
 // they are, pixel by pixel, with the weights packed tap by tap as [a][b]
 // matrices. Along rows, where a loop over a few channels is too short to
 // vectorise, they first transpose the [rows, C] matrices into one plane per
-// channel (zero-padded around each image for the outputs, so that a tap is
-// one shift over the whole batch). Each output sums its terms in a fixed order, and the weight
-// gradient sums fixed chunks of pixels combined in chunk order, in double, so
-// results do not depend on the number of threads.
+// channel, zero-padded around each image, so that a tap is one shift over
+// the whole batch and the loops run over many image lines at once. Each
+// output sums its terms in a fixed order, and the weight gradient sums fixed
+// chunks of pixels combined in chunk order, in double, so results do not
+// depend on the number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -27,20 +28,6 @@
 
 namespace gunn_ext {
 namespace {
-
-// The columns of a [rows, C] matrix (unit column stride) as C planes of
-// `rows` values, in the arithmetic type.
-template <typename acc_t, typename scalar_t>
-std::vector<acc_t> planes_of(const Mat& m) {
-  const int64_t rows = m.rows, cols = m.cols, ld = m.ld;
-  const scalar_t* p = m.ptr<scalar_t>();
-  std::vector<acc_t> planes(rows * cols);
-  at::parallel_for(0, rows, task_grain(cols), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t c = 0; c < cols; ++c) planes[c * rows + r] = acc_t(p[r * ld + c]);
-  });
-  return planes;
-}
 
 // The columns of a [rows, C] matrix (unit column stride) as C zero-padded
 // planes, in the arithmetic type: images of (H + 2) x (W + 2) values, pixel
@@ -106,30 +93,31 @@ void correlate(const std::vector<at::opmath_type<scalar_t>>& in, int64_t a_n, in
   });
 }
 
+// dw[co, ci, t] = sum_p dy[p, co] x[p + d_t, ci] on zero-padded planes: over
+// every padded position q of the batch, dy[q] x[q + shift_t], where dy is
+// zero off the images and x zero around them. Fixed chunks of padded lines,
+// each one dot per (co, ci, t), combined in chunk order in double.
 template <typename scalar_t>
 void weight_grad(const std::vector<at::opmath_type<scalar_t>>& dy,
                  const std::vector<at::opmath_type<scalar_t>>& x, int64_t cout, int64_t cin,
                  const ImageShape& s, void* dw) {
-  const int64_t rows = s.rows(), lines = s.batch * s.height, W = s.width;
+  const int64_t PW = s.width + 2, lines = s.batch * (s.height + 2), plane = lines * PW;
   const int64_t size = cout * cin * 9;  // dw's layout: [co][ci][t]
-  const int64_t chunks = sum_chunks(lines, size * W);
+  const int64_t chunks = sum_chunks(lines, size * PW);
   const int64_t per_chunk = (lines + chunks - 1) / chunks;
   std::vector<double> partial(chunks * size, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
+      const int64_t q0 = std::max<int64_t>(k * per_chunk * PW, PW + 1);
+      const int64_t q1 = std::min<int64_t>((k + 1) * per_chunk * PW, plane - PW - 1);
+      if (q0 >= q1) continue;
       double* acc = partial.data() + k * size;
-      for (int64_t line = k * per_chunk; line < std::min(lines, (k + 1) * per_chunk); ++line) {
-        const int64_t b = line / s.height, h = line % s.height;
-        for (int64_t co = 0; co < cout; ++co) {
-          const auto* g = dy.data() + co * rows + line * W;
-          for (int64_t ci = 0; ci < cin; ++ci) {
-            for (int64_t t = 0; t < 9; ++t) {
-              const int64_t hh = h + t / 3 - 1, dx = t % 3 - 1;
-              if (hh < 0 || hh >= s.height) continue;
-              const auto* v = x.data() + ci * rows + (b * s.height + hh) * W + dx;
-              const int64_t x0 = std::max<int64_t>(0, -dx), x1 = std::min<int64_t>(W, W - dx);
-              acc[(co * cin + ci) * 9 + t] += double(dot(g + x0, v + x0, x1 - x0));
-            }
+      for (int64_t co = 0; co < cout; ++co) {
+        const auto* g = dy.data() + co * plane + q0;
+        for (int64_t ci = 0; ci < cin; ++ci) {
+          for (int64_t t = 0; t < 9; ++t) {
+            const auto* v = x.data() + ci * plane + q0 + (t / 3 - 1) * PW + (t % 3 - 1);
+            acc[(co * cin + ci) * 9 + t] = double(dot(g, v, q1 - q0));
           }
         }
       }
@@ -266,9 +254,9 @@ void conv3x3_backward(const Mat& dy, const Mat& x, const void* w, const ImageSha
     const auto tap = [&](int64_t co, int64_t ci, int64_t t) {
       return weights[(co * cin + ci) * 9 + t];
     };
-    correlate<scalar_t>(padded_planes_of<acc_t, scalar_t>(dy, s), cout, cin, tap, -1, s, dx);
-    weight_grad<scalar_t>(planes_of<acc_t, scalar_t>(dy), planes_of<acc_t, scalar_t>(x), cout, cin, s,
-                          dw);
+    const auto grad = padded_planes_of<acc_t, scalar_t>(dy, s);
+    correlate<scalar_t>(grad, cout, cin, tap, -1, s, dx);
+    weight_grad<scalar_t>(grad, padded_planes_of<acc_t, scalar_t>(x, s), cout, cin, s, dw);
   });
 }
 
