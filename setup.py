@@ -67,7 +67,8 @@ def extension():
     with_cuda, why = want_cuda()
     debug = os.environ.get("GUNN_EXT_DEBUG") == "1"
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = (["-O0", "-g"] if debug else ["-O3"]) + openmp_flags()
+    openmp = openmp_flags()
+    cxx = (["-O0", "-g"] if debug else ["-O3"]) + openmp
     extra = {"cxx": cxx}
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -84,7 +85,7 @@ def extension():
           f"{'yes' if with_cuda else 'no'} ({why}){'; archs ' + archs if archs else ''}")
     write_build_info(with_cuda, archs)
     return ext_cls("gunn_ext._C", sources, extra_compile_args=extra,
-                   extra_link_args=openmp_flags())
+                   extra_link_args=openmp)
 
 
 def write_build_info(with_cuda, archs):

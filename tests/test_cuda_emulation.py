@@ -170,12 +170,12 @@ def _launches(emulated, x):
 @pytest.mark.parametrize("kind", ["gunn", "sunn"])
 def test_launches_per_small_segment(emulated_op, kind):
     """GPU launches per segment of a small segment in training, forward +
-    backward: the slope between P = 24 and P = 12 at 24 channels (one block of
-    delayed updates each, both of more than six equal segments, so that both
-    take the block's masked weight-gradient product). A small unit runs whole, with its block terms, in
-    the op's own kernels: 4 launches forward, 3 to recompute it and 5 for its
-    backward (GUNN; SUNN has no block terms to add, so its forward
-    recomputation is 2), and no library call."""
+    backward: the slope between P = 24 and P = 12 at 24 channels (one block
+    of delayed updates each, both of more than six equal segments, so that
+    both take the block's masked weight-gradient product). A small unit runs
+    whole, with its block terms, in the op's own kernels: 4 launches forward,
+    3 to recompute it and 5 for its backward (GUNN; SUNN has no block terms
+    to add, so its forward recomputation is 2), and no library call."""
     x = torch.randn(2, 24, 4, 5, dtype=torch.float32)
     counts = {}
     for segments in (12, 24):

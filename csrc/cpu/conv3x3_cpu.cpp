@@ -22,6 +22,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "fused_kernels_cpu.h"
@@ -29,21 +30,40 @@
 namespace gunn_ext {
 namespace {
 
-// The columns of a [rows, C] matrix (unit column stride) as C zero-padded
-// planes, in the arithmetic type: images of (H + 2) x (W + 2) values, pixel
-// (b, h, w) at (b (H + 2) + h + 1) (W + 2) + w + 1, zeros around each image.
+// A batch of images zero-padded by one pixel, as one plane per channel:
+// images of (H + 2) x (W + 2) values, pixel (b, h, w) at position
+// (b (H + 2) + h + 1) (W + 2) + w + 1. A tap t is one shift of positions.
+struct PaddedImage {
+  int64_t height, width;  // padded: H + 2, W + 2
+  int64_t lines, plane;   // padded lines of the batch, and values per channel
+
+  explicit PaddedImage(const ImageShape& s)
+      : height(s.height + 2), width(s.width + 2), lines(s.batch * height), plane(lines * width) {}
+  // Where the neighbour p + d_t of position p lies, relative to p.
+  int64_t shift(int64_t t) const { return (t / 3 - 1) * width + (t % 3 - 1); }
+  // The positions of padded lines [begin, end), less the batch's first and
+  // last width + 1, whose neighbours lie outside the plane: [first, last).
+  std::pair<int64_t, int64_t> positions(int64_t begin, int64_t end) const {
+    return {std::max(begin * width, width + 1), std::min(end * width, plane - width - 1)};
+  }
+};
+
+// The columns of a [rows, C] matrix (unit column stride) as C planes of a
+// PaddedImage, in the arithmetic type, zeros around each image.
 template <typename acc_t, typename scalar_t>
 std::vector<acc_t> padded_planes_of(const Mat& m, const ImageShape& s) {
-  const int64_t W = s.width, PW = W + 2, PH = s.height + 2, plane = s.batch * PH * PW;
-  const int64_t cols = m.cols, ld = m.ld;
+  const PaddedImage padded(s);
+  const int64_t W = s.width, cols = m.cols, ld = m.ld;
   const scalar_t* p = m.ptr<scalar_t>();
-  std::vector<acc_t> planes(cols * plane, acc_t(0));
+  std::vector<acc_t> planes(cols * padded.plane, acc_t(0));
   at::parallel_for(0, s.batch * s.height, task_grain(cols * W), [&](int64_t begin, int64_t end) {
     for (int64_t line = begin; line < end; ++line) {
       const int64_t b = line / s.height, h = line % s.height;
-      const int64_t to = (b * PH + h + 1) * PW + 1;
-      for (int64_t c = 0; c < cols; ++c)
-        for (int64_t w = 0; w < W; ++w) planes[c * plane + to + w] = acc_t(p[(line * W + w) * ld + c]);
+      const scalar_t* from = p + line * W * ld;
+      acc_t* to = planes.data() + (b * padded.height + h + 1) * padded.width + 1;
+      for (int64_t c = 0; c < cols; ++c) {
+        for (int64_t w = 0; w < W; ++w) to[c * padded.plane + w] = acc_t(from[w * ld + c]);
+      }
     }
   });
   return planes;
@@ -59,17 +79,12 @@ template <typename scalar_t, typename Tap>
 void correlate(const std::vector<at::opmath_type<scalar_t>>& in, int64_t a_n, int64_t b_n,
                Tap tap, int sign, const ImageShape& s, const Mat& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t W = s.width, PW = W + 2, PH = s.height + 2, lines = s.batch * PH;
-  const int64_t plane = lines * PW;
-  int64_t shift[9];
-  for (int64_t t = 0; t < 9; ++t) shift[t] = sign * ((t / 3 - 1) * PW + (t % 3 - 1));
+  const PaddedImage padded(s);
+  const int64_t W = s.width, ldo = out.ld;
   scalar_t* po = out.ptr<scalar_t>();
-  const int64_t ldo = out.ld;
-  at::parallel_for(0, lines, task_grain(9 * a_n * b_n * PW), [&](int64_t begin, int64_t end) {
-    // Positions [q0, q1): the task's padded lines, less the batch's first
-    // and last padded positions, whose neighbours lie outside the planes.
-    const int64_t q0 = std::max<int64_t>(begin * PW, PW + 1);
-    const int64_t q1 = std::min<int64_t>(end * PW, plane - PW - 1);
+  const int64_t grain = task_grain(9 * a_n * b_n * padded.width);
+  at::parallel_for(0, padded.lines, grain, [&](int64_t begin, int64_t end) {
+    const auto [q0, q1] = padded.positions(begin, end);
     if (q0 >= q1) return;
     std::vector<acc_t> acc(q1 - q0);
     for (int64_t ob = 0; ob < b_n; ++ob) {
@@ -77,16 +92,15 @@ void correlate(const std::vector<at::opmath_type<scalar_t>>& in, int64_t a_n, in
       for (int64_t ia = 0; ia < a_n; ++ia) {
         for (int64_t t = 0; t < 9; ++t) {
           const acc_t w = tap(ia, ob, t);
-          const acc_t* src = in.data() + ia * plane + q0 + shift[t];
-          const int64_t n = q1 - q0;
-          for (int64_t i = 0; i < n; ++i) acc[i] += w * src[i];
+          const acc_t* src = in.data() + ia * padded.plane + q0 + sign * padded.shift(t);
+          for (int64_t i = 0; i < q1 - q0; ++i) acc[i] += w * src[i];
         }
       }
       for (int64_t line = begin; line < end; ++line) {
-        const int64_t b = line / PH, hp = line % PH;
-        if (hp == 0 || hp == PH - 1) continue;
-        const acc_t* a = acc.data() + line * PW + 1 - q0;
-        scalar_t* o = po + ((b * s.height + hp - 1) * W) * ldo + ob;
+        const int64_t b = line / padded.height, h = line % padded.height - 1;
+        if (h < 0 || h >= s.height) continue;
+        const acc_t* a = acc.data() + line * padded.width + 1 - q0;
+        scalar_t* o = po + ((b * s.height + h) * W) * ldo + ob;
         for (int64_t x = 0; x < W; ++x) o[x * ldo] = scalar_t(a[x]);
       }
     }
@@ -101,22 +115,21 @@ template <typename scalar_t>
 void weight_grad(const std::vector<at::opmath_type<scalar_t>>& dy,
                  const std::vector<at::opmath_type<scalar_t>>& x, int64_t cout, int64_t cin,
                  const ImageShape& s, void* dw) {
-  const int64_t PW = s.width + 2, lines = s.batch * (s.height + 2), plane = lines * PW;
+  const PaddedImage padded(s);
   const int64_t size = cout * cin * 9;  // dw's layout: [co][ci][t]
-  const int64_t chunks = sum_chunks(lines, size * PW);
-  const int64_t per_chunk = (lines + chunks - 1) / chunks;
+  const int64_t chunks = sum_chunks(padded.lines, size * padded.width);
+  const int64_t per_chunk = (padded.lines + chunks - 1) / chunks;
   std::vector<double> partial(chunks * size, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      const int64_t q0 = std::max<int64_t>(k * per_chunk * PW, PW + 1);
-      const int64_t q1 = std::min<int64_t>((k + 1) * per_chunk * PW, plane - PW - 1);
+      const auto [q0, q1] = padded.positions(k * per_chunk, (k + 1) * per_chunk);
       if (q0 >= q1) continue;
       double* acc = partial.data() + k * size;
       for (int64_t co = 0; co < cout; ++co) {
-        const auto* g = dy.data() + co * plane + q0;
+        const auto* g = dy.data() + co * padded.plane + q0;
         for (int64_t ci = 0; ci < cin; ++ci) {
           for (int64_t t = 0; t < 9; ++t) {
-            const auto* v = x.data() + ci * plane + q0 + (t / 3 - 1) * PW + (t % 3 - 1);
+            const auto* v = x.data() + ci * padded.plane + q0 + padded.shift(t);
             acc[(co * cin + ci) * 9 + t] = double(dot(g, v, q1 - q0));
           }
         }
