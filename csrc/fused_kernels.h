@@ -98,6 +98,14 @@ struct SmallUnit {
   BlockTerms block;
 };
 
+// The segments of a block of delayed updates (gradual_update.cpp): segment k
+// has the state's columns [starts[k], starts[k + 1]) and the rows
+// [offsets[k], offsets[k + 1]) of the block's stacked first-GEMM weight (the
+// columns of its outputs).
+struct BlockSegments {
+  at::IntArrayRef starts, offsets;
+};
+
 // Values in each of a SmallUnit's buffers: three [rows, mid] and two [rows, n].
 inline int64_t unit_buffer_size(const ImageShape& s, int64_t n, int64_t mid) {
   return s.rows() * (3 * mid + 2 * n);
@@ -153,6 +161,16 @@ struct FusedKernels {
   // n channels (nullptr: none).
   int64_t (*unit_workspace_bytes)(const ImageShape& s, int64_t n, int64_t mid,
                                   at::ScalarType dtype) = nullptr;
+  // The in-block terms of the delayed updates as pushes, where a device has
+  // them: for the block's segments k in [from, to), in order, each row of
+  //   pre[:, offsets[k + 1]:] += (updated - original)[:, c_k] W[offsets[k + 1]:, c_k]^T
+  // with pre [rows, F] and W [F, N] contiguous, updated and original [rows, N]
+  // (unit column stride), c_k segment k's columns. Every element of pre gets
+  // its terms in the same order and rounding whether one call pushes many
+  // segments or many calls push one each. Float and double only.
+  void (*push_updates)(const at::Tensor& pre, const at::Tensor& updated,
+                       const at::Tensor& original, const at::Tensor& weight,
+                       const BlockSegments& block, int64_t from, int64_t to) = nullptr;
 };
 
 const FusedKernels& fused_kernels(c10::DeviceType device);

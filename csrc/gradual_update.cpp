@@ -323,20 +323,28 @@ Shape shape_of(const Tensor& x) { return {x.size(0), x.size(1), x.size(2), x.siz
 // and dW_j = d1_j^T S_j is one GEMM per block plus, for the block's columns
 // that segment j saw updated, d1_j^T (y - x)[:, begin:start_j].
 // The arithmetic is the same; only the shape of the GEMMs changes. Where
-// these in-block products are small (FusedKernels::block_terms_max_macs:
-// always on CUDA, where a launch costs more than they do; on the CPU below a
-// library call's fixed cost), the whole-unit kernels add the terms of pre1_j
-// (when every unit of the block runs whole) and of g_j themselves: no GEMM
-// and no copy per segment.
+// the device pushes updates (FusedKernels::push_updates: the CPU, in float
+// and double), the shared product covers the block's own columns too, as
+// the block finds them, and each segment's update then reaches the later
+// segments' outputs as a push,
+//   pre1_j += sum_{k < j in block} (y - x)[:, c_k] W_j[:, c_k]^T,
+// one pass over the rows per segment, without a library call or a copy.
+// Elsewhere, where the in-block products are small (FusedKernels::
+// block_terms_max_macs: always on CUDA, where a launch costs more than they
+// do; on the CPU below a library call's fixed cost), the whole-unit kernels
+// add the terms of pre1_j (when every unit of the block runs whole) and of
+// g_j themselves: no GEMM and no copy per segment.
 //
 // The backward recomputes each pre1_j with the forward's own GEMMs (or
-// kernels), on the same operands, so that it is bitwise the forward's: a
-// ReLU mask recomputed from a rounding-level difference would flip where
-// BN + ReLU is near 0 and change the gradient there by O(1).
+// kernels, or pushes in the same order), on the same operands, so that it
+// is bitwise the forward's: a ReLU mask recomputed from a rounding-level
+// difference would flip where BN + ReLU is near 0 and change the gradient
+// there by O(1).
 struct Block {
   int64_t first, last;           // segments [first, last)
   int64_t begin, end;            // their columns
   std::vector<int64_t> offsets;  // each segment's rows in `weight`; back() = F
+  std::vector<int64_t> starts;   // each segment's first column; back() = end
   Tensor weight;                 // [F, N]: the segments' first-GEMM weights, stacked
   // Where the segments are of one size, their first-GEMM weights' slots lie
   // this far apart in the flat convolution tensor (0 otherwise).
@@ -345,6 +353,7 @@ struct Block {
   bool single() const { return last - first == 1; }
   int64_t count() const { return last - first; }
   int64_t width() const { return end - begin; }
+  BlockSegments segments() const { return {starts, offsets}; }
   // Segment j's columns of a [rows, F] block matrix (or rows of an [F, N] one).
   Tensor of(const Tensor& t, int64_t j, int64_t dim = 1) const {
     const int64_t k = j - first;
@@ -361,10 +370,11 @@ std::vector<Block> blocks_of(const ParameterLayout& layout, const Tensor& conv_w
   std::vector<Block> blocks;
   const int64_t count = static_cast<int64_t>(layout.segments.size());
   for (int64_t i = 0; i < count;) {
-    Block b{i, i, layout.starts[i], layout.starts[i], {0}, Tensor()};
+    Block b{i, i, layout.starts[i], layout.starts[i], {0}, {layout.starts[i]}, Tensor()};
     do {
       b.end += layout.segments[b.last];
       b.offsets.push_back(b.offsets.back() + layout.first_gemm(b.last, 0).shape[0]);
+      b.starts.push_back(b.end);
       ++b.last;
     } while (b.last < count && b.width() + layout.segments[b.last] <= kMaxBlockColumns);
     std::vector<Tensor> weights;
@@ -398,11 +408,14 @@ void product(Tensor& out, bool accumulate, const Tensor& a, const Tensor& w, int
 
 // The block's first-GEMM outputs over the columns that stay fixed while it
 // runs, [rows, F]: `before` on the columns before the block (updated), `after`
-// from its end on (original; from its start for a single segment, whose own
-// columns are still original). The blocks' own columns follow per segment
+// from its end on (original). With `own_columns`, and for a single segment,
+// `after` from the block's start on: the block's columns as the block finds
+// them, to which the pushes add the in-block updates (FusedKernels::
+// push_updates); else the blocks' own columns follow per segment
 // (`block_columns`). Forward and backward call this with equal operands.
-Tensor fixed_product(const Block& b, const Tensor& before, const Tensor& after, int64_t channels) {
-  const int64_t from = b.single() ? b.begin : b.end;
+Tensor fixed_product(const Block& b, const Tensor& before, const Tensor& after, int64_t channels,
+                     bool own_columns) {
+  const int64_t from = b.single() || own_columns ? b.begin : b.end;
   Tensor pre;
   if (b.begin > 0) product(pre, false, before, b.weight, 0, b.begin);
   if (from < channels) product(pre, b.begin > 0, after, b.weight, from, channels);
@@ -414,6 +427,16 @@ Tensor fixed_product(const Block& b, const Tensor& before, const Tensor& after, 
 // columns of the state as segment i finds them ([rows, width], contiguous).
 void block_columns(const Block& b, int64_t i, const Tensor& columns, Tensor& pre1) {
   if (!b.single()) pre1.addmm_(columns, b.of(b.weight, i, 0).narrow(1, b.begin, b.width()).t());
+}
+
+// Whether the block's in-block terms of the first GEMMs are pushed
+// (FusedKernels::push_updates), where the device has pushes: in float and
+// double. A push accumulates into the first GEMM's outputs in their dtype;
+// in half precision the library's GEMM, which accumulates in float, stays.
+bool pushes(const Block& b, const FusedKernels& k, const Tensor& x) {
+  const auto dtype = x.scalar_type();
+  return !b.single() && k.push_updates != nullptr &&
+         (dtype == at::kFloat || dtype == at::kDouble);
 }
 
 // Whether the whole-unit kernels add an in-block term of `columns` inputs and
@@ -548,8 +571,10 @@ ForwardResult gradual_update(const Tensor& x, const Tensor& conv_weight, const T
   Tensor state = input.clone();  // also the output buffer, updated in place
   const int64_t channels = layout.channels;
   for (const Block& b : blocks_of(layout, convs)) {
-    Tensor pre = sequential ? fixed_product(b, state, state, channels) : at::mm(input, b.weight.t());
-    const bool own_columns = sequential && !b.single();
+    const bool push = sequential && pushes(b, kernels, x);
+    Tensor pre = sequential ? fixed_product(b, state, state, channels, push)
+                            : at::mm(input, b.weight.t());
+    const bool own_columns = sequential && !b.single() && !push;
     const bool in_kernels = own_columns && own_columns_in_kernels(b, kernels, layout, shape);
     // The block's columns of the state as the next segment finds them.
     Tensor columns = own_columns && !in_kernels ? state.narrow(1, b.begin, b.width()).clone() : Tensor();
@@ -567,6 +592,9 @@ ForwardResult gradual_update(const Tensor& x, const Tensor& conv_weight, const T
       }
       if (columns.defined() && i + 1 < b.last) {
         columns.narrow(1, start - b.begin, n).copy_(state.narrow(1, start, n));
+      }
+      if (push && i + 1 < b.last) {
+        kernels.push_updates(pre, state, input, b.weight, b.segments(), i - b.first, i + 1 - b.first);
       }
     }
   }
@@ -617,14 +645,17 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
   for (auto b = blocks.rbegin(); b != blocks.rend(); ++b) {
     // The state before segment i is y on the columns before c_i, x from c_i on:
     // the forward's first GEMMs, repeated on equal operands.
-    Tensor pre = sequential ? fixed_product(*b, updated, original, channels)
+    const bool push = sequential && pushes(*b, kernels, x);
+    Tensor pre = sequential ? fixed_product(*b, updated, original, channels, push)
                             : at::mm(original, b->weight.t());
+    if (push) kernels.push_updates(pre, updated, original, b->weight, b->segments(), 0, b->count() - 1);
     const bool own_columns = sequential && !b->single();
-    const bool in_kernels = own_columns && own_columns_in_kernels(*b, kernels, layout, shape);
+    const bool in_kernels =
+        own_columns && !push && own_columns_in_kernels(*b, kernels, layout, shape);
     Tensor columns, delta;
     if (own_columns) {
       delta = updated.narrow(1, b->begin, b->width()) - original.narrow(1, b->begin, b->width());
-      if (!in_kernels) columns = updated.narrow(1, b->begin, b->width()).clone();
+      if (!in_kernels && !push) columns = updated.narrow(1, b->begin, b->width()).clone();
     }
     const Tensor d1 = at::empty({rows, b->offsets.back()}, x.options());
     for (int64_t i = b->last - 1; i >= b->first; --i) {

@@ -190,9 +190,9 @@ def test_op_does_not_autocast_inside():
 @pytest.mark.parametrize("size", [(3, 5), (16, 16)], ids=["few_rows", "many_rows"])
 def test_blocks_of_narrow_segments_match_reference(kind, segments, size):
     """Narrow segments share their first GEMMs in blocks (delayed updates); a
-    wide segment is a block of its own. On few rows the whole-unit kernels
-    add the in-block terms, on many the library (the later gradient terms of
-    a block's last segments still in the kernels)."""
+    wide segment is a block of its own. The in-block terms of the first
+    GEMMs are pushes; on few rows the whole-unit kernels add the later
+    gradient terms, on many the library (but for a block's last segments)."""
     layer = make_layer(kind, channels=70, segments=segments)
     x = torch.randn(2, 70, *size, dtype=torch.float64)
     run_and_compare(layer, twin(layer, "native"), x, train=True, steps=2)
@@ -248,10 +248,12 @@ _LIBRARY_CALLS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::convolution"
                   "aten::copy_", "aten::clone", "aten::add_", "aten::mul_", "aten::sub", "aten::cat")
 
 
-def _library_calls(layer, x):
-    """Calls of each of _LIBRARY_CALLS in one forward + backward of ``layer``."""
+def _library_calls(layer, x, backward=True):
+    """Calls of each of _LIBRARY_CALLS in one forward (+ backward) of ``layer``."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        layer(x).sum().backward()
+        y = layer(x)
+        if backward:
+            y.sum().backward()
     counts = {e.key: e.count for e in prof.key_averages()}
     return {key: counts.get(key, 0) for key in _LIBRARY_CALLS}
 
@@ -263,14 +265,30 @@ def test_small_units_run_whole_in_the_op_own_kernels(kind):
     updates' in-block terms: a segment more makes no library call at all
     (GEMM, convolution, copy, elementwise step or allocation). The slope
     between P = 32 and P = 64 at 64 channels: two blocks of delayed updates
-    each. On many rows the in-block terms go through library GEMMs
-    (test_blocks_of_narrow_segments_match_reference covers both)."""
+    each. On many rows the backward's in-block gradient terms go through
+    library GEMMs (test_blocks_of_narrow_segments_match_reference covers
+    both)."""
     x = torch.randn(2, 64, 3, 3, dtype=torch.float64)
     calls = {p: _library_calls(make_layer(kind, channels=64, segments=p, backend="native"), x)
              for p in (32, 64)}
     per_segment = {key: (calls[64][key] - calls[32][key]) / 32 for key in _LIBRARY_CALLS}
     assert per_segment == dict.fromkeys(_LIBRARY_CALLS, 0), per_segment
     assert calls[64]["aten::mm"] > 0  # the blocks' GEMMs are counted
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_forward_pushes_in_block_terms_on_many_rows(dtype):
+    """In float and double the forward's in-block terms are pushes of each
+    segment's update into the block's later first-GEMM outputs, in the op's
+    own kernel, on any number of rows: on 512 rows too a segment more makes
+    no library call in the forward (the slope between P = 32 and P = 64 at
+    64 channels)."""
+    x = torch.randn(2, 64, 16, 16, dtype=dtype)
+    calls = {p: _library_calls(make_layer(channels=64, segments=p, backend="native", dtype=dtype),
+                               x, backward=False)
+             for p in (32, 64)}
+    per_segment = {key: (calls[64][key] - calls[32][key]) / 32 for key in _LIBRARY_CALLS}
+    assert per_segment == dict.fromkeys(_LIBRARY_CALLS, 0), per_segment
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="setup.py enables OpenMP on Linux only")

@@ -244,6 +244,8 @@ constexpr int64_t kDirectConvMaxMacs = int64_t(1) << 17;
 // the library GEMM and the copies around it on a few rows (P = N at 240
 // channels on a 2x2 image: 10 ms forward+backward, not 15), and lose on many
 // (the same on 16x16, batch 8: 2048 rows x 32 columns x 3 outputs per term).
+// In float and double, the first GEMMs' terms are pushes (push_updates_cpu)
+// and this applies to the backward's later terms only.
 constexpr int64_t kBlockTermsMaxMacs = int64_t(1) << 15;
 
 const FusedKernelsRegistration registration(
@@ -251,7 +253,7 @@ const FusedKernelsRegistration registration(
     FusedKernels{column_stats_cpu, bn_relu_cpu, bn_add_cpu, bn_backward_reduce_cpu,
                  bn_backward_apply_cpu, conv3x3_cpu, conv3x3_backward_cpu,
                  std::numeric_limits<int64_t>::max(), kDirectConvMaxMacs, unit_forward_cpu,
-                 unit_backward_cpu, kBlockTermsMaxMacs});
+                 unit_backward_cpu, kBlockTermsMaxMacs, nullptr, push_updates_cpu});
 
 }  // namespace
 }  // namespace gunn_ext
