@@ -30,8 +30,10 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 3e-2, to
 # are inherently noisy: small-batch BatchNorm gradients cancel, and rounding
 # flips ReLU masks. PyTorch's own are 2-5% (float16) and 7-10% (bfloat16)
 # from truth at the test shapes; a wrong kernel is off by O(1).
-LOW_PRECISION = {torch.float16: 3e-3, torch.bfloat16: 1e-2}
-LOW_PRECISION_GRADIENTS = {torch.float16: 6e-2, torch.bfloat16: 1.5e-1}
+# In float32 a rounding-level difference can flip one ReLU too, which moves
+# the input gradient by about 1e-3 relative (benchmarks/seq_update.py's floors).
+LOW_PRECISION = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+LOW_PRECISION_GRADIENTS = {torch.float32: 1e-2, torch.float16: 6e-2, torch.bfloat16: 1.5e-1}
 
 
 def pytest_collection_modifyitems(config, items):
