@@ -161,15 +161,18 @@ struct FusedKernels {
   // n channels (nullptr: none).
   int64_t (*unit_workspace_bytes)(const ImageShape& s, int64_t n, int64_t mid,
                                   at::ScalarType dtype) = nullptr;
-  // The in-block terms of the delayed updates as pushes, where a device has
-  // them: for the block's segments k in [from, to), in order, each row of
+  // The first GEMMs' in-block terms of the delayed updates as pushes, where
+  // a device has them (the op uses them in float and double: gradual_update.cpp,
+  // pushes): for the block's segments k in [from, to), in order, each row of
   //   pre[:, offsets[k + 1]:] += (updated - original)[:, c_k] W[offsets[k + 1]:, c_k]^T
-  // with pre [rows, F] and W [F, N] contiguous, updated and original [rows, N]
-  // (unit column stride), c_k segment k's columns. Every element of pre gets
-  // its terms in the same order and rounding whether one call pushes many
-  // segments or many calls push one each. Float and double only.
+  // with pre [rows, F] contiguous, W^T given as `own_weight`, the block's
+  // columns of the stacked first-GEMM weight transposed ([width, F],
+  // contiguous), updated and original [rows, N] (unit column stride) and c_k
+  // segment k's columns. Every element of pre gets its terms in the same
+  // order and rounding whether one call pushes many segments or many calls
+  // push one each.
   void (*push_updates)(const at::Tensor& pre, const at::Tensor& updated,
-                       const at::Tensor& original, const at::Tensor& weight,
+                       const at::Tensor& original, const at::Tensor& own_weight,
                        const BlockSegments& block, int64_t from, int64_t to) = nullptr;
 };
 

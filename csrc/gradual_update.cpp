@@ -12,10 +12,12 @@
 // place; intermediates of a unit are [rows, K*n] matrices.
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/alignment.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <optional>
 #include <vector>
 
@@ -95,6 +97,13 @@ bool runs_whole(const FusedKernels& k, const ParameterLayout& layout, const Shap
                 int64_t i) {
   const int64_t mid = layout.mid(i);
   return has_whole_units(k, layout) && direct_conv(k, mid, mid, shape);
+}
+
+// m, or a copy of it where its data is not aligned as a new tensor's: the
+// backward's x, whose products must round as the forward's products of a new
+// tensor (the state) do, and a library may round by its operands' alignment.
+Tensor aligned_as_new(const Tensor& m) {
+  return reinterpret_cast<uintptr_t>(m.data_ptr()) % c10::gAlignment == 0 ? m : m.clone();
 }
 
 // Columns from `from` on of a [rows, C] matrix, for the whole-unit kernels.
@@ -328,7 +337,8 @@ Shape shape_of(const Tensor& x) { return {x.size(0), x.size(1), x.size(2), x.siz
 // the block finds them, and each segment's update then reaches the later
 // segments' outputs as a push,
 //   pre1_j += sum_{k < j in block} (y - x)[:, c_k] W_j[:, c_k]^T,
-// one pass over the rows per segment, without a library call or a copy.
+// one pass over the rows per segment, without a library call or a copy:
+// the same sum as S_j W_j^T, rounded differently.
 // Elsewhere, where the in-block products are small (FusedKernels::
 // block_terms_max_macs: always on CUDA, where a launch costs more than they
 // do; on the CPU below a library call's fixed cost), the whole-unit kernels
@@ -354,6 +364,8 @@ struct Block {
   int64_t count() const { return last - first; }
   int64_t width() const { return end - begin; }
   BlockSegments segments() const { return {starts, offsets}; }
+  // W[:, begin:end]^T, [width, F] contiguous: the pushes' weights.
+  Tensor own_weight() const { return weight.narrow(1, begin, width()).t().contiguous(); }
   // Segment j's columns of a [rows, F] block matrix (or rows of an [F, N] one).
   Tensor of(const Tensor& t, int64_t j, int64_t dim = 1) const {
     const int64_t k = j - first;
@@ -408,14 +420,14 @@ void product(Tensor& out, bool accumulate, const Tensor& a, const Tensor& w, int
 
 // The block's first-GEMM outputs over the columns that stay fixed while it
 // runs, [rows, F]: `before` on the columns before the block (updated), `after`
-// from its end on (original). With `own_columns`, and for a single segment,
+// from its end on (original). With `covers_block`, and for a single segment,
 // `after` from the block's start on: the block's columns as the block finds
 // them, to which the pushes add the in-block updates (FusedKernels::
 // push_updates); else the blocks' own columns follow per segment
 // (`block_columns`). Forward and backward call this with equal operands.
 Tensor fixed_product(const Block& b, const Tensor& before, const Tensor& after, int64_t channels,
-                     bool own_columns) {
-  const int64_t from = b.single() || own_columns ? b.begin : b.end;
+                     bool covers_block) {
+  const int64_t from = b.single() || covers_block ? b.begin : b.end;
   Tensor pre;
   if (b.begin > 0) product(pre, false, before, b.weight, 0, b.begin);
   if (from < channels) product(pre, b.begin > 0, after, b.weight, from, channels);
@@ -574,6 +586,8 @@ ForwardResult gradual_update(const Tensor& x, const Tensor& conv_weight, const T
     const bool push = sequential && pushes(b, kernels, x);
     Tensor pre = sequential ? fixed_product(b, state, state, channels, push)
                             : at::mm(input, b.weight.t());
+    const Tensor own_weight = push ? b.own_weight() : Tensor();
+    // Whether segments add their block's own columns themselves.
     const bool own_columns = sequential && !b.single() && !push;
     const bool in_kernels = own_columns && own_columns_in_kernels(b, kernels, layout, shape);
     // The block's columns of the state as the next segment finds them.
@@ -594,7 +608,7 @@ ForwardResult gradual_update(const Tensor& x, const Tensor& conv_weight, const T
         columns.narrow(1, start - b.begin, n).copy_(state.narrow(1, start, n));
       }
       if (push && i + 1 < b.last) {
-        kernels.push_updates(pre, state, input, b.weight, b.segments(), i - b.first, i + 1 - b.first);
+        kernels.push_updates(pre, state, input, own_weight, b.segments(), i - b.first, i + 1 - b.first);
       }
     }
   }
@@ -629,7 +643,7 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
   // Every slot is written: one gradient per convolution.
   const Tensor grad_convs = at::empty({layout.conv_numel()}, conv_weight.options());
 
-  const Tensor original = as_rows(x);
+  const Tensor original = aligned_as_new(as_rows(x));
   const Tensor updated = sequential ? as_rows(y) : Tensor();
   // One gradient buffer, accumulated in place (Eq. 6). GUNN reads each
   // segment's gradient from it after the later segments have added theirs;
@@ -648,15 +662,20 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
     const bool push = sequential && pushes(*b, kernels, x);
     Tensor pre = sequential ? fixed_product(*b, updated, original, channels, push)
                             : at::mm(original, b->weight.t());
-    if (push) kernels.push_updates(pre, updated, original, b->weight, b->segments(), 0, b->count() - 1);
-    const bool own_columns = sequential && !b->single();
-    const bool in_kernels =
-        own_columns && !push && own_columns_in_kernels(*b, kernels, layout, shape);
-    Tensor columns, delta;
-    if (own_columns) {
-      delta = updated.narrow(1, b->begin, b->width()) - original.narrow(1, b->begin, b->width());
-      if (!in_kernels && !push) columns = updated.narrow(1, b->begin, b->width()).clone();
+    if (push) {
+      kernels.push_updates(pre, updated, original, b->own_weight(), b->segments(), 0,
+                           b->count() - 1);
     }
+    // Whether segments saw earlier ones of their block update (delta), and
+    // whether they add their block's own columns themselves (the forward's).
+    const bool in_block = sequential && !b->single();
+    const bool own_columns = in_block && !push;
+    const bool in_kernels = own_columns && own_columns_in_kernels(*b, kernels, layout, shape);
+    Tensor columns, delta;
+    if (in_block) {
+      delta = updated.narrow(1, b->begin, b->width()) - original.narrow(1, b->begin, b->width());
+    }
+    if (own_columns && !in_kernels) columns = updated.narrow(1, b->begin, b->width()).clone();
     const Tensor d1 = at::empty({rows, b->offsets.back()}, x.options());
     for (int64_t i = b->last - 1; i >= b->first; --i) {
       const int64_t start = layout.starts[i], n = layout.segments[i];

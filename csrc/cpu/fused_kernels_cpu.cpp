@@ -245,8 +245,8 @@ constexpr int64_t kDirectConvMaxMacs = int64_t(1) << 20;
 // the library GEMM and the copies around it on a few rows (P = N at 240
 // channels on a 2x2 image: 10 ms forward+backward, not 15), and lose on many
 // (the same on 16x16, batch 8: 2048 rows x 32 columns x 3 outputs per term).
-// In float and double, the first GEMMs' terms are pushes (push_updates_cpu)
-// and this applies to the backward's later terms only.
+// Where the op pushes the first GEMMs' terms (gradual_update.cpp: pushes),
+// this applies to the backward's later terms only.
 constexpr int64_t kBlockTermsMaxMacs = int64_t(1) << 15;
 
 const FusedKernelsRegistration registration(

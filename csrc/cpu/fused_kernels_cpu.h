@@ -164,7 +164,7 @@ void unit_backward_cpu(const SmallUnit& unit, UnitMatrix grad_unit, UnitMatrix d
                        void* grad_conv2, void* grad_conv3, const UnitNorms& grads);
 
 void push_updates_cpu(const at::Tensor& pre, const at::Tensor& updated, const at::Tensor& original,
-                      const at::Tensor& weight, const BlockSegments& block, int64_t from,
+                      const at::Tensor& own_weight, const BlockSegments& block, int64_t from,
                       int64_t to);
 
 void conv3x3_cpu(const at::Tensor& x, const at::Tensor& w, const ImageShape& s,
