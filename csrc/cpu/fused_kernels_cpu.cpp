@@ -237,7 +237,7 @@ void bn_backward_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const Norm
 // The direct 3x3 beats oneDNN's fixed cost per call up to about 2^20
 // multiply-adds on the 2-core development machine: at 240 channels, 16x16,
 // batch 8 (2048 rows), units of 4 and 6 channels per 3x3 (P = 120, 80) run
-// 20-30% faster forward+backward with it, one of 8 (P = 60, 1.2M) about
+// 15-30% faster forward+backward with it, one of 8 (P = 60, 1.2M) about
 // even, and 12 or 24 faster in oneDNN. It takes any number of channels.
 constexpr int64_t kDirectConvMaxMacs = int64_t(1) << 20;
 
