@@ -8,8 +8,8 @@
 # files), the whole results folder is also packed into $OUT/gpu_check.tar.gz,
 # with summary.md beside it.
 # Everything runs under one time budget (GUNN_CHECK_BUDGET seconds, default
-# 420), each step under `timeout`, most valuable first: build, CUDA tests, the
-# GUNN-15 shapes on every backend, P = N, the profile and graph replay, then
+# 420), each step under `timeout`, most valuable first: build, CUDA tests (the
+# Triton warm-up compiling beside them), the GUNN-15 shapes on every backend, P = N, the profile and graph replay, then
 # the rest. A failing step is recorded and the next one runs. The summary
 # (benchmarks/check_summary.py, also summary.md) is printed last.
 # GUNN_SKIP_INSTALL=1 uses the gunn_ext already importable (dry runs).
@@ -64,6 +64,10 @@ if [[ "${GUNN_SKIP_INSTALL:-0}" != "1" ]]; then
   fi
   export TORCH_CUDA_ARCH_LIST MAX_JOBS="${MAX_JOBS:-$(nproc)}"
   run_step install 240 "$PYTHON" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -v .
+  # The built library, for a rerun on a fresh machine of the same image (GUNN_SKIP_INSTALL=1).
+  if [[ -n "${OUT:-}" && -d "$OUT" ]]; then
+    tar czf "$OUT/gunn_ext_build.tar.gz" gunn_ext/_C*.so gunn_ext/_build_info.py 2>/dev/null || true
+  fi
 fi
 
 "$PYTHON" "$ROOT/benchmarks/environment.py" "$RESULTS/environment.json" > "$RESULTS/environment.log" 2>&1
@@ -74,8 +78,6 @@ PYTEST=("$PYTHON" -P -m pytest -q -rfE -p no:cacheprovider)
 BENCH=("$PYTHON" "$ROOT/benchmarks/seq_update.py")
 
 if [[ "$HAVE_CUDA" == "1" ]]; then
-  run_step tests_cuda 120 "${PYTEST[@]}" "$ROOT/tests" -m cuda -k "not triton" -rP \
-    --ignore="$ROOT/tests/test_triton.py" --junitxml="$RESULTS/tests_cuda.xml"
   SHAPES=("gunn15_a 20 240 32" "gunn15_b 25 300 16" "gunn15_c 30 360 8")
   SWEEP_SEGMENTS="20,40,60,80,120,240"
   # Triton compiles each kernel variant at its first call, one at a time: compile
@@ -93,7 +95,11 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
     WARM+=" --channels $channels --size $size --batch 16 --dtype $dtype --mode $mode --device cuda"
     WARM+=" --repeats 1 --warmup 0 & "
   done
-  run_step triton_warmup 150 bash -c "${WARM} wait"
+  # The warm-up compiles on the CPU while the CUDA tests run (their times are not measured).
+  run_step triton_warmup 150 bash -c "${WARM} wait" &
+  run_step tests_cuda 150 "${PYTEST[@]}" "$ROOT/tests" -m cuda -k "not triton" -rP \
+    --ignore="$ROOT/tests/test_triton.py" --junitxml="$RESULTS/tests_cuda.xml"
+  wait
   bench_shape() {  # dtype shape cap [extra args]
     local dtype="$1" shape="$2" cap="$3"; shift 3
     read -r name segments channels size <<< "$shape"
