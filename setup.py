@@ -75,7 +75,8 @@ def extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         extra["cxx"] += ["-DGUNN_WITH_CUDA"]
-        extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]) + [
+        # -lineinfo: compute-sanitizer and profilers name the source line (no run-time cost).
+        extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math", "-lineinfo"]) + [
             "-DGUNN_WITH_CUDA", "--expt-relaxed-constexpr"]
         ext_cls = cpp_extension.CUDAExtension
     else:

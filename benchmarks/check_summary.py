@@ -3,11 +3,12 @@
     python benchmarks/check_summary.py RESULTS_DIR
 
 Reads what the steps left in the folder: ``environment.json``, ``steps.tsv``
-(name, exit status, seconds), the tests' JUnit XML (``tests_*.xml``), the
+(name, exit status, seconds), the tests' JUnit XML (``tests_*.xml``) and the
+tests that lost the CUDA context (``cuda_faults.txt``), the
 benchmark reports (``bench_*.json`` from ``seq_update.py``, ``train_*.json``
 from ``train_step.py``, ``sweep_*.json`` from ``segment_sweep.py``), the
 profile (``profile_ops.json``) and the graph replay loop
-(``replay_loop.json``). A missing or unreadable file leaves its section out
+(``replay_loop*.json``). A missing or unreadable file leaves its section out
 or says so; the summary is written whatever failed.
 """
 from __future__ import annotations
@@ -61,6 +62,11 @@ def steps_section(results: Path) -> list[str]:
 
 def tests_section(results: Path) -> list[str]:
     lines = ["## Tests", ""]
+    faults = results / "cuda_faults.txt"
+    lost = faults.read_text().splitlines() if faults.exists() else []
+    if lost:
+        lines.append(f"- the CUDA context was lost in: {', '.join(lost)} (the tests after it ran again "
+                     "without it; cuda_fault_*.log diagnose the first)")
     for xml in sorted(results.glob("tests_*.xml")):
         try:
             suite = ET.parse(xml).getroot()
@@ -178,17 +184,21 @@ def record_table(records: list[dict]) -> list[str]:
 
 
 def replay_section(results: Path) -> list[str]:
-    path = results / "replay_loop.json"
-    if not path.exists():
+    paths = sorted(results.glob("replay_loop*.json"))
+    if not paths:
         return []
-    report, problem = _read_json(path)
     lines = ["", "## Graph replay over a training loop (captures, replays and eager runs per op)", ""]
-    if report is None:
-        return lines + [problem]
-    records = report.get("results") if isinstance(report, dict) else None
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        return lines + ["replay_loop.json holds no `results` list of records"]
-    return lines + record_table(records)
+    records = []
+    for path in paths:
+        report, problem = _read_json(path)
+        found = report.get("results") if isinstance(report, dict) else None
+        if report is None or not isinstance(found, list) or not all(isinstance(r, dict) for r in found):
+            lines.append(problem or f"{path.name} holds no `results` list of records")
+            continue
+        if not report.get("complete", True):
+            lines.append(f"{path.name}: incomplete (the run stopped before its last backend)")
+        records += found
+    return lines + (record_table(records) if records else [])
 
 
 def summarize(results: Path) -> str:

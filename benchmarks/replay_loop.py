@@ -143,7 +143,7 @@ def add(total: dict, delta: dict) -> None:
             total[name][k] += v
 
 
-def run_backend(args, backend: str) -> dict:
+def run_backend(args, backend: str, console: Console) -> dict:
     reference = layer_stack(args, backend)
     replayed, eager = copy.deepcopy(reference), copy.deepcopy(reference)
     del reference
@@ -167,6 +167,11 @@ def run_backend(args, backend: str) -> dict:
         if mismatch is None and not torch.equal(got, expected):
             what = "loss" if kind == "train" else "output"
             mismatch = f"call {k} (epoch {epoch}, {kind}, batch {batch}): {what}"
+        if k + 1 == len(plan) or plan[k + 1][0] != epoch:  # progress, so that a time limit shows where it went
+            so_far = ", ".join(f"{name} {c.get('captures', 0)}/{c.get('replays', 0)}/{c.get('eager', 0)}"
+                               for name, c in sorted(total.items()) if name.startswith(backend))
+            console.print(f"  {backend}: epoch {epoch + 1} of {args.epochs} done after "
+                          f"{time.perf_counter() - start:.1f} s; captures/replays/eager so far: {so_far or 'none'}")
     if args.device.type == "cuda":
         torch.cuda.synchronize(args.device)
     seconds = time.perf_counter() - start
@@ -207,7 +212,11 @@ def main(argv=None) -> int:
     console.print(f"GUNN-15 layer stack, width {args.width}, {args.size}x{args.size}; per epoch "
                   f"{args.steps_per_epoch - 1} x batch {args.batch} + 1 x {args.last_batch} training, "
                   f"eval {args.eval_batches}; {args.epochs} epochs; backends {args.backends}")
-    results = [run_backend(args, backend) for backend in args.backends]
+    results = []
+    for backend in args.backends:
+        results.append(run_backend(args, backend, console))
+        if args.json:  # after each backend, so that a time limit keeps what was done
+            write_report(args, config, dry_run, results, failures=None)
     table = Table(title="CUDA graph replay per op (replayed copy)")
     for column in ("op", "captures", "replays", "eager", "captures from epoch 2", "eager from epoch 2",
                    "bitwise = eager", "steady state replays"):
@@ -236,10 +245,15 @@ def main(argv=None) -> int:
     if not failures:
         console.print("OK" + (" (dry run: nothing was captured)" if dry_run else ""))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine(args.device), "config": config, "dry_run": dry_run,
-                       "results": results, "failures": failures}, f, indent=2)
+        write_report(args, config, dry_run, results, failures)
     return 1 if failures else 0
+
+
+def write_report(args, config: dict, dry_run: bool, results: list, failures: list | None) -> None:
+    """The JSON report; `failures` is None while backends are still to run."""
+    with open(args.json, "w") as f:
+        json.dump({"machine": machine(args.device), "config": config, "dry_run": dry_run,
+                   "results": results, "failures": failures, "complete": failures is not None}, f, indent=2)
 
 
 if __name__ == "__main__":

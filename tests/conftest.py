@@ -1,4 +1,5 @@
 import copy
+import os
 
 import pytest
 import torch
@@ -43,6 +44,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# Where the tests append the id of a test after which the CUDA context was lost
+# (benchmarks/gpu_check.sh reruns the others without it, then diagnoses it).
+CUDA_FAULT_FILE = "GUNN_CUDA_FAULT_FILE"
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Stops the session at the test after which the CUDA context is lost.
+
+    A device-side fault (an illegal or misaligned address) is sticky: every
+    later CUDA call in the process fails with it, so the tests after it would
+    report the same error as failures of their own.
+    """
+    if "cuda" not in item.keywords or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError as exc:  # torch.AcceleratorError
+        if os.environ.get(CUDA_FAULT_FILE):
+            with open(os.environ[CUDA_FAULT_FILE], "a") as f:
+                f.write(item.nodeid + "\n")
+        pytest.exit(f"the CUDA context was lost in {item.nodeid} ({str(exc).splitlines()[0]}); "
+                    "every later CUDA call in this process would fail with it", returncode=3)
 
 
 @pytest.fixture(autouse=True)
