@@ -93,7 +93,7 @@ def measure(model, args, device) -> dict:
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     out = {"step_ms": median * 1e3, "images_per_s": args.batch / median,
-           "samples_ms": [t * 1e3 for t in times], "final_loss": float(loss),
+           "samples_ms": [t * 1e3 for t in times], "final_loss": float(loss.detach()),
            "warmup_steps": warmup, "captures_while_timed": captures() - before}
     if device.type == "cuda":
         # Replayed graphs keep intermediates in private pools that
