@@ -86,7 +86,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = dim3(x, y, z);
-        std::memset(emulator::shared_memory.data(), 0xff, words * sizeof(std::max_align_t));
+        if (words > 0) std::memset(emulator::shared_memory.data(), 0xff, words * sizeof(std::max_align_t));
         std::barrier<> barrier(block.x);
         std::vector<std::jthread> threads;
         threads.reserve(block.x);
