@@ -18,7 +18,8 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-STATUS = {"0": "ok", "124": "timed out", "137": "timed out", "skipped": "skipped"}
+STATUS = {"0": "ok", "7": "stopped: CUDA context lost", "124": "timed out", "137": "timed out",
+          "skipped": "skipped"}
 PROFILE_TOP = 3
 
 
@@ -185,9 +186,14 @@ def record_table(records: list[dict]) -> list[str]:
 
 def replay_section(results: Path) -> list[str]:
     paths = sorted(results.glob("replay_loop*.json"))
-    if not paths:
+    steps = results / "steps.tsv"
+    silent = [row.split("\t") for row in (steps.read_text().splitlines() if steps.exists() else [])
+              if row.startswith("replay_loop") and not (results / f"{row.split(chr(9))[0]}.json").exists()]
+    if not paths and not silent:
         return []
     lines = ["", "## Graph replay over a training loop (captures, replays and eager runs per op)", ""]
+    lines += [f"- {name}: {STATUS.get(status, f'exit {status}')} after {took} s, no report "
+              f"(its log shows how far it got)" for name, status, took in silent]
     records = []
     for path in paths:
         report, problem = _read_json(path)
@@ -196,9 +202,18 @@ def replay_section(results: Path) -> list[str]:
             lines.append(problem or f"{path.name} holds no `results` list of records")
             continue
         if not report.get("complete", True):
-            lines.append(f"{path.name}: incomplete (the run stopped before its last backend)")
+            lines.append(f"- {path.name}: incomplete (the run stopped before its last backend)")
         records += found
-    return lines + (record_table(records) if records else [])
+    if not records:
+        return lines
+    lines += [""] + record_table(records) + ["", "| op | captures | replays | eager | captures from epoch 2 "
+                                             "| eager from epoch 2 |", "| --- | --- | --- | --- | --- | --- |"]
+    for record in records:
+        for name, c in (record.get("ops") or {}).items():
+            every, steady = c.get("all", {}), c.get("from_epoch_2", {})
+            lines.append(f"| {name} | {every.get('captures', 0)} | {every.get('replays', 0)} | "
+                         f"{every.get('eager', 0)} | {steady.get('captures', 0)} | {steady.get('eager', 0)} |")
+    return lines
 
 
 def summarize(results: Path) -> str:

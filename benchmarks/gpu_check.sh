@@ -10,10 +10,10 @@
 # Everything runs under one time budget (GUNN_CHECK_BUDGET seconds, default
 # 420), each step under `timeout`, most valuable first: build, CUDA tests (the
 # Triton warm-up compiling beside them; a test that loses the CUDA context is
-# left out of a rerun and diagnosed), the GUNN-15 shapes on every backend,
-# P = N, the profile and graph replay, then the rest, torch.compile last. A
-# failing step is recorded and the next one runs. The summary
-# (benchmarks/check_summary.py, also summary.md) is printed last.
+# left out of a rerun and diagnosed after graph replay), the GUNN-15 shapes on
+# every backend, P = N, the profile and graph replay, then the rest,
+# torch.compile last. A failing step is recorded and the next one runs. The
+# summary (benchmarks/check_summary.py, also summary.md) is printed last.
 # GUNN_SKIP_INSTALL=1 uses the gunn_ext already importable (dry runs).
 # Without a CUDA GPU it says so and does a short CPU run instead.
 set -uo pipefail
@@ -105,7 +105,7 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
   # at the test that caused it (tests/conftest.py), and run again without it.
   export GUNN_CUDA_FAULT_FILE="$RESULTS/cuda_faults.txt"
   : > "$GUNN_CUDA_FAULT_FILE"
-  cuda_tests() {  # NAME CAP PYTEST-ARGS...: reruns without each test that lost the context (3 at most)
+  cuda_tests() {  # NAME CAP PYTEST-ARGS...: runs again without each test that lost the context (3 runs at most)
     local name="$1" cap="$2"; shift 2
     local run=1 step="$name" before
     while :; do
@@ -128,12 +128,11 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
     run_step cuda_fault_blocking 60 env CUDA_LAUNCH_BLOCKING=1 GUNN_CUDA_FAULT_FILE= "${PYTEST[@]}" "$id"
     local sanitizer
     sanitizer="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
-    run_step cuda_fault_sanitizer 150 env GUNN_CUDA_FAULT_FILE= "$sanitizer" --tool memcheck \
+    run_step cuda_fault_sanitizer 120 env GUNN_CUDA_FAULT_FILE= "$sanitizer" --tool memcheck \
       --print-limit 20 "${PYTEST[@]}" "$id"
   }
   cuda_tests tests_cuda 150 "$ROOT/tests" -m cuda -k "not triton" -rP --ignore="$ROOT/tests/test_triton.py"
   wait
-  diagnose_fault
   bench_shape() {  # dtype shape cap [extra args]
     local dtype="$1" shape="$2" cap="$3"; shift 3
     read -r name segments channels size <<< "$shape"
@@ -143,9 +142,10 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
   }
   # fp32 at 240/20 32x32 and 360/30 8x8 on every backend (the first run
   # autotunes the Triton kernels), P = N, the kernel profile (also at P = 40
-  # and P = N), graph replay over a training loop, eval, a GUNN-15 training
-  # step, the segment sweep, the Triton tests, bf16, the 300/25 shape, graph
-  # replay off; torch.compile of the reference last, as it takes minutes.
+  # and P = N), graph replay over a training loop, the diagnosis of a test
+  # that lost the CUDA context, eval, a GUNN-15 training step, the segment
+  # sweep, the Triton tests, bf16, the 300/25 shape, graph replay off;
+  # torch.compile of the reference last, as it takes minutes.
   SUFFIX=""
   bench_shape float32 "${SHAPES[0]}" 60 "${BENCH[@]}" --no-compile
   bench_shape float32 "${SHAPES[2]}" 40 "${BENCH[@]}" --no-compile
@@ -158,6 +158,7 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
     run_step "replay_loop_$backend" 90 "$PYTHON" "$ROOT/benchmarks/replay_loop.py" --backends "$backend" \
       --json "$RESULTS/replay_loop_$backend.json"
   done
+  diagnose_fault
   SUFFIX="_eval"
   bench_shape float32 "${SHAPES[2]}" 30 "${BENCH[@]}" --no-compile --mode eval
   run_step train_gunn15 60 "$PYTHON" "$ROOT/benchmarks/train_step.py" --model gunn15 --batch 64 \

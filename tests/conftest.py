@@ -47,8 +47,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 # Where the tests append the id of a test after which the CUDA context was lost
-# (benchmarks/gpu_check.sh reruns the others without it, then diagnoses it).
+# (benchmarks/gpu_check.sh reruns the others without it, then diagnoses it),
+# and the session's exit status then (pytest's own are 0 to 5).
 CUDA_FAULT_FILE = "GUNN_CUDA_FAULT_FILE"
+CUDA_CONTEXT_LOST = 7
 
 
 def pytest_runtest_teardown(item, nextitem):
@@ -58,7 +60,7 @@ def pytest_runtest_teardown(item, nextitem):
     later CUDA call in the process fails with it, so the tests after it would
     report the same error as failures of their own.
     """
-    if "cuda" not in item.keywords or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return
     try:
         torch.cuda.synchronize()
@@ -66,8 +68,9 @@ def pytest_runtest_teardown(item, nextitem):
         if os.environ.get(CUDA_FAULT_FILE):
             with open(os.environ[CUDA_FAULT_FILE], "a") as f:
                 f.write(item.nodeid + "\n")
-        pytest.exit(f"the CUDA context was lost in {item.nodeid} ({str(exc).splitlines()[0]}); "
-                    "every later CUDA call in this process would fail with it", returncode=3)
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        pytest.exit(f"the CUDA context was lost in {item.nodeid} ({reason}); "
+                    "every later CUDA call in this process would fail with it", returncode=CUDA_CONTEXT_LOST)
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,8 @@ fault (an illegal or misaligned address).
 """
 from pathlib import Path
 
+from conftest import CUDA_CONTEXT_LOST
+
 pytest_plugins = ["pytester"]
 
 SUITE_CONFTEST = Path(__file__).with_name("conftest.py")
@@ -49,7 +51,6 @@ def test_on_the_cpu():
     pass
 
 
-@pytest.mark.cuda
 def test_fault():
     state["fault"] = True
 
@@ -61,13 +62,15 @@ def test_after():
 
 
 def test_stops_at_the_test_that_lost_the_context(pytester, monkeypatch):
+    """Marked or not (the Triton tests run on the GPU unmarked), the test after
+    which synchronising fails is the last one."""
     pytester.makeconftest(FAKE_GPU)
     pytester.makepyfile(test_inner=TESTS)
     pytester.makeini("[pytest]\nmarkers =\n    cuda: needs a CUDA GPU\n")
     faults = pytester.path / "faults.txt"
     monkeypatch.setenv("GUNN_CUDA_FAULT_FILE", str(faults))
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--junitxml=report.xml")
-    assert result.ret == 3
+    assert result.ret == CUDA_CONTEXT_LOST
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(["*the CUDA context was lost in test_inner.py::test_fault "
                                  "(CUDA error: misaligned address)*"])
