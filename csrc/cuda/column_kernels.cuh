@@ -247,16 +247,34 @@ struct WelfordCombine {
   }
 };
 
-// A channels_last image's pixels as the rows of its [rows, C] matrix.
+// A pixel (a row of the [rows, C] matrix) and its column x and row y in its image.
+struct Pixel {
+  int64_t p, x, y;
+};
+
+// A channels_last image's pixels as the rows of its [rows, C] matrix. A
+// pixel's coordinates take two 64-bit divisions, which cost more than a
+// narrow unit's arithmetic: they are found once per pixel (at) or stepped
+// (next), not once per 3x3 tap.
 struct Image {
   int64_t batch, height, width;
 
   __device__ int64_t pixels() const { return batch * height * width; }
-  // The pixel at offset (dy, dx) from pixel p, or -1 outside the image.
-  __device__ int64_t shifted(int64_t p, int64_t dy, int64_t dx) const {
-    const int64_t x = p % width + dx, y = (p / width) % height + dy;
+  __device__ Pixel at(int64_t p) const { return {p, p % width, (p / width) % height}; }
+  // The pixel after `a` in row order.
+  __device__ Pixel next(Pixel a) const {
+    ++a.p;
+    if (++a.x == width) {
+      a.x = 0;
+      if (++a.y == height) a.y = 0;
+    }
+    return a;
+  }
+  // The pixel at offset (dy, dx) from `a`, or -1 outside the image.
+  __device__ int64_t shifted(const Pixel& a, int64_t dy, int64_t dx) const {
+    const int64_t x = a.x + dx, y = a.y + dy;
     if (x < 0 || x >= width || y < 0 || y >= height) return -1;
-    return p + dy * width + dx;
+    return a.p + dy * width + dx;
   }
 };
 

@@ -43,8 +43,9 @@ __global__ void __launch_bounds__(kConvThreads)
   for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < s.pixels(); p += step) {
     acc_t acc[kConvMaxChannels];
     for (int b = 0; b < b_n; ++b) acc[b] = 0;
+    const Pixel here = s.at(p);
     for (int t = 0; t < 9; ++t) {
-      const int64_t q = s.shifted(p, sign * (t / 3 - 1), sign * (t % 3 - 1));
+      const int64_t q = s.shifted(here, sign * (t / 3 - 1), sign * (t % 3 - 1));
       if (q < 0) continue;
       const scalar_t* v = in + q * ld_in;
       const acc_t* tap = taps + t * a_n * b_n;
@@ -73,9 +74,9 @@ __global__ void __launch_bounds__(kConvThreads)
   const int64_t begin = int64_t(blockIdx.x) * chunk;
   const int64_t end = begin + chunk < s.pixels() ? begin + chunk : s.pixels();
   acc_t acc = 0;
-  for (int64_t p = begin; p < end; ++p) {
-    const int64_t q = s.shifted(p, t / 3 - 1, t % 3 - 1);
-    if (q >= 0) acc += static_cast<acc_t>(dy[p * ld_dy + co]) * static_cast<acc_t>(x[q * ld_x + ci]);
+  for (Pixel here = s.at(begin); here.p < end; here = s.next(here)) {
+    const int64_t q = s.shifted(here, t / 3 - 1, t % 3 - 1);
+    if (q >= 0) acc += static_cast<acc_t>(dy[here.p * ld_dy + co]) * static_cast<acc_t>(x[q * ld_x + ci]);
   }
   partials[int64_t(blockIdx.x) * weights + k] = acc;
 }

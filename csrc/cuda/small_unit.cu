@@ -226,6 +226,28 @@ struct RowSums {
   }
 };
 
+// Chunk partials are combined by one thread per column, in chunk order. The
+// partials are in L2: loaded kChunkBatch at a time before any is used, their
+// latencies overlap instead of adding up, one per chunk.
+constexpr int kChunkBatch = 8;
+
+// use(load(k)) for k = 0 .. count - 1, in that order.
+template <typename Load, typename Use>
+__device__ __forceinline__ void for_each_chunk(int64_t count, Load load, Use use) {
+  using Value = decltype(load(int64_t(0)));
+  for (int64_t k0 = 0; k0 < count; k0 += kChunkBatch) {
+    Value v[kChunkBatch];
+#pragma unroll
+    for (int j = 0; j < kChunkBatch; ++j) {
+      if (k0 + j < count) v[j] = load(k0 + j);
+    }
+#pragma unroll
+    for (int j = 0; j < kChunkBatch; ++j) {
+      if (k0 + j < count) use(v[j]);
+    }
+  }
+}
+
 // Mean and biased variance of `cols` columns from the chunks' moment
 // partials, in chunk order, into mean[] and var[] (shared); block 0 also
 // stores them in out. The caller synchronises before reading them.
@@ -235,10 +257,13 @@ __device__ void combine_moments(const acc_t* partials, int cols, const Chunks& c
   const int c = threadIdx.x;
   if (c >= cols) return;
   Welford<acc_t> s{0, 0, 0};
-  for (int64_t k = 0; k < chunks.count; ++k) {
-    const acc_t* p = partials + k * 2 * cols + 2 * c;
-    s = WelfordCombine<acc_t>{}(s, Welford<acc_t>{p[0], p[1], chunks.end(k) - chunks.begin(k)});
-  }
+  for_each_chunk(
+      chunks.count,
+      [&](int64_t k) {
+        const acc_t* p = partials + k * 2 * cols + 2 * c;
+        return Welford<acc_t>{p[0], p[1], chunks.end(k) - chunks.begin(k)};
+      },
+      [&](const Welford<acc_t>& w) { s = WelfordCombine<acc_t>{}(s, w); });
   mean[c] = s.mean;
   var[c] = s.m2 / static_cast<acc_t>(s.n);
   if (blockIdx.x == 0) {
@@ -255,10 +280,13 @@ __device__ void combine_sums(const acc_t* partials, int cols, int64_t chunks, Su
   const int c = threadIdx.x;
   if (c >= cols) return;
   Sums<acc_t> s{0, 0};
-  for (int64_t k = 0; k < chunks; ++k) {
-    const acc_t* p = partials + k * 2 * cols + 2 * c;
-    s = AddSums<acc_t>{}(s, Sums<acc_t>{p[0], p[1]});
-  }
+  for_each_chunk(
+      chunks,
+      [&](int64_t k) {
+        const acc_t* p = partials + k * 2 * cols + 2 * c;
+        return Sums<acc_t>{p[0], p[1]};
+      },
+      [&](const Sums<acc_t>& v) { s = AddSums<acc_t>{}(s, v); });
   sums[c] = s;
   if (blockIdx.x == 0) {
     grads.bias[c] = s.dy;
@@ -330,8 +358,9 @@ __global__ void __launch_bounds__(kUnitThreads)
   for (int64_t p = u.row_begin(); p < u.row_end(); p += kUnitThreads) {
     acc_t acc[kMaxMid];
     for (int co = 0; co < mid; ++co) acc[co] = 0;
+    const Pixel here = u.image.at(p);
     for (int t = 0; t < 9; ++t) {
-      const int64_t q = u.image.shifted(p, t / 3 - 1, t % 3 - 1);
+      const int64_t q = u.image.shifted(here, t / 3 - 1, t % 3 - 1);
       if (q < 0) continue;
       const scalar_t* in = u.pre1 + q * u.ld1 + u.skip;
       const acc_t* tap = taps + t * mid * mid;
@@ -514,8 +543,9 @@ __global__ void __launch_bounds__(kUnitThreads) unit_conv_grad_kernel(UnitArgs<s
   for (int64_t p = u.row_begin(); p < u.row_end(); p += kUnitThreads) {
     acc_t acc[kMaxMid];
     for (int ci = 0; ci < mid; ++ci) acc[ci] = 0;
+    const Pixel here = u.image.at(p);
     for (int t = 0; t < 9; ++t) {
-      const int64_t q = u.image.shifted(p, 1 - t / 3, 1 - t % 3);
+      const int64_t q = u.image.shifted(here, 1 - t / 3, 1 - t % 3);
       if (q < 0) continue;
       const acc_t* tap = taps + t * mid * mid;
       for (int co = 0; co < mid; ++co) {
@@ -549,9 +579,9 @@ __global__ void __launch_bounds__(kUnitThreads) unit_weight_sums_kernel(UnitArgs
   acc_t acc = 0;
   if (k < convs) {
     const int t = k % 9, ci = (k / 9) % mid, co = k / (9 * mid);
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t q = u.image.shifted(p, t / 3 - 1, t % 3 - 1);
-      if (q >= 0) acc += static_cast<acc_t>(u.d2[p * mid + co]) * static_cast<acc_t>(u.act1[q * mid + ci]);
+    for (Pixel here = u.image.at(begin); here.p < end; here = u.image.next(here)) {
+      const int64_t q = u.image.shifted(here, t / 3 - 1, t % 3 - 1);
+      if (q >= 0) acc += static_cast<acc_t>(u.d2[here.p * mid + co]) * static_cast<acc_t>(u.act1[q * mid + ci]);
     }
   } else {
     const int o = (k - convs) / mid, j = (k - convs) % mid;
@@ -583,7 +613,9 @@ __global__ void __launch_bounds__(kUnitThreads)
   const int end = min(total, int(blockIdx.x + 1) * share);
   for (int k = blockIdx.x * share + tid; k < end; k += kUnitThreads) {
     acc_t sum = 0;
-    for (int64_t c = 0; c < u.chunks.count; ++c) sum += u.work[u.layout.weights + c * total + k];
+    for_each_chunk(
+        u.chunks.count, [&](int64_t c) { return u.work[u.layout.weights + c * total + k]; },
+        [&](acc_t v) { sum += v; });
     if (k < convs) grad_w2[k] = static_cast<scalar_t>(sum);
     else grad_w3[k - convs] = static_cast<scalar_t>(sum);
   }
