@@ -84,6 +84,16 @@ def test_vector_widths_float32(emulated_op, train):
     run_and_compare(layer, Emulated(twin(layer, "reference"), emulated_op), x, train=train, steps=2)
 
 
+def test_packs_of_columns_at_unaligned_offsets(emulated_op):
+    """A 4-channel block at channel 2 of 8: 4-wide rows, an 8-wide stride, and
+    an address 8 bytes past a 16-byte boundary, so only 2-value packs fit (the
+    emulator fails a launch that accesses a pack at a misaligned address, as a
+    GPU faults on one). Two bottlenecks per unit, so the column kernels run."""
+    layer = make_layer(channels=8, segments=[2, 4, 2], bottlenecks=2, dtype=torch.float32)
+    x = torch.randn(2, 8, 5, 7).to(memory_format=torch.channels_last)
+    run_and_compare(layer, Emulated(twin(layer, "reference"), emulated_op), x, train=True)
+
+
 def test_channels_last_and_strided_input(emulated_op):
     layer = make_layer(channels=9, segments=[4, 5])
     emulated = Emulated(twin(layer, "reference"), emulated_op)

@@ -81,13 +81,13 @@ inline int64_t chunk_rows(const Tiling& t) {
 
 template <typename T, int V>
 __device__ __forceinline__ Pack<T, V> load_pack(const T* base, int64_t ld, int64_t row, int col_v) {
-  return *reinterpret_cast<const Pack<T, V>*>(base + row * ld + int64_t(col_v) * V);
+  return load_aligned<Pack<T, V>>(base + row * ld + int64_t(col_v) * V);
 }
 
 template <typename T, int V>
 __device__ __forceinline__ void store_pack(T* base, int64_t ld, int64_t row, int col_v,
                                            const Pack<T, V>& p) {
-  *reinterpret_cast<Pack<T, V>*>(base + row * ld + int64_t(col_v) * V) = p;
+  store_aligned(base + row * ld + int64_t(col_v) * V, p);
 }
 
 // Device view of a Norm: per-channel parameters in the accumulation type.

@@ -1,5 +1,6 @@
 // What the fused kernels use of the CUDA runtime, in one place: the device
-// guard and stream of a call, dynamic shared memory, and kernel launches.
+// guard and stream of a call, dynamic shared memory, kernel launches, and
+// vector loads and stores (which the emulator checks for alignment).
 // Built with GUNN_EXT_EMULATE_CUDA, the same kernel sources compile as plain
 // C++ against a CPU emulator of these few pieces (csrc/emulation), which the
 // CPU tests run.
@@ -31,6 +32,18 @@ class DeviceScope {
   c10::cuda::CUDAGuard guard_;
   cudaStream_t stream_;
 };
+
+// A T at address, and a store of one; the address must be aligned to T (a
+// GPU faults otherwise, and the emulator fails the launch).
+template <typename T>
+__device__ __forceinline__ T load_aligned(const void* address) {
+  return *static_cast<const T*>(address);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_aligned(void* address, const T& value) {
+  *static_cast<T*>(address) = value;
+}
 
 // The block's dynamic shared memory (the launch's shared_bytes), as T[].
 template <typename T>

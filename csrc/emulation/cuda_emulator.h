@@ -8,7 +8,8 @@
 // blocks do not overlap), and a thread that returns early leaves the barrier,
 // as an exited GPU thread stops counting. Dynamic shared memory is filled with
 // NaN bytes before every block, so a kernel that reads it before writing it
-// fails its test. Launch configurations are checked against CUDA's limits.
+// fails its test. Launch configurations are checked against CUDA's limits,
+// and vector accesses against their alignment (load_aligned, store_aligned).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,6 +18,7 @@
 #include <atomic>
 #include <barrier>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -46,7 +48,38 @@ inline thread_local std::barrier<>* block_barrier = nullptr;
 inline std::vector<std::max_align_t> shared_memory;
 // Kernel launches so far (the tests count them per segment).
 inline std::atomic<int64_t> launches{0};
+// The first address a kernel of this launch accessed misaligned for its type.
+inline std::atomic<const void*> misaligned{nullptr};
 }  // namespace emulator
+
+// A T at address, and a store of one: a GPU faults ("misaligned address")
+// where the address is not aligned to T, so the emulator records the first
+// such access of a launch (copying bytewise, as a CPU may fault too) and
+// fails the launch.
+template <typename T>
+bool aligned_for(const void* address) {
+  if (reinterpret_cast<std::uintptr_t>(address) % alignof(T) == 0) return true;
+  const void* none = nullptr;
+  emulator::misaligned.compare_exchange_strong(none, address);
+  return false;
+}
+
+template <typename T>
+T load_aligned(const void* address) {
+  if (aligned_for<T>(address)) return *static_cast<const T*>(address);
+  T value;
+  std::memcpy(&value, address, sizeof(T));
+  return value;
+}
+
+template <typename T>
+void store_aligned(void* address, const T& value) {
+  if (aligned_for<T>(address)) {
+    *static_cast<T*>(address) = value;
+  } else {
+    std::memcpy(address, &value, sizeof(T));
+  }
+}
 
 class DeviceScope {
  public:
@@ -101,6 +134,9 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
       }
     }
   }
+  const void* address = emulator::misaligned.exchange(nullptr);
+  TORCH_CHECK(address == nullptr, "cuda emulator: misaligned address ", address,
+              " (an access wider than the alignment of its address)");
 }
 
 }  // namespace cuda
