@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,26 @@ def test_sampler_resumes_mid_epoch_and_shards_cover_the_data():
     for s in shards:
         s.set_epoch(4)
     assert sorted(i for s in shards for i, _ in s) == sorted(i for i, _ in order)
+
+
+def test_resume_at_an_epoch_end_schedules_without_a_warning(tmp_path):
+    """Stopped after an epoch's last step, a resumed run's first act is that
+    epoch's schedule step, with no optimizer step in its process yet: the
+    steps were taken before the checkpoint, so PyTorch's warning about the
+    order does not apply."""
+    def stop_at_epoch_end(position):
+        if position.global_step == 6:  # epoch 1, step 6 of 6
+            signal.raise_signal(signal.SIGTERM)
+
+    whole = fit(tiny_config(tmp_path / "whole"))
+    assert fit(tiny_config(tmp_path / "split"), on_step=stop_at_epoch_end).stopped_by == "SIGTERM"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = fit(TrainConfig(resume=str(tmp_path / "split"), progress=False, threads=1))
+    assert resumed.stopped_by is None and resumed.position.global_step == 12
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+    assert_same_state(whole.model.state_dict(), resumed.model.state_dict())
+    assert comparable(read_records(tmp_path / "whole")) == comparable(read_records(tmp_path / "split"))
 
 
 def test_sigterm_to_the_cli_saves_and_exits_then_resume_finishes(tmp_path):

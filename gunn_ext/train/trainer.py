@@ -18,6 +18,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -352,7 +353,11 @@ class _Run:
             print(f"epoch {record['epoch']}/{self.config.epochs}: train loss {record['train_loss']:.4f} "
                   f"acc {record['train_acc']:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} | "
                   f"{record['images_per_s']:.0f} img/s", flush=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # Resumed after an epoch's last step, this process has taken no
+            # optimizer step yet: the epoch's steps ran before the checkpoint.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
         self.position = Position(epoch=position.epoch + 1, global_step=position.global_step)
         self._save("epoch")
         if self.config.plot and self.context.is_main:
