@@ -52,11 +52,15 @@ def environment_section(results: Path) -> list[str]:
             f"CUDA kernels {env.get('gunn_ext_cuda_kernels')}, CUDA graphs {env.get('cuda_graphs')}"]
 
 
+def read_steps(results: Path) -> list[tuple[str, str, str]]:
+    """(name, exit status, seconds) of every step, from ``steps.tsv``."""
+    steps = results / "steps.tsv"
+    return [tuple(row.split("\t")) for row in (steps.read_text().splitlines() if steps.exists() else [])]
+
+
 def steps_section(results: Path) -> list[str]:
     lines = ["## Steps", "", "| step | status | seconds |", "| --- | --- | --- |"]
-    steps = results / "steps.tsv"
-    for row in (steps.read_text().splitlines() if steps.exists() else []):
-        name, status, took = row.split("\t")
+    for name, status, took in read_steps(results):
         lines.append(f"| {name} | {STATUS.get(status, f'exit {status}')} | {took} |")
     return lines
 
@@ -186,9 +190,8 @@ def record_table(records: list[dict]) -> list[str]:
 
 def replay_section(results: Path) -> list[str]:
     paths = sorted(results.glob("replay_loop*.json"))
-    steps = results / "steps.tsv"
-    silent = [row.split("\t") for row in (steps.read_text().splitlines() if steps.exists() else [])
-              if row.startswith("replay_loop") and not (results / f"{row.split(chr(9))[0]}.json").exists()]
+    silent = [(name, status, took) for name, status, took in read_steps(results)
+              if name.startswith("replay_loop") and not (results / f"{name}.json").exists()]
     if not paths and not silent:
         return []
     lines = ["", "## Graph replay over a training loop (captures, replays and eager runs per op)", ""]
