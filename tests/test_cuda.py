@@ -66,12 +66,25 @@ def test_layouts(kind, layout):
 
 @pytest.mark.parametrize("shape", [(64, 48, 16, 16), (256, 12, 32, 32)], ids=["wide", "tall"])
 def test_large_batch(shape):
-    """Enough rows that the column reductions combine hundreds of chunk partials."""
+    """Enough rows that the column reductions combine hundreds of chunk partials.
+
+    At 262144 rows PyTorch's own float32 result is off by about 1e-3 (relative
+    norm of the input gradient), so both are judged against float64 truth. The
+    native op runs first and is synchronised alone, so a fault is its own."""
     batch, channels, height, width = shape
-    layer = make_layer(channels=channels, segments=4 if channels == 48 else 2, dtype=torch.float32,
-                       device="cuda")
-    x = torch.randn(*shape, device="cuda").to(memory_format=torch.channels_last)
-    run_and_compare(layer, twin(layer, "native"), x, train=True)
+    truth_layer = make_layer(channels=channels, segments=4 if channels == 48 else 2,
+                             dtype=torch.float64, device="cuda")
+    native = twin(truth_layer, "native").float()
+    x = torch.randn(*shape, device="cuda", dtype=torch.float64).to(memory_format=torch.channels_last)
+    grad = torch.randn_like(x)
+    ours = forward_backward(native, x.float(), grad.float())
+    torch.cuda.synchronize()
+    theirs = forward_backward(twin(truth_layer, "reference").float(), x.float(), grad.float())
+    expected = forward_backward(truth_layer, x, grad)
+    check_against_truth(ours, theirs, expected, torch.float32)
+    for (name, r), n in zip(truth_layer.named_buffers(), native.buffers()):
+        if r.is_floating_point():
+            assert relative_norm(n, r) <= LOW_PRECISION[torch.float32], f"buffer {name}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
