@@ -116,10 +116,15 @@ def test_blocks_of_small_units(emulated_op, kind, segments):
     run_and_compare(layer, emulated, x, train=False)
 
 
-def test_many_row_chunks(emulated_op):
-    """Enough rows that every column reduction combines several chunk partials."""
-    layer = make_layer(channels=6, segments=[1, 2, 3], expansion=1)
-    x = torch.randn(2, 6, 40, 45, dtype=torch.float64)
+@pytest.mark.parametrize("channels, segments, expansion, height", [(6, [1, 2, 3], 1, 40), (16, [8, 8], 2, 70)],
+                         ids=["narrow", "widest"])
+def test_many_row_chunks(emulated_op, channels, segments, expansion, height):
+    """Enough rows that every column reduction combines several chunk
+    partials; for the widest whole unit (8 channels, 16 in its bottleneck, 24
+    columns in its first statistics), enough that each thread of a combining
+    block takes more than one batch of chunks."""
+    layer = make_layer(channels=channels, segments=segments, expansion=expansion)
+    x = torch.randn(2, channels, height, 45 if height == 40 else height, dtype=torch.float64)
     run_and_compare(layer, Emulated(twin(layer, "reference"), emulated_op), x, train=True)
 
 

@@ -22,10 +22,11 @@
 // its neighbours rather than reading them back) fuse into the passes above.
 // Every column reduction is deterministic without atomics: block b reduces
 // the fixed row chunk b (a function of the shape only) into a partial, and
-// every block of the next launch combines the partials in chunk order before
-// it uses the totals; block 0 also stores them (the batch statistics and the
-// BN parameter gradients). input_grad's blocks split the combining of dW2's
-// and dW3's partials between them.
+// every block of the next launch combines the partials (all of its threads,
+// in an order fixed by the shape: combine_chunks) before it uses the totals;
+// block 0 also stores them (the batch statistics and the BN parameter
+// gradients). input_grad's blocks split the combining of dW2's and dW3's
+// partials between them.
 #include "column_kernels.cuh"
 #include "fused_kernels_cuda.h"
 
@@ -226,44 +227,70 @@ struct RowSums {
   }
 };
 
-// Chunk partials are combined by one thread per column, in chunk order. The
-// partials are in L2: loaded kChunkBatch at a time before any is used, their
-// latencies overlap instead of adding up, one per chunk.
+// Chunk partials are combined by the whole block: each of `cols` entries
+// gets kUnitThreads / lanes threads (lanes: the power of two >= cols), which
+// combine every lanes-th chunk in order and then meet in a fixed tree, so the
+// order depends only on the shape. A thread's chunks are in L2: loaded
+// kChunkBatch at a time before any is used, their latencies overlap instead
+// of adding up.
 constexpr int kChunkBatch = 8;
+// The same for the rows of a chunk that weight_sums walks.
+constexpr int kRowBatch = 8;
 
-// use(load(k)) for k = 0 .. count - 1, in that order.
-template <typename Load, typename Use>
-__device__ __forceinline__ void for_each_chunk(int64_t count, Load load, Use use) {
-  using Value = decltype(load(int64_t(0)));
-  for (int64_t k0 = 0; k0 < count; k0 += kChunkBatch) {
-    Value v[kChunkBatch];
+__device__ __forceinline__ int entry_lanes(int cols) {
+  int lanes = 1;
+  while (lanes < cols) lanes <<= 1;
+  return lanes;
+}
+
+// The total of load(e, k) over chunks k = 0 .. count - 1 of each entry
+// e < cols <= kUnitThreads, returned on thread e (identity elsewhere). smem
+// holds kUnitThreads states. All threads of the block must call it.
+template <typename State, typename Load, typename Combine>
+__device__ State combine_chunks(int cols, int64_t count, State identity, Load load, Combine combine,
+                                State* smem) {
+  const int tid = threadIdx.x, lanes = entry_lanes(cols), e = tid % lanes;
+  const int group = kUnitThreads / lanes;
+  State s = identity;
+  if (e < cols) {
+    for (int64_t k0 = tid / lanes; k0 < count; k0 += int64_t(kChunkBatch) * group) {
+      State v[kChunkBatch];
 #pragma unroll
-    for (int j = 0; j < kChunkBatch; ++j) {
-      if (k0 + j < count) v[j] = load(k0 + j);
-    }
+      for (int j = 0; j < kChunkBatch; ++j) {
+        const int64_t k = k0 + int64_t(j) * group;
+        if (k < count) v[j] = load(e, k);
+      }
 #pragma unroll
-    for (int j = 0; j < kChunkBatch; ++j) {
-      if (k0 + j < count) use(v[j]);
+      for (int j = 0; j < kChunkBatch; ++j) {
+        if (k0 + int64_t(j) * group < count) s = combine(s, v[j]);
+      }
     }
   }
+  smem[tid] = s;
+  __syncthreads();
+  for (int stride = kUnitThreads / 2; stride >= lanes; stride /= 2) {
+    if (tid < stride) smem[tid] = combine(smem[tid], smem[tid + stride]);
+    __syncthreads();
+  }
+  return tid < cols ? smem[tid] : identity;
 }
 
 // Mean and biased variance of `cols` columns from the chunks' moment
-// partials, in chunk order, into mean[] and var[] (shared); block 0 also
-// stores them in out. The caller synchronises before reading them.
+// partials, into mean[] and var[] (shared); block 0 also stores them in out.
+// All threads of the block must call it; the caller synchronises before
+// reading them.
 template <typename acc_t>
 __device__ void combine_moments(const acc_t* partials, int cols, const Chunks& chunks, acc_t* mean,
-                                acc_t* var, const NormRun<acc_t>& out) {
-  const int c = threadIdx.x;
-  if (c >= cols) return;
-  Welford<acc_t> s{0, 0, 0};
-  for_each_chunk(
-      chunks.count,
-      [&](int64_t k) {
+                                acc_t* var, const NormRun<acc_t>& out, Welford<acc_t>* smem) {
+  const Welford<acc_t> s = combine_chunks(
+      cols, chunks.count, Welford<acc_t>{0, 0, 0},
+      [&](int c, int64_t k) {
         const acc_t* p = partials + k * 2 * cols + 2 * c;
         return Welford<acc_t>{p[0], p[1], chunks.end(k) - chunks.begin(k)};
       },
-      [&](const Welford<acc_t>& w) { s = WelfordCombine<acc_t>{}(s, w); });
+      WelfordCombine<acc_t>{}, smem);
+  const int c = threadIdx.x;
+  if (c >= cols) return;
   mean[c] = s.mean;
   var[c] = s.m2 / static_cast<acc_t>(s.n);
   if (blockIdx.x == 0) {
@@ -276,17 +303,16 @@ __device__ void combine_moments(const acc_t* partials, int cols, const Chunks& c
 // the norm's parameter gradients.
 template <typename acc_t>
 __device__ void combine_sums(const acc_t* partials, int cols, int64_t chunks, Sums<acc_t>* sums,
-                             const NormRun<acc_t>& grads) {
-  const int c = threadIdx.x;
-  if (c >= cols) return;
-  Sums<acc_t> s{0, 0};
-  for_each_chunk(
-      chunks,
-      [&](int64_t k) {
+                             const NormRun<acc_t>& grads, Sums<acc_t>* smem) {
+  const Sums<acc_t> s = combine_chunks(
+      cols, chunks, Sums<acc_t>{0, 0},
+      [&](int c, int64_t k) {
         const acc_t* p = partials + k * 2 * cols + 2 * c;
         return Sums<acc_t>{p[0], p[1]};
       },
-      [&](const Sums<acc_t>& v) { s = AddSums<acc_t>{}(s, v); });
+      AddSums<acc_t>{}, smem);
+  const int c = threadIdx.x;
+  if (c >= cols) return;
   sums[c] = s;
   if (blockIdx.x == 0) {
     grads.bias[c] = s.dy;
@@ -345,7 +371,7 @@ __global__ void __launch_bounds__(kUnitThreads)
     taps[(t * mid + ci) * mid + co] = static_cast<acc_t>(u.w2[k]);
   }
   if (compute_stats) {
-    combine_moments(u.work + u.layout.first, cols, u.chunks, mean, var, u.first);
+    combine_moments(u.work + u.layout.first, cols, u.chunks, mean, var, u.first, smem);
   } else if (tid < cols) {
     mean[tid] = u.first.mean[tid];
     var[tid] = u.first.var[tid];
@@ -390,7 +416,7 @@ __global__ void __launch_bounds__(kUnitThreads)
   const int n = u.n, mid = u.mid, tid = threadIdx.x;
   for (int k = tid; k < n * mid; k += kUnitThreads) w3[k] = static_cast<acc_t>(u.w3[k]);
   if (compute_stats) {
-    combine_moments(u.work + u.layout.second, mid, u.chunks, mean, var, u.bn2);
+    combine_moments(u.work + u.layout.second, mid, u.chunks, mean, var, u.bn2, smem);
   } else if (tid < mid) {
     mean[tid] = u.bn2.mean[tid];
     var[tid] = u.bn2.var[tid];
@@ -423,9 +449,10 @@ __global__ void __launch_bounds__(kUnitThreads)
   using acc_t = acc_type<scalar_t>;
   __shared__ acc_t mean[kMaxMid], var[kMaxMid];
   __shared__ BNChannel<acc_t> bn3[kMaxMid], shortcut[kMaxMid];
+  __shared__ Welford<acc_t> smem[kUnitThreads];
   const int n = u.n, tid = threadIdx.x;
   if (compute_stats) {
-    combine_moments(u.work + u.layout.third, n, u.chunks, mean, var, u.bn3);
+    combine_moments(u.work + u.layout.third, n, u.chunks, mean, var, u.bn3, smem);
   } else if (tid < n) {
     mean[tid] = u.bn3.mean[tid];
     var[tid] = u.bn3.var[tid];
@@ -492,9 +519,9 @@ __global__ void __launch_bounds__(kUnitThreads)
   __shared__ Sums<acc_t> smem[kUnitThreads];
   const int n = u.n, mid = u.mid, tid = threadIdx.x;
   for (int k = tid; k < n * mid; k += kUnitThreads) w3[k] = static_cast<acc_t>(u.w3[k]);
-  combine_sums(u.work + u.layout.out_sums, n, u.chunks.count, sums3, u.grad_bn3);
+  combine_sums(u.work + u.layout.out_sums, n, u.chunks.count, sums3, u.grad_bn3, smem);
   if (u.skip) combine_sums(u.work + u.layout.shortcut_sums, n, u.chunks.count, shortcut_sums,
-                             u.grad_shortcut);
+                             u.grad_shortcut, smem);
   if (tid < n) bn3[tid] = u.bn3.channel(tid);
   if (tid < mid) bn2[tid] = u.bn2.channel(tid);
   __syncthreads();
@@ -532,7 +559,7 @@ __global__ void __launch_bounds__(kUnitThreads) unit_conv_grad_kernel(UnitArgs<s
     const int t = k % 9, ci = (k / 9) % mid, co = k / (9 * mid);
     taps[(t * mid + co) * mid + ci] = static_cast<acc_t>(u.w2[k]);
   }
-  combine_sums(u.work + u.layout.bn2_sums, mid, u.chunks.count, sums2, u.grad_bn2);
+  combine_sums(u.work + u.layout.bn2_sums, mid, u.chunks.count, sums2, u.grad_bn2, smem);
   if (tid < mid) {
     bn2[tid] = u.bn2.channel(tid);
     bn1[tid] = u.bn1.channel(tid);
@@ -576,17 +603,35 @@ __global__ void __launch_bounds__(kUnitThreads) unit_weight_sums_kernel(UnitArgs
   const int k = blockIdx.y * kUnitThreads + threadIdx.x;
   if (k >= total) return;
   const int64_t begin = u.chunks.begin(blockIdx.x), end = u.chunks.end(blockIdx.x);
+  // The chunk's rows in order, kRowBatch pairs of operands loaded before any
+  // is used (one memory latency per batch, not per row).
   acc_t acc = 0;
+  acc_t a[kRowBatch], b[kRowBatch];
   if (k < convs) {
     const int t = k % 9, ci = (k / 9) % mid, co = k / (9 * mid);
-    for (Pixel here = u.image.at(begin); here.p < end; here = u.image.next(here)) {
-      const int64_t q = u.image.shifted(here, t / 3 - 1, t % 3 - 1);
-      if (q >= 0) acc += static_cast<acc_t>(u.d2[here.p * mid + co]) * static_cast<acc_t>(u.act1[q * mid + ci]);
+    Pixel here = u.image.at(begin);
+    while (here.p < end) {
+      int m = 0;
+      for (; m < kRowBatch && here.p < end; ++m, here = u.image.next(here)) {
+        const int64_t q = u.image.shifted(here, t / 3 - 1, t % 3 - 1);
+        if (q < 0) {
+          a[m] = b[m] = 0;  // outside the image: no term (acc + 0 * 0 == acc)
+          continue;
+        }
+        a[m] = static_cast<acc_t>(u.d2[here.p * mid + co]);
+        b[m] = static_cast<acc_t>(u.act1[q * mid + ci]);
+      }
+      for (int i = 0; i < m; ++i) acc += a[i] * b[i];
     }
   } else {
     const int o = (k - convs) / mid, j = (k - convs) % mid;
-    for (int64_t p = begin; p < end; ++p) {
-      acc += static_cast<acc_t>(u.d3[p * u.n + o]) * static_cast<acc_t>(u.act2[p * mid + j]);
+    for (int64_t p0 = begin; p0 < end; p0 += kRowBatch) {
+      const int m = end - p0 < kRowBatch ? static_cast<int>(end - p0) : kRowBatch;
+      for (int i = 0; i < m; ++i) {
+        a[i] = static_cast<acc_t>(u.d3[(p0 + i) * u.n + o]);
+        b[i] = static_cast<acc_t>(u.act2[(p0 + i) * mid + j]);
+      }
+      for (int i = 0; i < m; ++i) acc += a[i] * b[i];
     }
   }
   u.work[u.layout.weights + int64_t(blockIdx.x) * total + k] = acc;
@@ -599,23 +644,28 @@ __global__ void __launch_bounds__(kUnitThreads)
   using acc_t = acc_type<scalar_t>;
   __shared__ Sums<acc_t> sums1[kMaxMid], sums_sc[kMaxMid];
   __shared__ BNChannel<acc_t> bn1[kMaxMid], shortcut[kMaxMid];
+  __shared__ Sums<acc_t> smem[kUnitThreads];
+  __shared__ acc_t weight_smem[kUnitThreads];
   const int n = u.n, mid = u.mid, tid = threadIdx.x;
-  combine_sums(u.work + u.layout.bn1_sums, mid, u.chunks.count, sums1, u.grad_bn1);
+  combine_sums(u.work + u.layout.bn1_sums, mid, u.chunks.count, sums1, u.grad_bn1, smem);
   if (tid < mid) bn1[tid] = u.bn1.channel(tid);
   if (u.skip && tid < n) {
     shortcut[tid] = u.shortcut.channel(tid);
     sums_sc[tid] = {u.grad_shortcut.bias[tid], u.grad_shortcut.weight[tid]};
   }
   __syncthreads();
-  // This block's share of the weight gradients, each summed in chunk order.
+  // This block's share of the weight gradients, each combined over the chunks.
   const int convs = 9 * mid * mid, total = convs + n * mid;
   const int share = (total + gridDim.x - 1) / gridDim.x;
-  const int end = min(total, int(blockIdx.x + 1) * share);
-  for (int k = blockIdx.x * share + tid; k < end; k += kUnitThreads) {
-    acc_t sum = 0;
-    for_each_chunk(
-        u.chunks.count, [&](int64_t c) { return u.work[u.layout.weights + c * total + k]; },
-        [&](acc_t v) { sum += v; });
+  const int first = min(total, int(blockIdx.x) * share), last = min(total, first + share);
+  for (int e0 = first; e0 < last; e0 += kUnitThreads) {
+    const int cols = min(kUnitThreads, last - e0);
+    const acc_t sum = combine_chunks(
+        cols, u.chunks.count, acc_t(0),
+        [&](int e, int64_t c) { return u.work[u.layout.weights + c * total + e0 + e]; },
+        [](acc_t a, acc_t b) { return a + b; }, weight_smem);
+    const int k = e0 + tid;
+    if (tid >= cols) continue;
     if (k < convs) grad_w2[k] = static_cast<scalar_t>(sum);
     else grad_w3[k - convs] = static_cast<scalar_t>(sum);
   }
