@@ -35,10 +35,12 @@ namespace cuda {
 namespace {
 
 constexpr int kUnitThreads = 128;
-// Each row chunk gives every thread about this many rows; at most
-// kUnitMaxChunks chunks (partials each consumer block combines).
-constexpr int kUnitRowsPerThread = 2;
-constexpr int64_t kUnitMaxChunks = 256;
+// Each row chunk gives every thread about this many rows (one thread per row
+// up to 65536 rows: a unit's arithmetic per row is serial in its thread, so
+// the rows are spread as widely as the chunks allow); at most kUnitMaxChunks
+// chunks (partials each consumer block combines, a share per thread).
+constexpr int kUnitRowsPerThread = 1;
+constexpr int64_t kUnitMaxChunks = 512;
 // The widest unit: mid (and so n) at most the direct 3x3's channels.
 constexpr int kMaxMid = static_cast<int>(kConvMaxChannels);
 constexpr int kMaxFirst = 2 * kMaxMid;  // the shortcut's n and bn1's mid
