@@ -86,15 +86,15 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
   # every variant the benchmarks will launch in parallel processes first (batch
   # 16 specialises like batch 64), so the timed steps load them from the cache.
   WARM=""
-  SPECS=("${SHAPES[0]} float32 train" "${SHAPES[2]} float32 train" "${SHAPES[2]} float32 eval"
-         "${SHAPES[0]} bfloat16 train" "${SHAPES[1]} float32 train")
+  SPECS=("${SHAPES[0]} float32 train" "${SHAPES[2]} float32 train" "${SHAPES[0]} float32 train --tf32"
+         "${SHAPES[2]} float32 eval" "${SHAPES[0]} bfloat16 train" "${SHAPES[1]} float32 train")
   for segments in ${SWEEP_SEGMENTS//,/ }; do
     (( segments != 20 )) && SPECS+=("sweep $segments 240 32 float32 train")
   done
   for spec in "${SPECS[@]}"; do
-    read -r _ segments channels size dtype mode <<< "$spec"
+    read -r _ segments channels size dtype mode extra <<< "$spec"
     WARM+="\"$PYTHON\" \"$ROOT/benchmarks/seq_update.py\" --backends triton --no-compile --segments $segments"
-    WARM+=" --channels $channels --size $size --batch 16 --dtype $dtype --mode $mode --device cuda"
+    WARM+=" --channels $channels --size $size --batch 16 --dtype $dtype --mode $mode --device cuda ${extra:-}"
     WARM+=" --repeats 1 --warmup 0 & "
   done
   # The replay loop's own calls: GUNN-15's layers at its training and evaluation batches.
@@ -141,7 +141,7 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
       --json "$RESULTS/bench_${name}_${dtype}$SUFFIX.json"
   }
   # fp32 at 240/20 32x32 and 360/30 8x8 on every backend (the first run
-  # autotunes the Triton kernels), P = N, the kernel profile (also at P = 40
+  # autotunes the Triton kernels), 240/20 in TF32, P = N, the kernel profile (also at P = 40
   # and P = N), graph replay over a training loop, the diagnosis of a test
   # that lost the CUDA context, eval, a GUNN-15 training step, the segment
   # sweep, the Triton tests, bf16, the 300/25 shape, graph replay off;
@@ -149,6 +149,10 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
   SUFFIX=""
   bench_shape float32 "${SHAPES[0]}" 60 "${BENCH[@]}" --no-compile
   bench_shape float32 "${SHAPES[2]}" 40 "${BENCH[@]}" --no-compile
+  # The same 240/20 with every float32 product in TF32, as the reference's convolutions already are.
+  SUFFIX="_tf32"
+  bench_shape float32 "${SHAPES[0]}" 40 "${BENCH[@]}" --no-compile --tf32
+  SUFFIX=""
   run_step bench_PeqN_float32 50 "${BENCH[@]}" --no-compile --backends reference,native --segments 240 \
     --channels 240 --size 32 --batch 64 --dtype float32 --device cuda --repeats 10 --warmup 8 \
     --json "$RESULTS/bench_PeqN_float32.json"

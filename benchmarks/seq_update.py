@@ -105,6 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "default: every available backend and compile")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="leave out torch.compile of the reference (minutes on a CPU)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="float32 products in TF32 in every backend (torch.set_float32_matmul_precision"
+                             "('high'): the native op's GEMMs and the Triton kernels' dots), as PyTorch's "
+                             "convolutions, the reference's, are by default (torch.backends.cudnn.allow_tf32)")
     parser.add_argument("--repeats", type=positive_int, help="default: 20 on CPU, 100 on GPU")
     parser.add_argument("--warmup", type=int, help="default: 3 on CPU, 10 on GPU")
     parser.add_argument("--seed", type=int, default=0)
@@ -504,6 +508,25 @@ def run_backends(args: argparse.Namespace) -> tuple[list[Result], Workload]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    with tf32_products(args.tf32):
+        return _run(args)
+
+
+@contextlib.contextmanager
+def tf32_products(enabled: bool):
+    """Within: float32 matrix products and convolutions in TF32, if ``enabled``."""
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    if enabled:
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+def _run(args: argparse.Namespace) -> dict:
     console = Console(width=None if sys.stdout.isatty() else 160)
     info = machine_info(args.device)
     warn_if_busy(info)

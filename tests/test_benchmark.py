@@ -42,6 +42,31 @@ def test_seq_update_measures_every_backend_and_reports_failures(monkeypatch, tmp
         assert 2 * input_bytes <= results["native"]["memory"]["saved_bytes"] < 3 * input_bytes
 
 
+def test_seq_update_tf32_is_scoped_to_the_run(monkeypatch):
+    """--tf32 puts every backend's float32 products in TF32 for the run and
+    restores PyTorch's settings afterwards (main() is also called in-process)."""
+    import torch
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import seq_update
+
+    seen = []
+    real_run = seq_update._run
+    monkeypatch.setattr(seq_update, "_run", lambda args: seen.append(
+        (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)) or real_run(args))
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = False
+        report = seq_update.main(["--segments", "2", "--channels", "4", "--size", "3", "--batch", "2",
+                                  "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                                  "--backends", "reference,native", "--no-compile", "--tf32"])
+        assert seen == [("high", True)]
+        assert report["args"]["tf32"] is True
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == (before[0], False)
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+
+
 def run_gpu_check_programs(results: Path, backends: list[str]) -> tuple[dict, dict]:
     """The sweep and the profile at tiny sizes, written where gpu_check.sh puts them."""
     import profile_ops
