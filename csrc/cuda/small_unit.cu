@@ -183,11 +183,14 @@ struct RowMoments {
 
   __device__ void clear(int cols) {
     n = 0;
-    for (int c = 0; c < cols; ++c) mean[c] = m2[c] = 0;
+#pragma unroll
+    for (int c = 0; c < C; ++c) mean[c] = m2[c] = 0;
   }
   __device__ void add(const acc_t* v, int cols) {
     ++n;
-    for (int c = 0; c < cols; ++c) {
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      if (c >= cols) break;
       const acc_t delta = v[c] - mean[c];
       mean[c] += delta / static_cast<acc_t>(n);
       m2[c] += delta * (v[c] - mean[c]);
@@ -195,7 +198,9 @@ struct RowMoments {
   }
   // The block's moments of each column to partials[chunk][2 c + (0: mean, 1: m2)].
   __device__ void store(int cols, Welford<acc_t>* smem, acc_t* partials) const {
-    for (int c = 0; c < cols; ++c) {
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      if (c >= cols) break;
       const Welford<acc_t> t = block_total(Welford<acc_t>{mean[c], m2[c], n}, smem, WelfordCombine<acc_t>{});
       if (threadIdx.x == 0) {
         partials[blockIdx.x * 2 * cols + 2 * c] = t.mean;
@@ -211,7 +216,8 @@ struct RowSums {
   Sums<acc_t> s[C];
 
   __device__ void clear(int cols) {
-    for (int c = 0; c < cols; ++c) s[c] = {0, 0};
+#pragma unroll
+    for (int c = 0; c < C; ++c) s[c] = {0, 0};
   }
   __device__ void add(int c, acc_t dy, acc_t xhat) {
     s[c].dy += dy;
@@ -219,7 +225,9 @@ struct RowSums {
   }
   // The block's sums of each column to partials[chunk][2 c + (0: dy, 1: dy xhat)].
   __device__ void store(int cols, Sums<acc_t>* smem, acc_t* partials) const {
-    for (int c = 0; c < cols; ++c) {
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      if (c >= cols) break;
       const Sums<acc_t> t = block_total(s[c], smem, AddSums<acc_t>{});
       if (threadIdx.x == 0) {
         partials[blockIdx.x * 2 * cols + 2 * c] = t.dy;
@@ -359,18 +367,20 @@ __global__ void __launch_bounds__(kUnitThreads)
   if (compute_stats) m.store(cols, smem, u.work + u.layout.first);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kMid>
 __global__ void __launch_bounds__(kUnitThreads)
     unit_conv_kernel(UnitArgs<scalar_t> u, bool compute_stats) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ acc_t taps[9 * kMaxMid * kMaxMid];  // [t][ci][co]
+  __shared__ acc_t taps[9 * kMid * kMid];  // [t][ci][co], zero for co >= mid
   __shared__ acc_t mean[kMaxFirst], var[kMaxFirst];
   __shared__ BNChannel<acc_t> bn1[kMaxMid];
   __shared__ Welford<acc_t> smem[kUnitThreads];
   const int mid = u.mid, cols = u.skip + mid, tid = threadIdx.x;
+  for (int k = tid; k < 9 * kMid * kMid; k += kUnitThreads) taps[k] = 0;
+  __syncthreads();
   for (int k = tid; k < 9 * mid * mid; k += kUnitThreads) {
     const int t = k % 9, ci = (k / 9) % mid, co = k / (9 * mid);
-    taps[(t * mid + ci) * mid + co] = static_cast<acc_t>(u.w2[k]);
+    taps[(t * kMid + ci) * kMid + co] = static_cast<acc_t>(u.w2[k]);
   }
   if (compute_stats) {
     combine_moments(u.work + u.layout.first, cols, u.chunks, mean, var, u.first, smem);
@@ -381,24 +391,31 @@ __global__ void __launch_bounds__(kUnitThreads)
   __syncthreads();
   if (tid < mid) bn1[tid] = u.bn1.channel(tid, mean[u.skip + tid], var[u.skip + tid]);
   __syncthreads();
-  RowMoments<acc_t, kMaxMid> m;
+  RowMoments<acc_t, kMid> m;
   m.clear(mid);
   for (int64_t p = u.row_begin(); p < u.row_end(); p += kUnitThreads) {
-    acc_t acc[kMaxMid];
-    for (int co = 0; co < mid; ++co) acc[co] = 0;
+    acc_t acc[kMid];
+#pragma unroll
+    for (int co = 0; co < kMid; ++co) acc[co] = 0;
     const Pixel here = u.image.at(p);
+#pragma unroll 1
     for (int t = 0; t < 9; ++t) {
       const int64_t q = u.image.shifted(here, t / 3 - 1, t % 3 - 1);
       if (q < 0) continue;
       const scalar_t* in = u.pre1 + q * u.ld1 + u.skip;
-      const acc_t* tap = taps + t * mid * mid;
-      for (int ci = 0; ci < mid; ++ci) {
+      const acc_t* tap = taps + t * kMid * kMid;
+#pragma unroll
+      for (int ci = 0; ci < kMid; ++ci) {
+        if (ci >= mid) break;
         const acc_t a = rounded<scalar_t>(relu(bn1[ci].apply(static_cast<acc_t>(in[ci]))));
         if (t == 4) u.act1[p * mid + ci] = static_cast<scalar_t>(a);
-        for (int co = 0; co < mid; ++co) acc[co] += a * tap[ci * mid + co];
+#pragma unroll
+        for (int co = 0; co < kMid; ++co) acc[co] += a * tap[ci * kMid + co];
       }
     }
-    for (int co = 0; co < mid; ++co) {
+#pragma unroll
+    for (int co = 0; co < kMid; ++co) {
+      if (co >= mid) break;
       acc[co] = rounded<scalar_t>(acc[co]);
       u.pre2[p * mid + co] = static_cast<scalar_t>(acc[co]);
     }
@@ -549,17 +566,19 @@ __global__ void __launch_bounds__(kUnitThreads)
   s2.store(mid, smem, u.work + u.layout.bn2_sums);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kMid>
 __global__ void __launch_bounds__(kUnitThreads) unit_conv_grad_kernel(UnitArgs<scalar_t> u) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ acc_t taps[9 * kMaxMid * kMaxMid];  // [t][co][ci]
+  __shared__ acc_t taps[9 * kMid * kMid];  // [t][co][ci], zero for ci >= mid
   __shared__ Sums<acc_t> sums2[kMaxMid];
   __shared__ BNChannel<acc_t> bn2[kMaxMid], bn1[kMaxMid];
   __shared__ Sums<acc_t> smem[kUnitThreads];
   const int mid = u.mid, tid = threadIdx.x;
+  for (int k = tid; k < 9 * kMid * kMid; k += kUnitThreads) taps[k] = 0;
+  __syncthreads();
   for (int k = tid; k < 9 * mid * mid; k += kUnitThreads) {
     const int t = k % 9, ci = (k / 9) % mid, co = k / (9 * mid);
-    taps[(t * mid + co) * mid + ci] = static_cast<acc_t>(u.w2[k]);
+    taps[(t * kMid + co) * kMid + ci] = static_cast<acc_t>(u.w2[k]);
   }
   combine_sums(u.work + u.layout.bn2_sums, mid, u.chunks.count, sums2, u.grad_bn2, smem);
   if (tid < mid) {
@@ -567,27 +586,34 @@ __global__ void __launch_bounds__(kUnitThreads) unit_conv_grad_kernel(UnitArgs<s
     bn1[tid] = u.bn1.channel(tid);
   }
   __syncthreads();
-  RowSums<acc_t, kMaxMid> s1;
+  RowSums<acc_t, kMid> s1;
   s1.clear(mid);
   for (int64_t p = u.row_begin(); p < u.row_end(); p += kUnitThreads) {
-    acc_t acc[kMaxMid];
-    for (int ci = 0; ci < mid; ++ci) acc[ci] = 0;
+    acc_t acc[kMid];
+#pragma unroll
+    for (int ci = 0; ci < kMid; ++ci) acc[ci] = 0;
     const Pixel here = u.image.at(p);
+#pragma unroll 1
     for (int t = 0; t < 9; ++t) {
       const int64_t q = u.image.shifted(here, 1 - t / 3, 1 - t % 3);
       if (q < 0) continue;
-      const acc_t* tap = taps + t * mid * mid;
-      for (int co = 0; co < mid; ++co) {
+      const acc_t* tap = taps + t * kMid * kMid;
+#pragma unroll
+      for (int co = 0; co < kMid; ++co) {
+        if (co >= mid) break;
         const acc_t x = static_cast<acc_t>(u.pre2[q * mid + co]);
         const acc_t dy = relu_backward(static_cast<acc_t>(u.d_act2[q * mid + co]), bn2[co].apply(x), true);
         const acc_t d = rounded<scalar_t>(bn_input_grad(bn2[co], dy, x, u.training,
                                                         u.mean_of(sums2[co].dy),
                                                         u.mean_of(sums2[co].dy_xhat)));
         if (t == 4) u.d2[p * mid + co] = static_cast<scalar_t>(d);
-        for (int ci = 0; ci < mid; ++ci) acc[ci] += d * tap[co * mid + ci];
+#pragma unroll
+        for (int ci = 0; ci < kMid; ++ci) acc[ci] += d * tap[co * kMid + ci];
       }
     }
-    for (int ci = 0; ci < mid; ++ci) {
+#pragma unroll
+    for (int ci = 0; ci < kMid; ++ci) {
+      if (ci >= mid) break;
       const acc_t da = rounded<scalar_t>(acc[ci]);
       u.d_act1[p * mid + ci] = static_cast<scalar_t>(da);
       const acc_t x = static_cast<acc_t>(u.pre1[p * u.ld1 + u.skip + ci]);
@@ -688,6 +714,18 @@ __global__ void __launch_bounds__(kUnitThreads)
   }
 }
 
+// body(std::integral_constant<int, W>{}) for the unit width W (2, 4, 8 or 16)
+// that holds mid: the 3x3 kernels' per-row loops run over W columns, so a
+// row's accumulators live in registers, not in local memory.
+template <typename Body>
+void with_unit_width(int mid, Body&& body) {
+  static_assert(kMaxMid == 16, "the unit widths below cover mid <= 16");
+  if (mid <= 2) body(std::integral_constant<int, 2>{});
+  else if (mid <= 4) body(std::integral_constant<int, 4>{});
+  else if (mid <= 8) body(std::integral_constant<int, 8>{});
+  else body(std::integral_constant<int, 16>{});
+}
+
 template <typename scalar_t>
 UnitArgs<scalar_t> unit_args(const SmallUnit& u) {
   using acc_t = acc_type<scalar_t>;
@@ -764,7 +802,10 @@ void unit_forward_cuda(const SmallUnit& unit, bool compute_stats, UnitMatrix tar
     if (compute_stats || a.columns > 0) {
       launch(unit_first_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a, compute_stats);
     }
-    launch(unit_conv_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a, compute_stats);
+    with_unit_width(a.mid, [&](auto width) {
+      launch(unit_conv_kernel<scalar_t, decltype(width)::value>, grid, kUnitThreads, 0,
+             scope.stream(), a, compute_stats);
+    });
     launch(unit_head_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a, compute_stats);
     if (compute_stats || target.data != nullptr) {
       launch(unit_residual_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a,
@@ -792,7 +833,10 @@ void unit_backward_cuda(const SmallUnit& unit, UnitMatrix grad_unit, UnitMatrix 
     launch(unit_out_sums_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a, grad,
            grad_unit.ld);
     launch(unit_out_grad_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a);
-    launch(unit_conv_grad_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a);
+    with_unit_width(a.mid, [&](auto width) {
+      launch(unit_conv_grad_kernel<scalar_t, decltype(width)::value>, grid, kUnitThreads, 0,
+             scope.stream(), a);
+    });
     launch(unit_weight_sums_kernel<scalar_t>, weight_grid, kUnitThreads, 0, scope.stream(), a);
     launch(unit_input_grad_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a,
            static_cast<scalar_t*>(d1.data), d1.ld,
