@@ -424,7 +424,7 @@ __global__ void __launch_bounds__(kUnitThreads)
   if (compute_stats) m.store(mid, smem, u.work + u.layout.second);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kMid>
 __global__ void __launch_bounds__(kUnitThreads)
     unit_head_kernel(UnitArgs<scalar_t> u, bool compute_stats) {
   using acc_t = acc_type<scalar_t>;
@@ -443,17 +443,25 @@ __global__ void __launch_bounds__(kUnitThreads)
   __syncthreads();
   if (tid < mid) bn2[tid] = u.bn2.channel(tid, mean[tid], var[tid]);
   __syncthreads();
-  RowMoments<acc_t, kMaxMid> m;
+  RowMoments<acc_t, kMid> m;
   m.clear(n);
   for (int64_t p = u.row_begin(); p < u.row_end(); p += kUnitThreads) {
-    acc_t a[kMaxMid], out[kMaxMid];
-    for (int k = 0; k < mid; ++k) {
+    acc_t a[kMid], out[kMid];
+#pragma unroll
+    for (int k = 0; k < kMid; ++k) {
+      if (k >= mid) break;
       a[k] = rounded<scalar_t>(relu(bn2[k].apply(static_cast<acc_t>(u.pre2[p * mid + k]))));
       u.act2[p * mid + k] = static_cast<scalar_t>(a[k]);
     }
-    for (int o = 0; o < n; ++o) {
+#pragma unroll
+    for (int o = 0; o < kMid; ++o) {
+      if (o >= n) break;
       acc_t sum = 0;
-      for (int k = 0; k < mid; ++k) sum += a[k] * w3[o * mid + k];
+#pragma unroll
+      for (int k = 0; k < kMid; ++k) {
+        if (k >= mid) break;
+        sum += a[k] * w3[o * mid + k];
+      }
       out[o] = rounded<scalar_t>(sum);
       u.pre3[p * n + o] = static_cast<scalar_t>(out[o]);
     }
@@ -493,7 +501,7 @@ __global__ void __launch_bounds__(kUnitThreads)
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kMid>
 __global__ void __launch_bounds__(kUnitThreads)
     unit_out_sums_kernel(UnitArgs<scalar_t> u, const scalar_t* grad, int64_t ld_grad) {
   using acc_t = acc_type<scalar_t>;
@@ -505,11 +513,13 @@ __global__ void __launch_bounds__(kUnitThreads)
     if (u.skip) shortcut[tid] = u.shortcut.channel(tid);
   }
   __syncthreads();
-  RowSums<acc_t, kMaxMid> s3, sc;
+  RowSums<acc_t, kMid> s3, sc;
   s3.clear(n);
   sc.clear(n);
   for (int64_t p = u.row_begin(); p < u.row_end(); p += kUnitThreads) {
-    for (int o = 0; o < n; ++o) {
+#pragma unroll
+    for (int o = 0; o < kMid; ++o) {
+      if (o >= n) break;
       acc_t dy = static_cast<acc_t>(grad[p * ld_grad + o]);
       if (u.later > 0) {
         acc_t sum = 0;
@@ -528,7 +538,7 @@ __global__ void __launch_bounds__(kUnitThreads)
   if (u.skip) sc.store(n, smem, u.work + u.layout.shortcut_sums);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kMid>
 __global__ void __launch_bounds__(kUnitThreads)
     unit_out_grad_kernel(UnitArgs<scalar_t> u) {
   using acc_t = acc_type<scalar_t>;
@@ -544,19 +554,27 @@ __global__ void __launch_bounds__(kUnitThreads)
   if (tid < n) bn3[tid] = u.bn3.channel(tid);
   if (tid < mid) bn2[tid] = u.bn2.channel(tid);
   __syncthreads();
-  RowSums<acc_t, kMaxMid> s2;
+  RowSums<acc_t, kMid> s2;
   s2.clear(mid);
   for (int64_t p = u.row_begin(); p < u.row_end(); p += kUnitThreads) {
-    acc_t d3[kMaxMid];
-    for (int o = 0; o < n; ++o) {
+    acc_t d3[kMid];
+#pragma unroll
+    for (int o = 0; o < kMid; ++o) {
+      if (o >= n) break;
       d3[o] = rounded<scalar_t>(bn_input_grad(
           bn3[o], static_cast<acc_t>(u.g[p * u.ldg + o]), static_cast<acc_t>(u.pre3[p * n + o]),
           u.training, u.mean_of(sums3[o].dy), u.mean_of(sums3[o].dy_xhat)));
       u.d3[p * n + o] = static_cast<scalar_t>(d3[o]);
     }
-    for (int k = 0; k < mid; ++k) {
+#pragma unroll
+    for (int k = 0; k < kMid; ++k) {
+      if (k >= mid) break;
       acc_t sum = 0;
-      for (int o = 0; o < n; ++o) sum += d3[o] * w3[o * mid + k];
+#pragma unroll
+      for (int o = 0; o < kMid; ++o) {
+        if (o >= n) break;
+        sum += d3[o] * w3[o * mid + k];
+      }
       const acc_t da = rounded<scalar_t>(sum);
       u.d_act2[p * mid + k] = static_cast<scalar_t>(da);
       const acc_t x = static_cast<acc_t>(u.pre2[p * mid + k]);
@@ -715,8 +733,9 @@ __global__ void __launch_bounds__(kUnitThreads)
 }
 
 // body(std::integral_constant<int, W>{}) for the unit width W (2, 4, 8 or 16)
-// that holds mid: the 3x3 kernels' per-row loops run over W columns, so a
-// row's accumulators live in registers, not in local memory.
+// that holds mid: the kernels templated on it (conv, head, out_sums, out_grad,
+// conv_grad) run their per-row loops over W columns, so a row's accumulators
+// live in registers, not in local memory.
 template <typename Body>
 void with_unit_width(int mid, Body&& body) {
   static_assert(kMaxMid == 16, "the unit widths below cover mid <= 16");
@@ -799,18 +818,18 @@ void unit_forward_cuda(const SmallUnit& unit, bool compute_stats, UnitMatrix tar
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, unit.dtype, "unit_forward_cuda", [&] {
     const UnitArgs<scalar_t> a = unit_args<scalar_t>(unit);
     const dim3 grid(static_cast<unsigned>(a.chunks.count));
-    if (compute_stats || a.columns > 0) {
-      launch(unit_first_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a, compute_stats);
-    }
     with_unit_width(a.mid, [&](auto width) {
-      launch(unit_conv_kernel<scalar_t, decltype(width)::value>, grid, kUnitThreads, 0,
-             scope.stream(), a, compute_stats);
+      constexpr int W = decltype(width)::value;
+      if (compute_stats || a.columns > 0) {
+        launch(unit_first_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a, compute_stats);
+      }
+      launch(unit_conv_kernel<scalar_t, W>, grid, kUnitThreads, 0, scope.stream(), a, compute_stats);
+      launch(unit_head_kernel<scalar_t, W>, grid, kUnitThreads, 0, scope.stream(), a, compute_stats);
+      if (compute_stats || target.data != nullptr) {
+        launch(unit_residual_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a,
+               compute_stats, static_cast<scalar_t*>(target.data), target.ld);
+      }
     });
-    launch(unit_head_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a, compute_stats);
-    if (compute_stats || target.data != nullptr) {
-      launch(unit_residual_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a,
-             compute_stats, static_cast<scalar_t*>(target.data), target.ld);
-    }
   });
 }
 
@@ -830,17 +849,17 @@ void unit_backward_cuda(const SmallUnit& unit, UnitMatrix grad_unit, UnitMatrix 
     const dim3 grid(static_cast<unsigned>(a.chunks.count));
     const int weights = 9 * a.mid * a.mid + a.n * a.mid;
     const dim3 weight_grid(grid.x, (weights + kUnitThreads - 1) / kUnitThreads);
-    launch(unit_out_sums_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a, grad,
-           grad_unit.ld);
-    launch(unit_out_grad_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a);
     with_unit_width(a.mid, [&](auto width) {
-      launch(unit_conv_grad_kernel<scalar_t, decltype(width)::value>, grid, kUnitThreads, 0,
-             scope.stream(), a);
+      constexpr int W = decltype(width)::value;
+      launch(unit_out_sums_kernel<scalar_t, W>, grid, kUnitThreads, 0, scope.stream(), a, grad,
+             grad_unit.ld);
+      launch(unit_out_grad_kernel<scalar_t, W>, grid, kUnitThreads, 0, scope.stream(), a);
+      launch(unit_conv_grad_kernel<scalar_t, W>, grid, kUnitThreads, 0, scope.stream(), a);
+      launch(unit_weight_sums_kernel<scalar_t>, weight_grid, kUnitThreads, 0, scope.stream(), a);
+      launch(unit_input_grad_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a,
+             static_cast<scalar_t*>(d1.data), d1.ld, static_cast<scalar_t*>(grad_conv2),
+             static_cast<scalar_t*>(grad_conv3));
     });
-    launch(unit_weight_sums_kernel<scalar_t>, weight_grid, kUnitThreads, 0, scope.stream(), a);
-    launch(unit_input_grad_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a,
-           static_cast<scalar_t*>(d1.data), d1.ld,
-           static_cast<scalar_t*>(grad_conv2), static_cast<scalar_t*>(grad_conv3));
   });
 }
 
