@@ -173,7 +173,7 @@ void with_vector_width(int vec, Body&& body) {
   }
 }
 
-inline int next_pow2(int v) {
+__host__ __device__ inline int next_pow2(int v) {
   int p = 1;
   while (p < v) p <<= 1;
   return p;
@@ -279,6 +279,38 @@ struct Image {
 };
 
 inline Image image_of(const ImageShape& s) { return {s.batch, s.height, s.width}; }
+
+// Rows of a pixel range whose operands are loaded together before any is used
+// (one memory latency per batch, not per row).
+constexpr int kRowBatch = 8;
+
+// sum over the pixels p in [begin, end), in order, of dy[p, co] x[p + d_t, ci]
+// (no term where p + d_t is outside the image): a 3x3's weight gradient at
+// tap t over a range of pixels.
+template <typename acc_t, typename scalar_t>
+__device__ acc_t tap_product(const Image& s, int64_t begin, int64_t end, int t, const scalar_t* dy,
+                             int64_t ld_dy, int co, const scalar_t* x, int64_t ld_x, int ci) {
+  acc_t acc = 0;
+  Pixel here = s.at(begin);
+  while (here.p < end) {
+    // Past the range or outside the image: no term (acc + 0 * 0 == acc).
+    acc_t a[kRowBatch], b[kRowBatch];
+#pragma unroll
+    for (int i = 0; i < kRowBatch; ++i) {
+      a[i] = b[i] = 0;
+      if (here.p >= end) continue;
+      const int64_t q = s.shifted(here, t / 3 - 1, t % 3 - 1);
+      if (q >= 0) {
+        a[i] = static_cast<acc_t>(dy[here.p * ld_dy + co]);
+        b[i] = static_cast<acc_t>(x[q * ld_x + ci]);
+      }
+      here = s.next(here);
+    }
+#pragma unroll
+    for (int i = 0; i < kRowBatch; ++i) acc += a[i] * b[i];
+  }
+  return acc;
+}
 
 inline at::Tensor partials_workspace(const at::Tensor& like, int64_t count, size_t state_bytes) {
   return at::empty({static_cast<int64_t>(count * state_bytes)}, like.options().dtype(at::kByte));

@@ -73,12 +73,8 @@ __global__ void __launch_bounds__(kConvThreads)
   const int t = k % 9, ci = (k / 9) % cin, co = k / (9 * cin);
   const int64_t begin = int64_t(blockIdx.x) * chunk;
   const int64_t end = begin + chunk < s.pixels() ? begin + chunk : s.pixels();
-  acc_t acc = 0;
-  for (Pixel here = s.at(begin); here.p < end; here = s.next(here)) {
-    const int64_t q = s.shifted(here, t / 3 - 1, t % 3 - 1);
-    if (q >= 0) acc += static_cast<acc_t>(dy[here.p * ld_dy + co]) * static_cast<acc_t>(x[q * ld_x + ci]);
-  }
-  partials[int64_t(blockIdx.x) * weights + k] = acc;
+  partials[int64_t(blockIdx.x) * weights + k] =
+      tap_product<acc_t>(s, begin, end, t, dy, ld_dy, co, x, ld_x, ci);
 }
 
 template <typename scalar_t>

@@ -244,14 +244,6 @@ struct RowSums {
 // kChunkBatch at a time before any is used, their latencies overlap instead
 // of adding up.
 constexpr int kChunkBatch = 8;
-// The same for the rows of a chunk that weight_sums walks.
-constexpr int kRowBatch = 8;
-
-__device__ __forceinline__ int entry_lanes(int cols) {
-  int lanes = 1;
-  while (lanes < cols) lanes <<= 1;
-  return lanes;
-}
 
 // The total of load(e, k) over chunks k = 0 .. count - 1 of each entry
 // e < cols <= kUnitThreads, returned on thread e (identity elsewhere). smem
@@ -259,7 +251,7 @@ __device__ __forceinline__ int entry_lanes(int cols) {
 template <typename State, typename Load, typename Combine>
 __device__ State combine_chunks(int cols, int64_t count, State identity, Load load, Combine combine,
                                 State* smem) {
-  const int tid = threadIdx.x, lanes = entry_lanes(cols), e = tid % lanes;
+  const int tid = threadIdx.x, lanes = next_pow2(cols), e = tid % lanes;
   const int group = kUnitThreads / lanes;
   State s = identity;
   if (e < cols) {
@@ -367,6 +359,21 @@ __global__ void __launch_bounds__(kUnitThreads)
   if (compute_stats) m.store(cols, smem, u.work + u.layout.first);
 }
 
+// W2 ([co][ci][t]) as 9 padded kMid x kMid taps, taps[(t kMid + a) kMid + b],
+// zero past mid: (a, b) = (ci, co) for the 3x3, (co, ci) for its input
+// gradient. All threads of the block must call it; the caller synchronises
+// before reading them.
+template <int kMid, bool kByOutput, typename scalar_t, typename acc_t>
+__device__ void load_padded_taps(acc_t* taps, const scalar_t* w2, int mid) {
+  for (int k = threadIdx.x; k < 9 * kMid * kMid; k += kUnitThreads) taps[k] = 0;
+  __syncthreads();
+  for (int k = threadIdx.x; k < 9 * mid * mid; k += kUnitThreads) {
+    const int t = k % 9, ci = (k / 9) % mid, co = k / (9 * mid);
+    const int a = kByOutput ? co : ci, b = kByOutput ? ci : co;
+    taps[(t * kMid + a) * kMid + b] = static_cast<acc_t>(w2[k]);
+  }
+}
+
 template <typename scalar_t, int kMid>
 __global__ void __launch_bounds__(kUnitThreads)
     unit_conv_kernel(UnitArgs<scalar_t> u, bool compute_stats) {
@@ -376,12 +383,7 @@ __global__ void __launch_bounds__(kUnitThreads)
   __shared__ BNChannel<acc_t> bn1[kMaxMid];
   __shared__ Welford<acc_t> smem[kUnitThreads];
   const int mid = u.mid, cols = u.skip + mid, tid = threadIdx.x;
-  for (int k = tid; k < 9 * kMid * kMid; k += kUnitThreads) taps[k] = 0;
-  __syncthreads();
-  for (int k = tid; k < 9 * mid * mid; k += kUnitThreads) {
-    const int t = k % 9, ci = (k / 9) % mid, co = k / (9 * mid);
-    taps[(t * kMid + ci) * kMid + co] = static_cast<acc_t>(u.w2[k]);
-  }
+  load_padded_taps<kMid, false>(taps, u.w2, mid);
   if (compute_stats) {
     combine_moments(u.work + u.layout.first, cols, u.chunks, mean, var, u.first, smem);
   } else if (tid < cols) {
@@ -592,12 +594,7 @@ __global__ void __launch_bounds__(kUnitThreads) unit_conv_grad_kernel(UnitArgs<s
   __shared__ BNChannel<acc_t> bn2[kMaxMid], bn1[kMaxMid];
   __shared__ Sums<acc_t> smem[kUnitThreads];
   const int mid = u.mid, tid = threadIdx.x;
-  for (int k = tid; k < 9 * kMid * kMid; k += kUnitThreads) taps[k] = 0;
-  __syncthreads();
-  for (int k = tid; k < 9 * mid * mid; k += kUnitThreads) {
-    const int t = k % 9, ci = (k / 9) % mid, co = k / (9 * mid);
-    taps[(t * kMid + co) * kMid + ci] = static_cast<acc_t>(u.w2[k]);
-  }
+  load_padded_taps<kMid, true>(taps, u.w2, mid);
   combine_sums(u.work + u.layout.bn2_sums, mid, u.chunks.count, sums2, u.grad_bn2, smem);
   if (tid < mid) {
     bn2[tid] = u.bn2.channel(tid);
@@ -649,35 +646,24 @@ __global__ void __launch_bounds__(kUnitThreads) unit_weight_sums_kernel(UnitArgs
   const int k = blockIdx.y * kUnitThreads + threadIdx.x;
   if (k >= total) return;
   const int64_t begin = u.chunks.begin(blockIdx.x), end = u.chunks.end(blockIdx.x);
-  // The chunk's rows in order, kRowBatch pairs of operands loaded before any
-  // is used (one memory latency per batch, not per row).
   acc_t acc = 0;
-  acc_t a[kRowBatch], b[kRowBatch];
   if (k < convs) {
     const int t = k % 9, ci = (k / 9) % mid, co = k / (9 * mid);
-    Pixel here = u.image.at(begin);
-    while (here.p < end) {
-      int m = 0;
-      for (; m < kRowBatch && here.p < end; ++m, here = u.image.next(here)) {
-        const int64_t q = u.image.shifted(here, t / 3 - 1, t % 3 - 1);
-        if (q < 0) {
-          a[m] = b[m] = 0;  // outside the image: no term (acc + 0 * 0 == acc)
-          continue;
-        }
-        a[m] = static_cast<acc_t>(u.d2[here.p * mid + co]);
-        b[m] = static_cast<acc_t>(u.act1[q * mid + ci]);
-      }
-      for (int i = 0; i < m; ++i) acc += a[i] * b[i];
-    }
+    acc = tap_product<acc_t>(u.image, begin, end, t, u.d2, mid, co, u.act1, mid, ci);
   } else {
+    // The chunk's rows in order, kRowBatch pairs of operands loaded together
+    // (past the chunk: no term, acc + 0 * 0 == acc).
     const int o = (k - convs) / mid, j = (k - convs) % mid;
     for (int64_t p0 = begin; p0 < end; p0 += kRowBatch) {
-      const int m = end - p0 < kRowBatch ? static_cast<int>(end - p0) : kRowBatch;
-      for (int i = 0; i < m; ++i) {
-        a[i] = static_cast<acc_t>(u.d3[(p0 + i) * u.n + o]);
-        b[i] = static_cast<acc_t>(u.act2[(p0 + i) * mid + j]);
+      acc_t a[kRowBatch], b[kRowBatch];
+#pragma unroll
+      for (int i = 0; i < kRowBatch; ++i) {
+        const bool in = p0 + i < end;
+        a[i] = in ? static_cast<acc_t>(u.d3[(p0 + i) * u.n + o]) : acc_t(0);
+        b[i] = in ? static_cast<acc_t>(u.act2[(p0 + i) * mid + j]) : acc_t(0);
       }
-      for (int i = 0; i < m; ++i) acc += a[i] * b[i];
+#pragma unroll
+      for (int i = 0; i < kRowBatch; ++i) acc += a[i] * b[i];
     }
   }
   u.work[u.layout.weights + int64_t(blockIdx.x) * total + k] = acc;
