@@ -280,8 +280,8 @@ struct Image {
 
 inline Image image_of(const ImageShape& s) { return {s.batch, s.height, s.width}; }
 
-// Rows of a pixel range whose operands are loaded together before any is used
-// (one memory latency per batch, not per row).
+// Operands loaded together before any is used (one memory latency per batch,
+// not per operand): the rows of a pixel range, or a row's block columns.
 constexpr int kRowBatch = 8;
 
 // sum over the pixels p in [begin, end), in order, of dy[p, co] x[p + d_t, ci]

@@ -327,31 +327,55 @@ __device__ __forceinline__ acc_type<scalar_t> rounded(acc_type<scalar_t> v) {
   return static_cast<acc_type<scalar_t>>(static_cast<scalar_t>(v));
 }
 
-template <typename scalar_t>
+// pre1 += the block's own columns S[:, :columns] W^T, per row in column
+// order (a batch of kRowBatch columns loaded before any is used), with the
+// sums and the statistics of pre1's cols <= 2 kMid columns in registers.
+template <typename scalar_t, int kMid>
 __global__ void __launch_bounds__(kUnitThreads)
     unit_first_kernel(UnitArgs<scalar_t> u, bool compute_stats) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ acc_t w[kMaxFirst * kMaxBlockColumns];  // [f][c]
+  constexpr int kFirst = 2 * kMid;
+  __shared__ acc_t w[kFirst * kMaxBlockColumns];  // [f][c]
   __shared__ Welford<acc_t> smem[kUnitThreads];
   const int cols = u.skip + u.mid, columns = u.columns;
   for (int k = threadIdx.x; k < cols * columns; k += kUnitThreads) {
     w[k] = static_cast<acc_t>(u.block_w[(k / columns) * u.ld_block_w + k % columns]);
   }
   __syncthreads();
-  RowMoments<acc_t, kMaxFirst> m;
+  RowMoments<acc_t, kFirst> m;
   m.clear(cols);
   for (int64_t r = u.row_begin(); r < u.row_end(); r += kUnitThreads) {
-    acc_t v[kMaxFirst], s[kMaxBlockColumns];
-    for (int c = 0; c < columns; ++c) {
-      s[c] = static_cast<acc_t>(c < u.seen ? u.updated[r * u.ld_updated + c]
-                                           : u.original[r * u.ld_original + c]);
+    acc_t v[kFirst];
+#pragma unroll
+    for (int f = 0; f < kFirst; ++f) v[f] = 0;
+    for (int c0 = 0; c0 < columns; c0 += kRowBatch) {
+      acc_t s[kRowBatch];
+#pragma unroll
+      for (int j = 0; j < kRowBatch; ++j) {
+        const int c = c0 + j;
+        s[j] = c >= columns ? acc_t(0)
+                            : static_cast<acc_t>(c < u.seen ? u.updated[r * u.ld_updated + c]
+                                                            : u.original[r * u.ld_original + c]);
+      }
+#pragma unroll
+      for (int j = 0; j < kRowBatch; ++j) {
+        if (c0 + j >= columns) break;
+#pragma unroll
+        for (int f = 0; f < kFirst; ++f) {
+          if (f >= cols) break;
+          v[f] += s[j] * w[f * columns + c0 + j];
+        }
+      }
     }
-    for (int f = 0; f < cols; ++f) {
-      v[f] = static_cast<acc_t>(u.pre1[r * u.ld1 + f]);
-      if (columns == 0) continue;
-      acc_t sum = 0;
-      for (int c = 0; c < columns; ++c) sum += s[c] * w[f * columns + c];
-      v[f] = rounded<scalar_t>(v[f] + sum);
+#pragma unroll
+    for (int f = 0; f < kFirst; ++f) {
+      if (f >= cols) break;
+      const acc_t pre = static_cast<acc_t>(u.pre1[r * u.ld1 + f]);
+      if (columns == 0) {
+        v[f] = pre;
+        continue;
+      }
+      v[f] = rounded<scalar_t>(pre + v[f]);
       u.pre1[r * u.ld1 + f] = static_cast<scalar_t>(v[f]);
     }
     if (compute_stats) m.add(v, cols);
@@ -807,7 +831,7 @@ void unit_forward_cuda(const SmallUnit& unit, bool compute_stats, UnitMatrix tar
     with_unit_width(a.mid, [&](auto width) {
       constexpr int W = decltype(width)::value;
       if (compute_stats || a.columns > 0) {
-        launch(unit_first_kernel<scalar_t>, grid, kUnitThreads, 0, scope.stream(), a, compute_stats);
+        launch(unit_first_kernel<scalar_t, W>, grid, kUnitThreads, 0, scope.stream(), a, compute_stats);
       }
       launch(unit_conv_kernel<scalar_t, W>, grid, kUnitThreads, 0, scope.stream(), a, compute_stats);
       launch(unit_head_kernel<scalar_t, W>, grid, kUnitThreads, 0, scope.stream(), a, compute_stats);
