@@ -223,7 +223,8 @@ class Unit {
 
   // Runs the unit from `pre1`, the first GEMM's output ([rows, F] with F =
   // first_weight(0).size(0)); adds U(state) into `target` ([rows, n] column
-  // block of the state). Returns the tape.
+  // block of the state) unless it is undefined (the backward's recomputation,
+  // which needs only the tape). Returns the tape.
   std::vector<BottleneckTape> forward(const Tensor& pre1, Tensor target, bool compute_stats) const {
     std::vector<BottleneckTape> tape(layout_.bottlenecks);
     Tensor h;
@@ -238,7 +239,7 @@ class Unit {
       bottleneck_tail(m, t, compute_stats);
       const bool last = m + 1 == layout_.bottlenecks;
       if (last) {
-        combine(m, t, target, true, h);
+        if (target.defined()) combine(m, t, target, true, h);
       } else if (m == 0) {
         h = at::empty({shape_.rows(), n_}, t.pre1.options());
         combine(m, t, h, false, Tensor());
@@ -263,22 +264,31 @@ class Unit {
   // first GEMM's output, written into `d1_first` ([rows, F]); the caller
   // turns d1 into the gradients of the state and of the first weight. The
   // other weight gradients go to their slots of `grad_convs` (flat like
-  // conv_weight), the BN ones to `grads`.
-  void backward(const std::vector<BottleneckTape>& tape, Tensor grad_unit, const Tensor& d1_first,
+  // conv_weight), the BN ones to `grads`. Each activation of the tape and
+  // each intermediate gradient is released after its last use, so that a
+  // unit's backward holds about three [rows, K n] matrices at a time.
+  void backward(std::vector<BottleneckTape> tape, Tensor grad_unit, const Tensor& d1_first,
                 const Tensor& grad_convs, const Norms& grads) const {
     for (int64_t m = layout_.bottlenecks - 1; m >= 0; --m) {
-      const BottleneckTape& t = tape[m];
+      BottleneckTape& t = tape[m];
       const int64_t mid = layout_.mid(i_), skip_m = skip(m);
       const Slot conv2 = layout_.conv2(i_, m), conv3 = layout_.conv3(i_, m);
       Tensor d3 = at::empty_like(t.pre3);
       norm_backward(grad_unit, t.pre3, layout_.bn3(i_, m), false, grads, d3);
+      t.pre3.reset();
       Tensor grad_w3 = conv3.matrix_of(grad_convs);
       at::mm_out(grad_w3, d3.t(), t.act2);
+      t.act2.reset();
       Tensor d_act2 = at::mm(d3, conv3.matrix_of(convs_));
+      d3.reset();
       Tensor d2 = at::empty_like(t.pre2);
       norm_backward(d_act2, t.pre2, layout_.bn2(i_, m), true, grads, d2);
+      t.pre2.reset();
+      d_act2.reset();
       const Tensor d_act1 =
           conv3x3_backward(d2, t.act1, conv2.of(convs_), shape_, k_, conv2.of(grad_convs));
+      t.act1.reset();
+      d2.reset();
       Tensor d1 = m == 0 ? d1_first : at::empty({shape_.rows(), skip_m + mid}, t.pre1.options());
       norm_backward(d_act1, t.pre1.narrow(1, skip_m, mid), layout_.bn1(i_, m), true, grads,
                     d1.narrow(1, skip_m, mid));
@@ -534,13 +544,13 @@ void store_first_gemm_grads(const Block& b, const ParameterLayout& layout, const
 }
 
 // One allocation per call for the whole-unit kernels' tape, scratch and
-// workspace, large enough for any segment (empty where the device has none).
+// workspace, large enough for any unit that runs whole (empty where none does).
 UnitBuffers unit_buffers(const ParameterLayout& layout, const Shape& shape, const FusedKernels& k,
                          const Tensor& x) {
   const ImageShape image = image_shape(shape);
   int64_t values = 0, workspace = 0;
-  if (has_whole_units(k, layout)) {
-    for (int64_t i = 0; i < static_cast<int64_t>(layout.segments.size()); ++i) {
+  for (int64_t i = 0; i < static_cast<int64_t>(layout.segments.size()); ++i) {
+    if (runs_whole(k, layout, shape, i)) {
       const int64_t n = layout.segments[i], mid = layout.mid(i);
       values = std::max(values, unit_buffer_size(image, n, mid));
       if (k.unit_workspace_bytes != nullptr) {
@@ -704,9 +714,7 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
                               slot_data(grad_convs, layout.conv3(i, 0)), unit.unit_norms(grads));
         continue;
       }
-      Tensor scratch = at::empty({rows, n}, x.options());
-      const auto tape = unit.forward(pre1, scratch, false);
-      unit.backward(tape, grad_unit, b->of(d1, i), grad_convs, grads);
+      unit.backward(unit.forward(pre1, Tensor(), false), grad_unit, b->of(d1, i), grad_convs, grads);
     }
     // The block's first-GEMM gradients: dW = d1^T (state), then g += d1 W (Eq. 6).
     Tensor dw = b->single() ? layout.first_gemm(b->first, 0).of(grad_convs)
