@@ -198,3 +198,20 @@ def test_launches_per_small_segment(emulated_op, kind):
         counts[segments] = _launches(Emulated(twin(layer, "reference"), emulated_op).train(), x)
     own, library = ((a - b) / 12 for a, b in zip(counts[24], counts[12]))
     assert (own, library) == ((12, 0) if kind == "gunn" else (11, 0)), (own, library)
+
+
+@pytest.mark.parametrize("kind", ["gunn", "sunn"])
+def test_launches_per_library_segment(emulated_op, kind):
+    """The op's own launches per segment whose unit runs through the libraries
+    (mid above the direct 3x3's channels), training forward + backward: the
+    slope between P = 2 and P = 4 at 68 channels, every block a single
+    segment. 9 forward (the statistics of pre1, pre2 and pre3 at 2 launches
+    each, BN + ReLU twice, the residual), 2 to recompute the tape (BN + ReLU
+    twice: the recomputation writes no output) and 12 backward (each of the
+    four BNs' sums and input gradient)."""
+    x = torch.randn(2, 68, 4, 5, dtype=torch.float32)
+    counts = {}
+    for segments in (2, 4):
+        layer = make_layer(kind, channels=68, segments=segments, dtype=torch.float32)
+        counts[segments] = _launches(Emulated(twin(layer, "reference"), emulated_op).train(), x)[0]
+    assert (counts[4] - counts[2]) / 2 == 9 + 2 + 12, counts
