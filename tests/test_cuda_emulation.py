@@ -14,6 +14,7 @@ the library with that sanitizer; run pytest with the sanitizer's runtime
 preloaded, e.g. ``LD_PRELOAD=$(g++ -print-file-name=libasan.so)
 ASAN_OPTIONS=detect_leaks=0``, to check the kernels' memory accesses.
 """
+import contextlib
 import os
 from pathlib import Path
 
@@ -162,6 +163,41 @@ def test_repeated_runs_are_bitwise_equal(emulated_op):
     first = forward_backward(emulated, x, grad)
     again = forward_backward(emulated, x, grad)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@contextlib.contextmanager
+def blocks_reversed():
+    """The emulator runs each launch's blocks last to first (a GPU may run them
+    in any order), and in index order again afterwards."""
+    torch.ops.gunn_ext_emulated.emulate_reversed_blocks(True)
+    try:
+        yield
+    finally:
+        torch.ops.gunn_ext_emulated.emulate_reversed_blocks(False)
+
+
+@pytest.mark.parametrize("segments", [[4, 8], [3, 1, 20, 2, 2, 12]], ids=["whole_units", "mixed_block"])
+def test_block_order_is_irrelevant(emulated_op, segments):
+    """No block reads what another block of the same launch writes: blocks
+    run last to first give bitwise the results of blocks in index order
+    (outputs, gradients and running statistics, train and eval)."""
+    channels = sum(segments)
+    x = torch.randn(2, channels, 20, 24).to(memory_format=torch.channels_last)
+    grad = torch.randn_like(x)
+
+    def results():
+        layer = make_layer(channels=channels, segments=segments, dtype=torch.float32)
+        emulated = Emulated(layer, emulated_op)
+        trained = forward_backward(emulated, x, grad)
+        with torch.no_grad():
+            evaluated = emulated.eval()(x)
+        return [*trained, evaluated, *emulated.buffers()]
+
+    in_order = results()
+    with blocks_reversed():
+        reversed_order = results()
+    differing = [k for k, (a, b) in enumerate(zip(in_order, reversed_order)) if not torch.equal(a, b)]
+    assert not differing, f"results {differing} depend on the order of blocks"
 
 
 # ATen calls that launch at least one kernel on a GPU: the library GEMMs and

@@ -2,7 +2,10 @@
 // csrc/cuda/device_runtime.cuh), so that their own source, compiled as C++
 // with GUNN_EXT_EMULATE_CUDA, runs on CPU tensors in the tests.
 //
-// A launch runs its blocks one after another. The threads of a block run
+// A launch runs its blocks one after another, in index order or (reversed)
+// the other way round: a GPU runs them in any order and at once, so a kernel
+// whose blocks depend on each other within a launch gives different results
+// in the two orders. The threads of a block run
 // concurrently, one std::thread each: __syncthreads() is a real barrier,
 // __shared__ memory is really shared by the block (and only by it, since
 // blocks do not overlap), and a thread that returns early leaves the barrier,
@@ -48,6 +51,8 @@ inline thread_local std::barrier<>* block_barrier = nullptr;
 inline std::vector<std::max_align_t> shared_memory;
 // Kernel launches so far (the tests count them per segment).
 inline std::atomic<int64_t> launches{0};
+// Whether launches run their blocks last to first.
+inline std::atomic<bool> reversed{false};
 // The first address a kernel of this launch accessed misaligned for its type.
 inline std::atomic<const void*> misaligned{nullptr};
 }  // namespace emulator
@@ -115,23 +120,22 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
   emulator::shared_memory.assign(words, std::max_align_t{});
   gridDim = grid;
   blockDim = block;
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = dim3(x, y, z);
-        if (words > 0) std::memset(emulator::shared_memory.data(), 0xff, words * sizeof(std::max_align_t));
-        std::barrier<> barrier(block.x);
-        std::vector<std::jthread> threads;
-        threads.reserve(block.x);
-        for (unsigned t = 0; t < block.x; ++t) {
-          threads.emplace_back([&, t] {
-            threadIdx = dim3(t);
-            emulator::block_barrier = &barrier;
-            kernel(args...);
-            barrier.arrive_and_drop();
-          });
-        }
-      }
+  const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+  const bool reversed = emulator::reversed.load();
+  for (uint64_t i = 0; i < blocks; ++i) {
+    const uint64_t b = reversed ? blocks - 1 - i : i;
+    blockIdx = dim3(b % grid.x, b / grid.x % grid.y, b / (uint64_t(grid.x) * grid.y));
+    if (words > 0) std::memset(emulator::shared_memory.data(), 0xff, words * sizeof(std::max_align_t));
+    std::barrier<> barrier(block.x);
+    std::vector<std::jthread> threads;
+    threads.reserve(block.x);
+    for (unsigned t = 0; t < block.x; ++t) {
+      threads.emplace_back([&, t] {
+        threadIdx = dim3(t);
+        emulator::block_barrier = &barrier;
+        kernel(args...);
+        barrier.arrive_and_drop();
+      });
     }
   }
   const void* address = emulator::misaligned.exchange(nullptr);
