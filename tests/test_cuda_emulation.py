@@ -32,6 +32,22 @@ NAMESPACE = "gunn_ext_emulated"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def uninitialized_memory_is_nan():
+    """Every tensor the op allocates starts as NaN (integers at their maximum),
+    where a GPU's caching allocator hands out old contents and a fresh CPU
+    page is zero: a kernel that reads an allocation before writing it fails."""
+    enabled, warn_only = (torch.are_deterministic_algorithms_enabled(),
+                          torch.is_deterministic_algorithms_warn_only_enabled())
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.empty(4).isnan().all()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 @pytest.fixture(scope="module")
 def emulated_op():
     """Builds the emulated library (about a minute, cached) and registers its ops."""

@@ -9,7 +9,9 @@
 // concurrently, one std::thread each: __syncthreads() is a real barrier,
 // __shared__ memory is really shared by the block (and only by it, since
 // blocks do not overlap), and a thread that returns early leaves the barrier,
-// as an exited GPU thread stops counting. Dynamic shared memory is filled with
+// as an exited GPU thread stops counting. The threads that meet at a barrier
+// must have called the same __syncthreads() (a GPU hangs or corrupts shared
+// memory otherwise): the emulator fails a launch where they did not. Dynamic shared memory is filled with
 // NaN bytes before every block, so a kernel that reads it before writing it
 // fails its test. Launch configurations are checked against CUDA's limits,
 // and vector accesses against their alignment (load_aligned, store_aligned).
@@ -20,9 +22,11 @@
 
 #include <atomic>
 #include <barrier>
+#include <source_location>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -47,7 +51,44 @@ namespace gunn_ext {
 namespace cuda {
 
 namespace emulator {
-inline thread_local std::barrier<>* block_barrier = nullptr;
+
+// A block's barrier, which checks that the threads meeting at it called the
+// same __syncthreads() (a default site, line 0: a thread that has returned).
+class BlockBarrier {
+ public:
+  explicit BlockBarrier(unsigned threads) : sites_(threads), barrier_(threads, Check{this}) {}
+
+  void wait(unsigned thread, const std::source_location& site) {
+    sites_[thread] = site;
+    barrier_.arrive_and_wait();
+  }
+  void exit(unsigned thread) {
+    sites_[thread] = std::source_location();
+    barrier_.arrive_and_drop();
+  }
+  bool diverged() const { return diverged_; }
+
+ private:
+  struct Check {
+    BlockBarrier* self;
+    void operator()() noexcept {
+      const std::source_location* first = nullptr;
+      for (const std::source_location& s : self->sites_) {
+        if (s.line() == 0) continue;
+        if (first == nullptr) {
+          first = &s;
+        } else if (s.line() != first->line() || std::strcmp(s.file_name(), first->file_name()) != 0) {
+          self->diverged_ = true;
+        }
+      }
+    }
+  };
+  std::vector<std::source_location> sites_;
+  bool diverged_ = false;
+  std::barrier<Check> barrier_;
+};
+
+inline thread_local BlockBarrier* block_barrier = nullptr;
 inline std::vector<std::max_align_t> shared_memory;
 // Kernel launches so far (the tests count them per segment).
 inline std::atomic<int64_t> launches{0};
@@ -93,7 +134,9 @@ class DeviceScope {
   cudaStream_t stream() const { return nullptr; }
 };
 
-inline void __syncthreads() { emulator::block_barrier->arrive_and_wait(); }
+inline void __syncthreads(std::source_location site = std::source_location::current()) {
+  emulator::block_barrier->wait(threadIdx.x, site);
+}
 
 template <typename T>
 T min(T a, T b) {
@@ -122,25 +165,31 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
   blockDim = block;
   const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
   const bool reversed = emulator::reversed.load();
+  std::optional<dim3> diverged_block;
   for (uint64_t i = 0; i < blocks; ++i) {
     const uint64_t b = reversed ? blocks - 1 - i : i;
     blockIdx = dim3(b % grid.x, b / grid.x % grid.y, b / (uint64_t(grid.x) * grid.y));
     if (words > 0) std::memset(emulator::shared_memory.data(), 0xff, words * sizeof(std::max_align_t));
-    std::barrier<> barrier(block.x);
-    std::vector<std::jthread> threads;
-    threads.reserve(block.x);
-    for (unsigned t = 0; t < block.x; ++t) {
-      threads.emplace_back([&, t] {
-        threadIdx = dim3(t);
-        emulator::block_barrier = &barrier;
-        kernel(args...);
-        barrier.arrive_and_drop();
-      });
+    emulator::BlockBarrier barrier(block.x);
+    {
+      std::vector<std::jthread> threads;
+      threads.reserve(block.x);
+      for (unsigned t = 0; t < block.x; ++t) {
+        threads.emplace_back([&, t] {
+          threadIdx = dim3(t);
+          emulator::block_barrier = &barrier;
+          kernel(args...);
+          barrier.exit(t);
+        });
+      }
     }
+    if (barrier.diverged() && !diverged_block) diverged_block = blockIdx;
   }
   const void* address = emulator::misaligned.exchange(nullptr);
   TORCH_CHECK(address == nullptr, "cuda emulator: misaligned address ", address,
               " (an access wider than the alignment of its address)");
+  TORCH_CHECK(!diverged_block, "cuda emulator: the threads of block (", diverged_block->x, ", ",
+              diverged_block->y, ", ", diverged_block->z, ") met at different __syncthreads() calls");
 }
 
 }  // namespace cuda
