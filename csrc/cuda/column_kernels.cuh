@@ -213,7 +213,7 @@ __device__ void reduce_chunk(const Tiling& t, const State (&mine)[V], State* sme
 template <typename State, typename Combine, typename Finish>
 __global__ void combine_partials_kernel(const State* partials, int64_t chunks, State identity,
                                         Combine combine, Finish finish) {
-  __shared__ State smem[kThreads];
+  GUNN_SHARED_ARRAY(State, smem, kThreads);
   const int64_t col = blockIdx.x;
   State s = identity;
   for (int64_t k = threadIdx.x; k < chunks; k += kThreads) s = combine(s, partials[col * chunks + k]);

@@ -45,6 +45,10 @@ __device__ __forceinline__ void store_aligned(void* address, const T& value) {
   *static_cast<T*>(address) = value;
 }
 
+// `__shared__ T name[N]`: a shared array of the block (the emulator fills it
+// with NaN bytes before every block, as a GPU leaves it undefined).
+#define GUNN_SHARED_ARRAY(T, name, N) __shared__ T name[N]
+
 // The block's dynamic shared memory (the launch's shared_bytes), as T[].
 template <typename T>
 __device__ __forceinline__ T* dynamic_shared_memory() {

@@ -247,7 +247,9 @@ constexpr int kChunkBatch = 8;
 
 // The total of load(e, k) over chunks k = 0 .. count - 1 of each entry
 // e < cols <= kUnitThreads, returned on thread e (identity elsewhere). smem
-// holds kUnitThreads states. All threads of the block must call it.
+// holds kUnitThreads states. All threads of the block must call it. A thread
+// reads back only its own slot after the last barrier, so consecutive calls
+// may use the same smem without another barrier.
 template <typename State, typename Load, typename Combine>
 __device__ State combine_chunks(int cols, int64_t count, State identity, Load load, Combine combine,
                                 State* smem) {
@@ -335,8 +337,8 @@ __global__ void __launch_bounds__(kUnitThreads)
     unit_first_kernel(UnitArgs<scalar_t> u, bool compute_stats) {
   using acc_t = acc_type<scalar_t>;
   constexpr int kFirst = 2 * kMid;
-  __shared__ acc_t w[kFirst * kMaxBlockColumns];  // [f][c]
-  __shared__ Welford<acc_t> smem[kUnitThreads];
+  GUNN_SHARED_ARRAY(acc_t, w, kFirst * kMaxBlockColumns);  // [f][c]
+  GUNN_SHARED_ARRAY(Welford<acc_t>, smem, kUnitThreads);
   const int cols = u.skip + u.mid, columns = u.columns;
   for (int k = threadIdx.x; k < cols * columns; k += kUnitThreads) {
     w[k] = static_cast<acc_t>(u.block_w[(k / columns) * u.ld_block_w + k % columns]);
@@ -402,10 +404,11 @@ template <typename scalar_t, int kMid>
 __global__ void __launch_bounds__(kUnitThreads)
     unit_conv_kernel(UnitArgs<scalar_t> u, bool compute_stats) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ acc_t taps[9 * kMid * kMid];  // [t][ci][co], zero for co >= mid
-  __shared__ acc_t mean[kMaxFirst], var[kMaxFirst];
-  __shared__ BNChannel<acc_t> bn1[kMaxMid];
-  __shared__ Welford<acc_t> smem[kUnitThreads];
+  GUNN_SHARED_ARRAY(acc_t, taps, 9 * kMid * kMid);  // [t][ci][co], zero for co >= mid
+  GUNN_SHARED_ARRAY(acc_t, mean, kMaxFirst);
+  GUNN_SHARED_ARRAY(acc_t, var, kMaxFirst);
+  GUNN_SHARED_ARRAY(BNChannel<acc_t>, bn1, kMaxMid);
+  GUNN_SHARED_ARRAY(Welford<acc_t>, smem, kUnitThreads);
   const int mid = u.mid, cols = u.skip + mid, tid = threadIdx.x;
   load_padded_taps<kMid, false>(taps, u.w2, mid);
   if (compute_stats) {
@@ -454,10 +457,11 @@ template <typename scalar_t, int kMid>
 __global__ void __launch_bounds__(kUnitThreads)
     unit_head_kernel(UnitArgs<scalar_t> u, bool compute_stats) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ acc_t w3[kMaxMid * kMaxMid];  // [o][k]
-  __shared__ acc_t mean[kMaxMid], var[kMaxMid];
-  __shared__ BNChannel<acc_t> bn2[kMaxMid];
-  __shared__ Welford<acc_t> smem[kUnitThreads];
+  GUNN_SHARED_ARRAY(acc_t, w3, kMaxMid * kMaxMid);  // [o][k]
+  GUNN_SHARED_ARRAY(acc_t, mean, kMaxMid);
+  GUNN_SHARED_ARRAY(acc_t, var, kMaxMid);
+  GUNN_SHARED_ARRAY(BNChannel<acc_t>, bn2, kMaxMid);
+  GUNN_SHARED_ARRAY(Welford<acc_t>, smem, kUnitThreads);
   const int n = u.n, mid = u.mid, tid = threadIdx.x;
   for (int k = tid; k < n * mid; k += kUnitThreads) w3[k] = static_cast<acc_t>(u.w3[k]);
   if (compute_stats) {
@@ -500,9 +504,11 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kUnitThreads)
     unit_residual_kernel(UnitArgs<scalar_t> u, bool compute_stats, scalar_t* target, int64_t ldt) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ acc_t mean[kMaxMid], var[kMaxMid];
-  __shared__ BNChannel<acc_t> bn3[kMaxMid], shortcut[kMaxMid];
-  __shared__ Welford<acc_t> smem[kUnitThreads];
+  GUNN_SHARED_ARRAY(acc_t, mean, kMaxMid);
+  GUNN_SHARED_ARRAY(acc_t, var, kMaxMid);
+  GUNN_SHARED_ARRAY(BNChannel<acc_t>, bn3, kMaxMid);
+  GUNN_SHARED_ARRAY(BNChannel<acc_t>, shortcut, kMaxMid);
+  GUNN_SHARED_ARRAY(Welford<acc_t>, smem, kUnitThreads);
   const int n = u.n, tid = threadIdx.x;
   if (compute_stats) {
     combine_moments(u.work + u.layout.third, n, u.chunks, mean, var, u.bn3, smem);
@@ -531,8 +537,9 @@ template <typename scalar_t, int kMid>
 __global__ void __launch_bounds__(kUnitThreads)
     unit_out_sums_kernel(UnitArgs<scalar_t> u, const scalar_t* grad, int64_t ld_grad) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ BNChannel<acc_t> bn3[kMaxMid], shortcut[kMaxMid];
-  __shared__ Sums<acc_t> smem[kUnitThreads];
+  GUNN_SHARED_ARRAY(BNChannel<acc_t>, bn3, kMaxMid);
+  GUNN_SHARED_ARRAY(BNChannel<acc_t>, shortcut, kMaxMid);
+  GUNN_SHARED_ARRAY(Sums<acc_t>, smem, kUnitThreads);
   const int n = u.n, tid = threadIdx.x;
   if (tid < n) {
     bn3[tid] = u.bn3.channel(tid);
@@ -568,10 +575,12 @@ template <typename scalar_t, int kMid>
 __global__ void __launch_bounds__(kUnitThreads)
     unit_out_grad_kernel(UnitArgs<scalar_t> u) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ acc_t w3[kMaxMid * kMaxMid];  // [o][k]
-  __shared__ Sums<acc_t> sums3[kMaxMid], shortcut_sums[kMaxMid];
-  __shared__ BNChannel<acc_t> bn3[kMaxMid], bn2[kMaxMid];
-  __shared__ Sums<acc_t> smem[kUnitThreads];
+  GUNN_SHARED_ARRAY(acc_t, w3, kMaxMid * kMaxMid);  // [o][k]
+  GUNN_SHARED_ARRAY(Sums<acc_t>, sums3, kMaxMid);
+  GUNN_SHARED_ARRAY(Sums<acc_t>, shortcut_sums, kMaxMid);
+  GUNN_SHARED_ARRAY(BNChannel<acc_t>, bn3, kMaxMid);
+  GUNN_SHARED_ARRAY(BNChannel<acc_t>, bn2, kMaxMid);
+  GUNN_SHARED_ARRAY(Sums<acc_t>, smem, kUnitThreads);
   const int n = u.n, mid = u.mid, tid = threadIdx.x;
   for (int k = tid; k < n * mid; k += kUnitThreads) w3[k] = static_cast<acc_t>(u.w3[k]);
   combine_sums(u.work + u.layout.out_sums, n, u.chunks.count, sums3, u.grad_bn3, smem);
@@ -613,10 +622,11 @@ __global__ void __launch_bounds__(kUnitThreads)
 template <typename scalar_t, int kMid>
 __global__ void __launch_bounds__(kUnitThreads) unit_conv_grad_kernel(UnitArgs<scalar_t> u) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ acc_t taps[9 * kMid * kMid];  // [t][co][ci], zero for ci >= mid
-  __shared__ Sums<acc_t> sums2[kMaxMid];
-  __shared__ BNChannel<acc_t> bn2[kMaxMid], bn1[kMaxMid];
-  __shared__ Sums<acc_t> smem[kUnitThreads];
+  GUNN_SHARED_ARRAY(acc_t, taps, 9 * kMid * kMid);  // [t][co][ci], zero for ci >= mid
+  GUNN_SHARED_ARRAY(Sums<acc_t>, sums2, kMaxMid);
+  GUNN_SHARED_ARRAY(BNChannel<acc_t>, bn2, kMaxMid);
+  GUNN_SHARED_ARRAY(BNChannel<acc_t>, bn1, kMaxMid);
+  GUNN_SHARED_ARRAY(Sums<acc_t>, smem, kUnitThreads);
   const int mid = u.mid, tid = threadIdx.x;
   load_padded_taps<kMid, true>(taps, u.w2, mid);
   combine_sums(u.work + u.layout.bn2_sums, mid, u.chunks.count, sums2, u.grad_bn2, smem);
@@ -698,10 +708,12 @@ __global__ void __launch_bounds__(kUnitThreads)
     unit_input_grad_kernel(UnitArgs<scalar_t> u, scalar_t* d1, int64_t ldd, scalar_t* grad_w2,
                            scalar_t* grad_w3) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ Sums<acc_t> sums1[kMaxMid], sums_sc[kMaxMid];
-  __shared__ BNChannel<acc_t> bn1[kMaxMid], shortcut[kMaxMid];
-  __shared__ Sums<acc_t> smem[kUnitThreads];
-  __shared__ acc_t weight_smem[kUnitThreads];
+  GUNN_SHARED_ARRAY(Sums<acc_t>, sums1, kMaxMid);
+  GUNN_SHARED_ARRAY(Sums<acc_t>, sums_sc, kMaxMid);
+  GUNN_SHARED_ARRAY(BNChannel<acc_t>, bn1, kMaxMid);
+  GUNN_SHARED_ARRAY(BNChannel<acc_t>, shortcut, kMaxMid);
+  GUNN_SHARED_ARRAY(Sums<acc_t>, smem, kUnitThreads);
+  GUNN_SHARED_ARRAY(acc_t, weight_smem, kUnitThreads);
   const int n = u.n, mid = u.mid, tid = threadIdx.x;
   combine_sums(u.work + u.layout.bn1_sums, mid, u.chunks.count, sums1, u.grad_bn1, smem);
   if (tid < mid) bn1[tid] = u.bn1.channel(tid);

@@ -5,16 +5,17 @@
 // A launch runs its blocks one after another, in index order or (reversed)
 // the other way round: a GPU runs them in any order and at once, so a kernel
 // whose blocks depend on each other within a launch gives different results
-// in the two orders. The threads of a block run
-// concurrently, one std::thread each: __syncthreads() is a real barrier,
-// __shared__ memory is really shared by the block (and only by it, since
-// blocks do not overlap), and a thread that returns early leaves the barrier,
-// as an exited GPU thread stops counting. The threads that meet at a barrier
-// must have called the same __syncthreads() (a GPU hangs or corrupts shared
-// memory otherwise): the emulator fails a launch where they did not. Dynamic shared memory is filled with
-// NaN bytes before every block, so a kernel that reads it before writing it
-// fails its test. Launch configurations are checked against CUDA's limits,
-// and vector accesses against their alignment (load_aligned, store_aligned).
+// in the two orders. The threads of a block run concurrently, one
+// std::thread each: __syncthreads() is a real barrier, shared memory is
+// really shared by the block (and only by it, since blocks do not overlap),
+// and a thread that returns early leaves the barrier, as an exited GPU thread
+// stops counting. The threads that meet at a barrier must have called the
+// same __syncthreads() (a GPU hangs or corrupts shared memory otherwise): the
+// emulator fails a launch where they did not. Shared memory, dynamic and
+// static (GUNN_SHARED_ARRAY), is filled with NaN bytes before every block,
+// so a kernel that reads it before writing it fails its test. Launch
+// configurations are checked against CUDA's limits, and vector accesses
+// against their alignment (load_aligned, store_aligned).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,11 +23,12 @@
 
 #include <atomic>
 #include <barrier>
-#include <source_location>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <optional>
+#include <source_location>
 #include <thread>
 #include <vector>
 
@@ -35,7 +37,8 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define GUNN_SHARED_ARRAY(T, name, N) \
+  T(&name)[N] = ::gunn_ext::cuda::emulator::shared_array<T, N, decltype([] {})>()
 #define __align__(n) alignas(n)
 
 struct dim3 {
@@ -90,6 +93,33 @@ class BlockBarrier {
 
 inline thread_local BlockBarrier* block_barrier = nullptr;
 inline std::vector<std::max_align_t> shared_memory;
+// The static shared arrays (GUNN_SHARED_ARRAY) used so far: filled with NaN
+// bytes before every block.
+struct SharedArray {
+  void* data;
+  size_t bytes;
+};
+inline std::mutex shared_arrays_mutex;
+inline std::vector<SharedArray> shared_arrays;
+
+// The storage of one GUNN_SHARED_ARRAY (Site: a type unique to it).
+template <typename T, size_t N, typename Site>
+T (&shared_array())[N] {
+  static T storage[N];
+  static const bool registered = [] {
+    std::memset(static_cast<void*>(storage), 0xff, sizeof storage);
+    const std::lock_guard<std::mutex> lock(shared_arrays_mutex);
+    shared_arrays.push_back({storage, sizeof storage});
+    return true;
+  }();
+  (void)registered;
+  return storage;
+}
+
+inline void fill_shared_memory() {
+  const std::lock_guard<std::mutex> lock(shared_arrays_mutex);
+  for (const SharedArray& a : shared_arrays) std::memset(a.data, 0xff, a.bytes);
+}
 // Kernel launches so far (the tests count them per segment).
 inline std::atomic<int64_t> launches{0};
 // Whether launches run their blocks last to first.
@@ -170,6 +200,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
     const uint64_t b = reversed ? blocks - 1 - i : i;
     blockIdx = dim3(b % grid.x, b / grid.x % grid.y, b / (uint64_t(grid.x) * grid.y));
     if (words > 0) std::memset(emulator::shared_memory.data(), 0xff, words * sizeof(std::max_align_t));
+    emulator::fill_shared_memory();
     emulator::BlockBarrier barrier(block.x);
     {
       std::vector<std::jthread> threads;
