@@ -145,6 +145,15 @@ def test_many_row_chunks(emulated_op, channels, segments, expansion, height):
     run_and_compare(layer, Emulated(twin(layer, "reference"), emulated_op), x, train=True)
 
 
+def test_several_rows_per_thread(emulated_op):
+    """More rows than the unit kernels have threads (at most 512 blocks of
+    128): from 65536 rows on each thread runs several rows in turn, here two
+    or three, and the block terms of a two-segment block with them."""
+    layer = make_layer(channels=3, segments=[1, 2], expansion=1)
+    x = torch.randn(1, 3, 400, 400, dtype=torch.float64)
+    run_and_compare(layer, Emulated(twin(layer, "reference"), emulated_op), x, train=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision(emulated_op, dtype):
     """8-value packs, float32 accumulation and statistics.

@@ -23,9 +23,11 @@
 
 #include <atomic>
 #include <barrier>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <source_location>
@@ -92,6 +94,66 @@ class BlockBarrier {
 };
 
 inline thread_local BlockBarrier* block_barrier = nullptr;
+
+// The threads that run a block's threads, kept from block to block (starting
+// a thread per GPU thread per block made the emulator slow).
+class BlockThreads {
+ public:
+  // body(t) on threads t = 0 .. count - 1 at once; returns when all are done.
+  void run(unsigned count, const std::function<void(unsigned)>& body) {
+    if (threads_.size() != count) resize(count);
+    std::unique_lock<std::mutex> lock(mutex_);
+    body_ = &body;
+    running_ = count;
+    ++generation_;
+    started_.notify_all();
+    done_.wait(lock, [&] { return running_ == 0; });
+  }
+
+ private:
+  void resize(unsigned count) {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    started_.notify_all();
+    threads_.clear();  // joins them
+    stopping_ = false;
+    const uint64_t seen = generation_;
+    for (unsigned t = 0; t < count; ++t) threads_.emplace_back([this, t, seen] { serve(t, seen); });
+  }
+
+  // Runs body(t) for every generation after `seen`.
+  void serve(unsigned t, uint64_t seen) {
+    while (true) {
+      const std::function<void(unsigned)>* body;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        started_.wait(lock, [&] { return stopping_ || generation_ != seen; });
+        if (stopping_) return;
+        seen = generation_;
+        body = body_;
+      }
+      (*body)(t);
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (--running_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable started_, done_;
+  const std::function<void(unsigned)>* body_ = nullptr;
+  unsigned running_ = 0;
+  uint64_t generation_ = 0;
+  bool stopping_ = false;
+  std::vector<std::jthread> threads_;
+};
+
+// Never destroyed: its threads wait for work until the process exits.
+inline BlockThreads& block_threads() {
+  static BlockThreads* threads = new BlockThreads;
+  return *threads;
+}
 inline std::vector<std::max_align_t> shared_memory;
 // The static shared arrays (GUNN_SHARED_ARRAY) used so far: filled with NaN
 // bytes before every block.
@@ -202,18 +264,12 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
     if (words > 0) std::memset(emulator::shared_memory.data(), 0xff, words * sizeof(std::max_align_t));
     emulator::fill_shared_memory();
     emulator::BlockBarrier barrier(block.x);
-    {
-      std::vector<std::jthread> threads;
-      threads.reserve(block.x);
-      for (unsigned t = 0; t < block.x; ++t) {
-        threads.emplace_back([&, t] {
-          threadIdx = dim3(t);
-          emulator::block_barrier = &barrier;
-          kernel(args...);
-          barrier.exit(t);
-        });
-      }
-    }
+    emulator::block_threads().run(block.x, [&](unsigned t) {
+      threadIdx = dim3(t);
+      emulator::block_barrier = &barrier;
+      kernel(args...);
+      barrier.exit(t);
+    });
     if (barrier.diverged() && !diverged_block) diverged_block = blockIdx;
   }
   const void* address = emulator::misaligned.exchange(nullptr);
