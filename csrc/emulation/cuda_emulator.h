@@ -32,6 +32,7 @@
 #include <optional>
 #include <source_location>
 #include <thread>
+#include <unistd.h>
 #include <vector>
 
 #define __global__
@@ -149,9 +150,15 @@ class BlockThreads {
   std::vector<std::jthread> threads_;
 };
 
-// Never destroyed: its threads wait for work until the process exits.
+// Never destroyed: its threads wait for work until the process exits. A
+// forked child, which has none of them, gets its own.
 inline BlockThreads& block_threads() {
-  static BlockThreads* threads = new BlockThreads;
+  static BlockThreads* threads = nullptr;
+  static pid_t owner = 0;
+  if (threads == nullptr || owner != getpid()) {
+    threads = new BlockThreads;
+    owner = getpid();
+  }
   return *threads;
 }
 inline std::vector<std::max_align_t> shared_memory;
