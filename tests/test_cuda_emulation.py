@@ -40,11 +40,13 @@ def uninitialized_memory_is_nan():
     enabled, warn_only = (torch.are_deterministic_algorithms_enabled(),
                           torch.is_deterministic_algorithms_warn_only_enabled())
     fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # torch.use_deterministic_algorithms also configures Inductor, whose import
+    # loads Triton, which aborts under a preloaded AddressSanitizer.
+    torch._C._set_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
     assert torch.empty(4).isnan().all()
     yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    torch._C._set_deterministic_algorithms(enabled, warn_only=warn_only)
     torch.utils.deterministic.fill_uninitialized_memory = fill
 
 

@@ -161,9 +161,10 @@ inline BlockThreads& block_threads() {
   }
   return *threads;
 }
+
+// The launch's dynamic shared memory, and the static shared arrays
+// (GUNN_SHARED_ARRAY) used so far: filled with NaN bytes before every block.
 inline std::vector<std::max_align_t> shared_memory;
-// The static shared arrays (GUNN_SHARED_ARRAY) used so far: filled with NaN
-// bytes before every block.
 struct SharedArray {
   void* data;
   size_t bytes;
@@ -186,9 +187,13 @@ T (&shared_array())[N] {
 }
 
 inline void fill_shared_memory() {
+  if (!shared_memory.empty()) {
+    std::memset(shared_memory.data(), 0xff, shared_memory.size() * sizeof(std::max_align_t));
+  }
   const std::lock_guard<std::mutex> lock(shared_arrays_mutex);
   for (const SharedArray& a : shared_arrays) std::memset(a.data, 0xff, a.bytes);
 }
+
 // Kernel launches so far (the tests count them per segment).
 inline std::atomic<int64_t> launches{0};
 // Whether launches run their blocks last to first.
@@ -268,7 +273,6 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
   for (uint64_t i = 0; i < blocks; ++i) {
     const uint64_t b = reversed ? blocks - 1 - i : i;
     blockIdx = dim3(b % grid.x, b / grid.x % grid.y, b / (uint64_t(grid.x) * grid.y));
-    if (words > 0) std::memset(emulator::shared_memory.data(), 0xff, words * sizeof(std::max_align_t));
     emulator::fill_shared_memory();
     emulator::BlockBarrier barrier(block.x);
     emulator::block_threads().run(block.x, [&](unsigned t) {
