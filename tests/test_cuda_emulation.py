@@ -12,7 +12,12 @@ ATen's CPU ones here, and CUDA graph replay is not emulated.
 ``GUNN_EXT_EMULATION_SANITIZER=address`` (or ``thread``, ``undefined``) builds
 the library with that sanitizer; run pytest with the sanitizer's runtime
 preloaded, e.g. ``LD_PRELOAD=$(g++ -print-file-name=libasan.so)
-ASAN_OPTIONS=detect_leaks=0``, to check the kernels' memory accesses.
+ASAN_OPTIONS=detect_leaks=0``, to check the kernels' memory accesses, or
+``LD_PRELOAD=$(g++ -print-file-name=libtsan.so)
+TSAN_OPTIONS=ignore_noninstrumented_modules=1`` to check that the threads of a
+block never race on shared memory. Leave out the launch counts there
+(``-k "not launches"``): ``torch.profiler`` loads Triton, which aborts under a
+preloaded sanitizer.
 """
 import contextlib
 import os
@@ -58,13 +63,20 @@ def emulated_op():
                *sorted((ROOT / "csrc" / "emulation").glob("*.cpp"))]
     sanitizer = os.environ.get("GUNN_EXT_EMULATION_SANITIZER")
     sanitize = [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-g"] if sanitizer else []
-    cpp_extension.load(
-        name=NAMESPACE + (f"_{sanitizer}" if sanitizer else ""),
-        sources=[str(s) for s in sources], is_python_module=False,
-        # Renaming the C++ namespace renames the op namespace too (TORCH_LIBRARY
-        # stringizes the expanded name), so both libraries load side by side.
-        extra_cflags=["-O2", "-std=c++20", "-DGUNN_EXT_EMULATE_CUDA", f"-Dgunn_ext={NAMESPACE}", *sanitize],
-        extra_ldflags=sanitize)
+    # The build's tools run without a preloaded sanitizer runtime (ninja crashes under TSan's).
+    preload = os.environ.pop("LD_PRELOAD", None)
+    try:
+        cpp_extension.load(
+            name=NAMESPACE + (f"_{sanitizer}" if sanitizer else ""),
+            sources=[str(s) for s in sources], is_python_module=False,
+            # Renaming the C++ namespace renames the op namespace too (TORCH_LIBRARY
+            # stringizes the expanded name), so both libraries load side by side.
+            extra_cflags=["-O2", "-std=c++20", "-DGUNN_EXT_EMULATE_CUDA", f"-Dgunn_ext={NAMESPACE}",
+                          *sanitize],
+            extra_ldflags=sanitize)
+    finally:
+        if preload is not None:
+            os.environ["LD_PRELOAD"] = preload
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::gradual_update", "Autograd"):
         ops.register_layer_op(f"{NAMESPACE}::gradual_update",
                               f"{NAMESPACE}::gradual_update_backward", conventions.stats_dtype)
