@@ -64,7 +64,16 @@ def test_layouts(kind, layout):
     run_and_compare(layer, native, x, train=False)
 
 
-@pytest.mark.parametrize("shape", [(64, 48, 16, 16), (256, 12, 32, 32)], ids=["wide", "tall"])
+LARGE_BATCHES = pytest.mark.parametrize("shape", [(64, 48, 16, 16), (256, 12, 32, 32)],
+                                        ids=["wide", "tall"])
+
+
+def large_batch_layer(channels, dtype):
+    """The layer of a LARGE_BATCHES shape: 12-channel segments (wide), 6-channel (tall)."""
+    return make_layer(channels=channels, segments=4 if channels == 48 else 2, dtype=dtype, device="cuda")
+
+
+@LARGE_BATCHES
 def test_reference_large_batch(shape):
     """The reference layer alone at test_large_batch's shapes, synchronised.
 
@@ -72,25 +81,21 @@ def test_reference_large_batch(shape):
     6-channel segments (tall) most of them start 8 bytes past a 16-byte
     boundary, as separately allocated parameters never do. So a GPU fault in
     PyTorch's batch norm at these addresses shows here, apart from the op's."""
-    batch, channels, height, width = shape
-    layer = make_layer(channels=channels, segments=4 if channels == 48 else 2, dtype=torch.float32,
-                       device="cuda")
+    layer = large_batch_layer(shape[1], torch.float32)
     x = torch.randn(*shape, device="cuda").to(memory_format=torch.channels_last)
     results = forward_backward(layer, x, torch.randn_like(x))
     torch.cuda.synchronize()
     assert all(r.isfinite().all() for r in results)
 
 
-@pytest.mark.parametrize("shape", [(64, 48, 16, 16), (256, 12, 32, 32)], ids=["wide", "tall"])
+@LARGE_BATCHES
 def test_large_batch(shape):
     """Enough rows that the column reductions combine hundreds of chunk partials.
 
     At 262144 rows PyTorch's own float32 result is off by about 1e-3 (relative
     norm of the input gradient), so both are judged against float64 truth. The
     native op runs first and is synchronised alone, so a fault is its own."""
-    batch, channels, height, width = shape
-    truth_layer = make_layer(channels=channels, segments=4 if channels == 48 else 2,
-                             dtype=torch.float64, device="cuda")
+    truth_layer = large_batch_layer(shape[1], torch.float64)
     native = twin(truth_layer, "native").float()
     x = torch.randn(*shape, device="cuda", dtype=torch.float64).to(memory_format=torch.channels_last)
     grad = torch.randn_like(x)
