@@ -7,8 +7,9 @@ Reads what the steps left in the folder: ``environment.json``, ``steps.tsv``
 tests that lost the CUDA context (``cuda_faults.txt``), the
 benchmark reports (``bench_*.json`` from ``seq_update.py``, ``train_*.json``
 from ``train_step.py``, ``sweep_*.json`` from ``segment_sweep.py``), the
-profile (``profile_ops.json``) and the graph replay loop
-(``replay_loop*.json``). A missing or unreadable file leaves its section out
+profile (``profile_ops.json``), the graph replay loop
+(``replay_loop*.json``) and batch norm at offsets into flat tensors
+(``batch_norm_alignment.json``). A missing or unreadable file leaves its section out
 or says so; the summary is written whatever failed.
 """
 from __future__ import annotations
@@ -219,10 +220,28 @@ def replay_section(results: Path) -> list[str]:
     return lines
 
 
+def alignment_section(results: Path) -> list[str]:
+    path = results / "batch_norm_alignment.json"
+    if not path.exists():
+        return []
+    report, problem = _read_json(path)
+    cases = report.get("results") if isinstance(report, dict) else None
+    lines = ["", "## Batch norm with its tensors at offsets into flat tensors (batch_norm_alignment.py)", ""]
+    if not isinstance(cases, list):
+        return lines + [problem or f"{path.name} holds no `results` list"]
+    failed = [c for c in cases if c.get("status") != "ok"]
+    lines.append(f"{len(cases) - len(failed)} of {len(cases)} cases equal the aligned call.")
+    if failed:
+        lines += ["", "| batch | C | layout | offset | status | detail |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {c.get('batch')} | {c.get('channels')} | {c.get('layout')} | {c.get('offset')} | "
+                  f"{c.get('status')} | {c.get('error') or c.get('max_relative_difference')} |" for c in failed]
+    return lines
+
+
 def summarize(results: Path) -> str:
     lines = (environment_section(results) + [""] + steps_section(results) + [""] + tests_section(results)
              + [""] + benchmarks_section(results) + training_sections(results) + profile_section(results)
-             + replay_section(results) + sweep_sections(results))
+             + alignment_section(results) + replay_section(results) + sweep_sections(results))
     return "\n".join(lines) + "\n"
 
 

@@ -8,9 +8,10 @@
 # files), the whole results folder is also packed into $OUT/gpu_check.tar.gz,
 # with summary.md beside it.
 # Everything runs under one time budget (GUNN_CHECK_BUDGET seconds, default
-# 420), each step under `timeout`, most valuable first: build, CUDA tests (the
-# Triton warm-up compiling beside them; a test that loses the CUDA context is
-# left out of a rerun and diagnosed after graph replay), the GUNN-15 shapes on
+# 420), each step under `timeout`, most valuable first: build, batch norm at
+# offsets into flat tensors, CUDA tests (the Triton warm-up compiling beside
+# them; a test that loses the CUDA context is left out of a rerun and
+# diagnosed after graph replay), the GUNN-15 shapes on
 # every backend, P = N, the profile and graph replay, then the rest,
 # torch.compile last. A failing step is recorded and the next one runs. The
 # summary (benchmarks/check_summary.py, also summary.md) is printed last.
@@ -131,6 +132,10 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
     run_step cuda_fault_sanitizer 120 env GUNN_CUDA_FAULT_FILE= "$sanitizer" --tool memcheck \
       --print-limit 20 "${PYTEST[@]}" "$id"
   }
+  # PyTorch's batch norm with its tensors 4, 8 and 12 bytes past 16-byte boundaries, as a
+  # layer's flat tensors place them: each case that faults in a worker of its own.
+  run_step batch_norm_alignment 60 "$PYTHON" "$ROOT/benchmarks/batch_norm_alignment.py" \
+    --json "$RESULTS/batch_norm_alignment.json"
   cuda_tests tests_cuda 150 "$ROOT/tests" -m cuda -k "not triton" -rP --ignore="$ROOT/tests/test_triton.py"
   wait
   bench_shape() {  # dtype shape cap [extra args]
@@ -183,6 +188,8 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
 else
   log "NO CUDA GPU: torch.cuda.is_available() is False; doing a short CPU run instead (no GPU numbers)"
   run_step tests_cuda 60 "${PYTEST[@]}" "$ROOT/tests" -m cuda --junitxml="$RESULTS/tests_cuda.xml"
+  run_step batch_norm_alignment 30 "$PYTHON" "$ROOT/benchmarks/batch_norm_alignment.py" --device cpu \
+    --json "$RESULTS/batch_norm_alignment.json"
   run_step bench_cpu_small_float32 120 "${BENCH[@]}" --no-compile --segments 4 --size 8 --batch 4 \
     --device cpu --backends reference,native --repeats 3 --warmup 1 \
     --json "$RESULTS/bench_cpu_small_float32.json"

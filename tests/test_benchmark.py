@@ -1,5 +1,6 @@
-"""Smoke test of benchmarks/seq_update.py on a tiny layer (CPU, a few seconds)."""
+"""Smoke tests of the benchmark programs and the GPU check's summary, on tiny sizes on the CPU."""
 import json
+import sys
 from pathlib import Path
 
 import gunn_ext
@@ -129,3 +130,45 @@ def test_sweep_profile_and_summary_of_the_gpu_check(monkeypatch, tmp_path):
     assert "skipped triton" in summary
     for b in profiled:
         assert f"| {b} | 6/3/4 | forward+backward |" in summary
+
+
+def test_batch_norm_alignment_goes_on_after_a_fault(monkeypatch, tmp_path, capsys):
+    """A case that kills its worker (as a CUDA fault does) is reported, and the
+    next case runs in a new worker; the summary lists the case."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import batch_norm_alignment as probe
+    import check_summary
+
+    args = probe.parse_args(["--device", "cpu", "--offsets", "0,1,2", "--channels", "3,6"])
+    faulty = tmp_path / "faulty_worker.py"
+    faulty.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(BENCHMARKS)!r})\n"
+        "import batch_norm_alignment as probe\n"
+        "run_case = probe.run_case\n"
+        "def dies_at_offset_1(case, device):\n"
+        "    if case['offset'] == 1:\n"
+        "        print('RuntimeError: CUDA error: misaligned address', file=sys.stderr, flush=True)\n"
+        "        os._exit(1)\n"
+        "    return run_case(case, device)\n"
+        "probe.run_case = dies_at_offset_1\n"
+        "probe.worker(probe.parse_args(sys.argv[1:]))\n")
+    command = [sys.executable, str(faulty)] + probe.worker_command(args)[2:]
+    results = probe.run_all(args, command)
+
+    expected = probe.cases(args)
+    assert [(r["channels"], r["layout"], r["offset"]) for r in results] == \
+        [(c["channels"], c["layout"], c["offset"]) for c in expected]
+    for r in results:
+        if r["offset"] == 1:
+            assert r["status"] == "FAULT" and "misaligned address" in r["error"], r
+        else:
+            assert r["status"] == "ok" and r["max_relative_difference"] == 0, r
+            assert r["bytes_past_16"] == [4 * r["offset"] % 16] * 4
+    assert capsys.readouterr().out.count("FAULT") == 4
+
+    (tmp_path / "batch_norm_alignment.json").write_text(json.dumps({"results": results}))
+    assert check_summary.main([str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "8 of 12 cases equal the aligned call." in summary
+    assert summary.count("| FAULT | worker exit status 1: RuntimeError: CUDA error: misaligned address |") == 4
