@@ -68,7 +68,9 @@ def register_layer_op(forward: str, backward: str, stats: Callable[[torch.dtype]
 
     ``forward`` and ``backward`` are qualified op names (``"ns::name"``), the
     backward taking ``gradual_update_backward``'s arguments; ``stats`` maps the
-    input dtype to the dtype of the returned statistics.
+    input dtype to the dtype of the returned statistics. The backward op is
+    not differentiable: a double backward through it raises, instead of
+    autograd's default of a warning and zero second-order terms.
     """
     namespace, backward_name = backward.split("::")
     @torch.library.register_fake(forward)
@@ -97,6 +99,12 @@ def register_layer_op(forward: str, backward: str, stats: Callable[[torch.dtype]
         return (*grads, None, None, None, None, None, None, None, None, None)
 
     torch.library.register_autograd(forward, backward_formula, setup_context=setup_context)
+
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError(f"{backward} is not differentiable: gunn_ext layers have no double "
+                           "backward (gradients of gradients); use backend='reference' for those")
+
+    torch.library.register_autograd(backward, no_double_backward)
 
 
 _LOAD_ERROR = load_error()

@@ -92,3 +92,23 @@ def test_op_checks_arguments():
     args[1] = args[1][:-1]
     with pytest.raises(RuntimeError, match=r"conv_weight must be 1-D with 756 values \(see ParameterLayout\), got shape \[755\]"):
         torch.ops.gunn_ext.gradual_update(*args)
+
+
+def double_backward(layer, x):
+    """A gradient penalty: the second backward goes through the layer's backward."""
+    x = x.clone().requires_grad_()
+    grad_x, = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    grad_x.pow(2).sum().backward()
+    return x.grad
+
+
+def test_double_backward_raises_on_compiled_backends():
+    """The reference differentiates twice; the compiled op says it cannot,
+    instead of autograd's default of a warning and zero second-order terms."""
+    layer = GUNNLayer(8, 4, backend="reference").double()
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    assert double_backward(layer, x).abs().sum() > 0
+    layer.backend = "native"
+    with pytest.raises(RuntimeError, match="gradual_update_backward is not differentiable: .*no double backward"):
+        double_backward(layer, x)
+    layer(x.requires_grad_()).sum().backward()  # create_graph=False is unaffected

@@ -267,3 +267,12 @@ def test_autotuning_space_is_pruned():
     assert configs(64 * 64, 8) == [(4, 2), (4, 3)]
     assert configs(64 * 128, 8) == [(4, 2), (4, 3), (8, 3)]
     assert configs(64 * 128, 2) == [(4, 2)]
+
+
+@kernels
+def test_double_backward_raises():
+    from test_errors import double_backward
+
+    layer = make_layer(backend="triton", channels=4, segments=2, dtype=torch.float32, device=DEVICE)
+    with pytest.raises(RuntimeError, match="triton_gradual_update_backward is not differentiable"):
+        double_backward(layer, _input(4, SHAPES["batch 1, 3x7"]))
