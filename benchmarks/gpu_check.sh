@@ -146,7 +146,7 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
       --json "$RESULTS/bench_${name}_${dtype}$SUFFIX.json"
   }
   # fp32 at 240/20 32x32 and 360/30 8x8 on every backend (the first run
-  # autotunes the Triton kernels), 240/20 in TF32, P = N, the kernel profile (also at P = 40
+  # autotunes the Triton kernels), 240/20 in TF32 and in channels_last, P = N, the kernel profile (also at P = 40
   # and P = N), graph replay over a training loop, the diagnosis of a test
   # that lost the CUDA context, eval, a GUNN-15 training step, the segment
   # sweep, the Triton tests, bf16, the 300/25 shape, graph replay off;
@@ -157,6 +157,9 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
   # The same 240/20 with every float32 product in TF32, as the reference's convolutions already are.
   SUFFIX="_tf32"
   bench_shape float32 "${SHAPES[0]}" 40 "${BENCH[@]}" --no-compile --tf32
+  # The same in channels_last, the native op's layout (the others' inputs are NCHW).
+  SUFFIX="_channels_last"
+  bench_shape float32 "${SHAPES[0]}" 30 "${BENCH[@]}" --no-compile --backends reference,native --channels-last
   SUFFIX=""
   run_step bench_PeqN_float32 50 "${BENCH[@]}" --no-compile --backends reference,native --segments 240 \
     --channels 240 --size 32 --batch 64 --dtype float32 --device cuda --repeats 10 --warmup 8 \

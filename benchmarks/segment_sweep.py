@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--expansion", type=seq_update.positive_int, default=2)
     parser.add_argument("--mode", choices=("train", "eval"), default="train")
     parser.add_argument("--dtype", choices=tuple(seq_update.DTYPES), default="float32")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last inputs (default NCHW)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--backends", help=f"comma list from {', '.join(BACKEND_NAMES)}; "
                                            "default: every available backend")
@@ -106,7 +107,7 @@ def layer_args(args: argparse.Namespace, segments: int) -> argparse.Namespace:
         "--batch", str(args.batch), "--expansion", str(args.expansion), "--mode", args.mode,
         "--dtype", args.dtype, "--device", str(args.device), "--backends", ",".join(args.backends),
         "--no-compile", "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-        "--seed", str(args.seed)])
+        "--seed", str(args.seed)] + (["--channels-last"] if args.channels_last else []))
 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
@@ -131,7 +132,8 @@ def _median(row: dict | None, stage: str) -> float | None:
 def build_table(rows: list[dict], args: argparse.Namespace, info: dict) -> Table:
     first = args.segments[0]
     table = Table(title=(f"GUNN layer, {args.channels} channels, expansion {args.expansion}, shortcut on; "
-                         f"input {args.batch}x{args.channels}x{args.size}x{args.size} {args.dtype} on "
+                         f"input {args.batch}x{args.channels}x{args.size}x{args.size} {args.dtype}"
+                         f"{' channels_last' if args.channels_last else ''} on "
                          f"{args.device}, {args.mode} mode; median (p20-p80) of {args.repeats} after "
                          f"{args.warmup} warm-up"),
                   title_justify="left", caption_justify="left",

@@ -105,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "default: every available backend and compile")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="leave out torch.compile of the reference (minutes on a CPU)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="inputs and gradients in channels_last, the native op's layout (default NCHW)")
     parser.add_argument("--tf32", action="store_true",
                         help="float32 products in TF32 in every backend (torch.set_float32_matmul_precision"
                              "('high'): the native op's GEMMs and the Triton kernels' dots), as PyTorch's "
@@ -180,8 +182,10 @@ def make_workload(layer: torch.nn.Module, args: argparse.Namespace) -> Workload:
     shape = (args.batch, args.channels, args.size, args.size)
     dtype, count = DTYPES[args.dtype], ROTATING_INPUTS
 
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+
     def random() -> torch.Tensor:
-        return torch.randn(shape, generator=generator).to(args.device, dtype)
+        return torch.randn(shape, generator=generator).to(args.device, dtype, memory_format=layout)
 
     inputs = [random().requires_grad_() for _ in range(count)]
     grads = [random() for _ in range(count)]
@@ -411,7 +415,8 @@ def _git_commit() -> str | None:
 def describe_config(args: argparse.Namespace) -> str:
     return (f"{args.layer.upper()} layer: {args.channels} channels, {args.segments} segments, "
             f"expansion {args.expansion}, bottlenecks {args.bottlenecks}, shortcut {'on' if args.shortcut else 'off'}; "
-            f"input {args.batch}x{args.channels}x{args.size}x{args.size} {args.dtype} on {args.device}, "
+            f"input {args.batch}x{args.channels}x{args.size}x{args.size} {args.dtype}"
+            f"{' channels_last' if args.channels_last else ''} on {args.device}, "
             f"{args.mode} mode; median (p20-p80) of {args.repeats} after {args.warmup} warm-up")
 
 

@@ -3,6 +3,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 import gunn_ext
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -41,6 +43,19 @@ def test_seq_update_measures_every_backend_and_reports_failures(monkeypatch, tmp
     if "native" in results:
         # Algorithm 1 keeps x, y and the BatchNorm statistics only.
         assert 2 * input_bytes <= results["native"]["memory"]["saved_bytes"] < 3 * input_bytes
+
+
+def test_seq_update_channels_last_inputs(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import seq_update
+
+    for flag, layout in (([], torch.contiguous_format), (["--channels-last"], torch.channels_last)):
+        args = seq_update.parse_args(["--channels", "4", "--segments", "2", "--size", "3", "--batch", "2",
+                                      "--device", "cpu"] + flag)
+        work = seq_update.make_workload(seq_update.make_layer(args), args)
+        for t in work.inputs + work.grads:
+            assert t.is_contiguous(memory_format=layout) and not t.is_contiguous(memory_format=(
+                torch.contiguous_format if layout == torch.channels_last else torch.channels_last))
 
 
 def test_seq_update_tf32_is_scoped_to_the_run(monkeypatch):
