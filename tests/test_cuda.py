@@ -92,7 +92,7 @@ def test_reference_large_batch(shape):
 def test_large_batch(shape):
     """Enough rows that the column reductions combine hundreds of chunk partials.
 
-    At 262144 rows PyTorch's own float32 result is off by about 1e-3 (relative
+    At 262144 rows PyTorch's own float32 result is off by about 1.5e-3 (relative
     norm of the input gradient), so both are judged against float64 truth. The
     native op runs first and is synchronised alone, so a fault is its own."""
     truth_layer = large_batch_layer(shape[1], torch.float64)
