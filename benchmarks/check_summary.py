@@ -117,7 +117,9 @@ def training_sections(results: Path) -> list[str]:
         if report is None:
             lines += ["", f"## Training step: {problem}"]
             continue
-        lines += ["", f"## Training step: {path.stem} (batch {report['args']['batch']})", "",
+        segments = report["args"].get("segment_channels")
+        lines += ["", f"## Training step: {path.stem} (batch {report['args']['batch']}"
+                  f"{'' if segments is None else f', segments of {segments} channels'})", "",
                   "| backend | step ms | images/s | peak GB |", "| --- | --- | --- | --- |"]
         for r in report["results"]:
             if "error" in r:

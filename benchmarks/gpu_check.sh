@@ -148,7 +148,7 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
   # fp32 at 240/20 32x32 and 360/30 8x8 on every backend (the first run
   # autotunes the Triton kernels), 240/20 in TF32 and in channels_last, P = N, the kernel profile (also at P = 40
   # and P = N), graph replay over a training loop, the diagnosis of a test
-  # that lost the CUDA context, eval, a GUNN-15 training step, the segment
+  # that lost the CUDA context, eval, a GUNN-15 training step (also at P = N), the segment
   # sweep, the Triton tests, bf16, the 300/25 shape, graph replay off;
   # torch.compile of the reference last, as it takes minutes.
   SUFFIX=""
@@ -175,6 +175,10 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
   bench_shape float32 "${SHAPES[2]}" 30 "${BENCH[@]}" --no-compile --mode eval
   run_step train_gunn15 60 "$PYTHON" "$ROOT/benchmarks/train_step.py" --model gunn15 --batch 64 \
     --backends reference,native --device cuda --json "$RESULTS/train_gunn15.json"
+  # The same network with one channel per segment (P = N in every layer).
+  run_step train_gunn15_PeqN 60 "$PYTHON" "$ROOT/benchmarks/train_step.py" --model gunn15 --batch 64 \
+    --segment-channels 1 --backends reference,native --device cuda --steps 5 \
+    --json "$RESULTS/train_gunn15_PeqN.json"
   run_step sweep_240_32x32 120 "$PYTHON" "$ROOT/benchmarks/segment_sweep.py" --channels 240 \
     --segments "$SWEEP_SEGMENTS" --size 32 --batch 64 --device cuda --repeats 10 --warmup 3 \
     --json "$RESULTS/sweep_240_32x32.json" --plot "$RESULTS/sweep_240_32x32.png"
@@ -198,6 +202,8 @@ else
     --json "$RESULTS/bench_cpu_small_float32.json"
   run_step train_cpu_small 120 "$PYTHON" "$ROOT/benchmarks/train_step.py" --model gunn15 --width 0.1 \
     --batch 4 --steps 2 --warmup 1 --device cpu --json "$RESULTS/train_cpu_small.json"
+  run_step train_cpu_small_PeqN 120 "$PYTHON" "$ROOT/benchmarks/train_step.py" --model gunn15 --width 0.1 \
+    --segment-channels 1 --batch 4 --steps 2 --warmup 1 --device cpu --json "$RESULTS/train_cpu_small_PeqN.json"
   run_step profile_ops 60 "$PYTHON" "$ROOT/benchmarks/profile_ops.py" --device cpu --shapes 24/2/8 12/12/4 \
     --batch 2 --calls 2 --warmup 1 --json "$RESULTS/profile_ops.json"
   run_step replay_loop 60 "$PYTHON" "$ROOT/benchmarks/replay_loop.py" --json "$RESULTS/replay_loop.json"

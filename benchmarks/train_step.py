@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="gunn15", choices=sorted(MODELS))
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = the paper's)")
+    p.add_argument("--segment-channels", type=int,
+                   help="channels per segment in every GUNN/SUNN layer (default: the paper's; 1 = P = N)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, help="default 64 on a GPU, 8 on the CPU")
     p.add_argument("--backends", help="comma list (default: every available backend)")
@@ -75,8 +77,7 @@ def measure(model, args, device) -> dict:
         return sum(s.captures for s in cuda_graphs.stats().values())
 
     model.train()
-    # Graph keys include data pointers, which settle one layer at a time (and
-    # after the optimizer's first step): warm up until no step captures.
+    # Each layer captures its graphs in the first steps: warm up until no step captures.
     steady, warmup = 0, 0
     while warmup < args.warmup or (steady < 2 and warmup < args.warmup + 20):
         before = captures()
@@ -115,7 +116,8 @@ def main(argv=None) -> int:
     args.batch = args.batch or (64 if device.type == "cuda" else 8)
     names = args.backends.split(",") if args.backends else gunn_ext.available_backends(device)
     torch.manual_seed(args.seed)
-    template = build_model(args.model, num_classes=args.num_classes, width=args.width)
+    template = build_model(args.model, num_classes=args.num_classes, width=args.width,
+                           segment_channels=args.segment_channels)
     params = sum(p.numel() for p in template.parameters())
     rows, failed = [], False
     for name in names:
@@ -133,7 +135,8 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    table = Table(title=f"{args.model} ({params:,} parameters), batch {args.batch}, {device.type}"
+    segments = "" if args.segment_channels is None else f", segments of {args.segment_channels} channels"
+    table = Table(title=f"{args.model} ({params:,} parameters{segments}), batch {args.batch}, {device.type}"
                         f"{', ' + args.amp if args.amp else ''}{', channels_last' if args.channels_last else ''}")
     for column in ("backend", "step ms", "images/s", "speedup", "peak memory GB"):
         table.add_column(column, justify="left" if column == "backend" else "right")

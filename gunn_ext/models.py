@@ -19,6 +19,12 @@ A GUNN network and its SUNN counterpart have the same parameters (same
 
 ``width`` scales every channel count (the stem's 64 included) and keeps the
 number of segments, so segment sizes become ``max(1, round(w N_j / P_j))``.
+``segment_channels = n`` then splits every segmented layer into segments of
+``n`` channels (``P_j = N_j / n``; ``n = 1`` is the finest gradual update,
+``P = N``). The convolutions that read the whole state (shortcut and first
+1x1) keep their parameters, while a segment's 3x3 (``9 (K n)^2`` weights)
+and last 1x1 (``K n^2``) shrink with ``n``: the network has fewer parameters
+than the paper's.
 """
 from __future__ import annotations
 
@@ -49,6 +55,13 @@ class LayerSpec:
     def scaled(self, width: float) -> LayerSpec:
         size = max(1, round(width * self.channels / self.segments))
         return LayerSpec(size * self.segments, self.segments, self.expansion, self.bottlenecks)
+
+    def resegmented(self, segment_channels: int) -> LayerSpec:
+        """The same layer in segments of ``segment_channels`` channels."""
+        if self.channels % segment_channels:
+            raise ValueError(f"segment_channels={segment_channels} must divide the channels of every "
+                             f"segmented layer, got a layer of {self.channels}")
+        return LayerSpec(self.channels, self.channels // segment_channels, self.expansion, self.bottlenecks)
 
 
 @dataclass(frozen=True)
@@ -91,7 +104,7 @@ class GUNNNet(nn.Module):
 
     def __init__(self, arch: Architecture, layer_type: type[GUNNLayer] | type[SUNNLayer],
                  num_classes: int | None = None, backend: str = "auto", width: float = 1.0,
-                 in_channels: int = 3):
+                 in_channels: int = 3, segment_channels: int | None = None):
         super().__init__()
         if arch.layout not in ("cifar", "imagenet"):
             raise ValueError(f"arch.layout must be 'cifar' or 'imagenet', got {arch.layout!r}")
@@ -101,6 +114,9 @@ class GUNNNet(nn.Module):
         if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
             raise ValueError(f"width must be a positive number, got {width!r}")
         specs = [spec.scaled(width) for spec in arch.layers]
+        if segment_channels is not None:
+            positive_int("segment_channels", segment_channels)
+            specs = [spec.resegmented(segment_channels) for spec in specs]
         stem_channels = max(1, round(64 * width))
         stages: OrderedDict[str, nn.Module] = OrderedDict()
         if arch.layout == "cifar":
@@ -141,11 +157,12 @@ def _factory(name: str, arch_key: str, layer_type, doc: str) -> Callable[..., GU
     arch = ARCHITECTURES[arch_key]
 
     def build(num_classes: int | None = None, backend: str = "auto", width: float = 1.0,
-              in_channels: int = 3) -> GUNNNet:
-        return GUNNNet(arch, layer_type, num_classes, backend, width, in_channels)
+              in_channels: int = 3, segment_channels: int | None = None) -> GUNNNet:
+        return GUNNNet(arch, layer_type, num_classes, backend, width, in_channels, segment_channels)
 
     build.__doc__ = (f"{doc} ({arch.layout}; {arch.num_classes} classes by default).\n\n"
-                     "``backend`` goes to every segmented layer; ``width`` scales all channels.")
+                     "``backend`` goes to every segmented layer; ``width`` scales all channels; "
+                     "``segment_channels`` (default: the paper's segments) sets the channels per segment.")
     build.__name__ = build.__qualname__ = name
     return build
 
@@ -166,7 +183,7 @@ MODELS: dict[str, Callable[..., GUNNNet]] = {
 
 
 def build_model(name: str, **kwargs) -> GUNNNet:
-    """``MODELS[name](**kwargs)``; kwargs: num_classes, backend, width, in_channels."""
+    """``MODELS[name](**kwargs)``; kwargs: num_classes, backend, width, in_channels, segment_channels."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
     return MODELS[name](**kwargs)

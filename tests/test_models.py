@@ -84,6 +84,28 @@ def test_width_scales_channels_and_keeps_segments():
     assert model.fc.out_features == 7
 
 
+def test_segment_channels_resegments_every_layer():
+    """P = N / n in every segmented layer. A segment's 3x3 (9 (K n)^2 weights) and
+    last 1x1 (K n^2) shrink with n; at K = 2 a layer of N channels in segments
+    of n holds (36 n + 2 n) N of them, from GUNN-15's n = 12 down to n = 1."""
+    model = gunn15(segment_channels=1)
+    assert [(m.channels, len(m.segments)) for m in model.segmented_layers()] == [(240, 240), (300, 300),
+                                                                                  (360, 360)]
+    assert all(set(m.segments) == {1} for m in model.segmented_layers())
+    fewer = sum((36 + 2) * (12 - 1) * n for n in (240, 300, 360))
+    assert parameter_count(model) == 1_585_746 - fewer
+    assert parameter_count(sunn15(segment_channels=1)) == parameter_count(model)
+    assert model.state_dict().keys() == sunn15(segment_channels=1).state_dict().keys()
+    tiny = gunn15(width=0.25, segment_channels=5)
+    assert [(m.channels, len(m.segments)) for m in tiny.segmented_layers()] == [(60, 12), (75, 15), (90, 18)]
+    assert parameter_count(gunn15(segment_channels=12)) == 1_585_746
+    with pytest.raises(ValueError, match="segment_channels=7 must divide the channels of every "
+                                         "segmented layer, got a layer of 240"):
+        gunn15(segment_channels=7)
+    with pytest.raises(ValueError, match="segment_channels must be a positive int, got 0"):
+        build_model("gunn15", segment_channels=0)
+
+
 @pytest.mark.parametrize("backend", ["reference", "native"])
 @pytest.mark.parametrize("factory", [gunn15, sunn15])
 def test_cifar_forward_and_backward(factory, backend):

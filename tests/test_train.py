@@ -274,6 +274,9 @@ def test_bad_arguments_give_clear_errors(capsys, tmp_path):
     assert "epochs must be an int >= 1, got 0" in run_cli_error(["--epochs", "0"], capsys)
     assert "needs --data" in run_cli_error(["--dataset", "cifar10"], capsys)
     assert "milestones must be fractions" in run_cli_error(["--milestones", "150", "225"], capsys)
+    assert "segment_channels must be an int >= 1, got 0" in run_cli_error(["--segment-channels", "0"], capsys)
+    assert "segment_channels=7 must divide" in run_cli_error(
+        ["--segment-channels", "7", "--out", str(tmp_path / "seven")], capsys)
     assert "--amp fp16 needs a CUDA device" in run_cli_error(
         ["--amp", "fp16", "--device", "cpu", "--out", str(tmp_path)], capsys)
 
@@ -289,10 +292,19 @@ def test_bad_data_paths_name_the_expected_files(capsys, tmp_path):
     assert "no checkpoint there" in err
 
 
+def test_segment_channels_reach_the_model(tmp_path, capsys):
+    result = fit(tiny_config(tmp_path, model="gunn15", width=0.25, segment_channels=5, epochs=1))
+    assert [len(m.segments) for m in result.model.segmented_layers()] == [12, 15, 18]
+    assert "gunn15 (width 0.25, segments of 5 channels," in capsys.readouterr().out
+    assert json.loads((tmp_path / "config.json").read_text())["segment_channels"] == 5
+
+
 def test_a_resumed_run_keeps_its_recipe(tmp_path, capsys):
     fit(tiny_config(tmp_path, epochs=1))
     err = run_cli_error(["--resume", str(tmp_path), "--lr", "0.05"], capsys)
     assert "--lr=0.05 differs from the resumed run's 0.1" in err
+    err = run_cli_error(["--resume", str(tmp_path), "--segment-channels", "1"], capsys)
+    assert "--segment-channels=1 differs from the resumed run's None" in err
     err = run_cli_error(["--model", "sunn15", "--out", str(tmp_path)], capsys)
     assert "already holds a checkpoint" in err
 

@@ -39,6 +39,9 @@ def train_parser() -> argparse.ArgumentParser:
                                      "ImageFolder root with train/ and val/")
     what.add_argument("--backend", choices=["auto", *backends.NAMES], help="GUNN layer backend (default auto)")
     what.add_argument("--width", type=float, help="channel multiplier (default 1.0 = the paper's)")
+    what.add_argument("--segment-channels", type=int, metavar="N",
+                      help="channels per segment in every GUNN/SUNN layer (default: the paper's "
+                           "segments; 1 = one channel per segment, P = N)")
     recipe = p.add_argument_group("recipe (defaults: the paper's, per dataset)")
     recipe.add_argument("--epochs", type=int, help=", ".join(f"{k} {v['epochs']}" for k, v in RECIPES.items()))
     recipe.add_argument("--batch-size", type=int, help="global batch, split over the processes")

@@ -45,6 +45,7 @@ class TrainConfig:
     resume: str | None = None
     backend: str = "auto"
     width: float = 1.0
+    segment_channels: int | None = None
     epochs: int | None = None
     batch_size: int | None = None
     lr: float = 0.1
@@ -94,6 +95,8 @@ class TrainConfig:
             _check_int("threads", self.threads, minimum=1)
         if self.train_samples is not None:
             _check_int("train_samples", self.train_samples, minimum=1)
+        if self.segment_channels is not None:
+            _check_int("segment_channels", self.segment_channels, minimum=1)
         for name in ("lr", "width"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")

@@ -193,7 +193,8 @@ class _Run:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         model = build_model(config.model, num_classes=self.data.num_classes, backend=config.backend,
-                            width=config.width, in_channels=self.data.channels)
+                            width=config.width, in_channels=self.data.channels,
+                            segment_channels=config.segment_channels)
         self.sync_bn_layers = distributed.convert_sync_batchnorm(model) if config.sync_bn else []
         model.to(context.device)
         if config.channels_last:
@@ -391,7 +392,10 @@ class _Run:
         where = f"{context.world_size} process(es) on {context.device.type}"
         resumed = (f", resumed at epoch {self.position.epoch + 1} step {self.position.step}"
                    if self.resumed is not None else "")
-        print(f"{config.model} (width {config.width}, {params:,} parameters, backend {config.backend}) on "
+        segments = ("" if config.segment_channels is None else
+                    f", segments of {config.segment_channels} channel{'s' if config.segment_channels > 1 else ''}")
+        print(f"{config.model} (width {config.width}{segments}, {params:,} parameters, "
+              f"backend {config.backend}) on "
               f"{config.dataset}: {len(self.data.train)} train / {len(self.data.test)} test images, "
               f"{config.epochs} epochs of {self.steps_per_epoch} steps, global batch {config.batch_size}, "
               f"{where}{resumed}; run folder {self.run_dir}", flush=True)
