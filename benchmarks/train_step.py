@@ -135,7 +135,8 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    segments = "" if args.segment_channels is None else f", segments of {args.segment_channels} channels"
+    n = args.segment_channels
+    segments = "" if n is None else f", segments of {n} channel{'s' if n > 1 else ''}"
     table = Table(title=f"{args.model} ({params:,} parameters{segments}), batch {args.batch}, {device.type}"
                         f"{', ' + args.amp if args.amp else ''}{', channels_last' if args.channels_last else ''}")
     for column in ("backend", "step ms", "images/s", "speedup", "peak memory GB"):
