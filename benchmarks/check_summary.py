@@ -119,7 +119,7 @@ def training_sections(results: Path) -> list[str]:
             continue
         segments = report["args"].get("segment_channels")
         lines += ["", f"## Training step: {path.stem} (batch {report['args']['batch']}"
-                  f"{'' if segments is None else f', segments of {segments} channels'})", "",
+                  f"{'' if segments is None else f', {segments}-channel segments'})", "",
                   "| backend | step ms | images/s | peak GB |", "| --- | --- | --- | --- |"]
         for r in report["results"]:
             if "error" in r:

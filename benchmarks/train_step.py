@@ -135,8 +135,7 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    n = args.segment_channels
-    segments = "" if n is None else f", segments of {n} channel{'s' if n > 1 else ''}"
+    segments = "" if args.segment_channels is None else f", {args.segment_channels}-channel segments"
     table = Table(title=f"{args.model} ({params:,} parameters{segments}), batch {args.batch}, {device.type}"
                         f"{', ' + args.amp if args.amp else ''}{', channels_last' if args.channels_last else ''}")
     for column in ("backend", "step ms", "images/s", "speedup", "peak memory GB"):

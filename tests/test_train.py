@@ -295,7 +295,7 @@ def test_bad_data_paths_name_the_expected_files(capsys, tmp_path):
 def test_segment_channels_reach_the_model(tmp_path, capsys):
     result = fit(tiny_config(tmp_path, model="gunn15", width=0.25, segment_channels=5, epochs=1))
     assert [len(m.segments) for m in result.model.segmented_layers()] == [12, 15, 18]
-    assert "gunn15 (width 0.25, segments of 5 channels," in capsys.readouterr().out
+    assert "gunn15 (width 0.25, 5-channel segments," in capsys.readouterr().out
     assert json.loads((tmp_path / "config.json").read_text())["segment_channels"] == 5
 
 

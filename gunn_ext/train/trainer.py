@@ -392,8 +392,7 @@ class _Run:
         where = f"{context.world_size} process(es) on {context.device.type}"
         resumed = (f", resumed at epoch {self.position.epoch + 1} step {self.position.step}"
                    if self.resumed is not None else "")
-        segments = ("" if config.segment_channels is None else
-                    f", segments of {config.segment_channels} channel{'s' if config.segment_channels > 1 else ''}")
+        segments = "" if config.segment_channels is None else f", {config.segment_channels}-channel segments"
         print(f"{config.model} (width {config.width}{segments}, {params:,} parameters, "
               f"backend {config.backend}) on "
               f"{config.dataset}: {len(self.data.train)} train / {len(self.data.test)} test images, "
