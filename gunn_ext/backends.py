@@ -93,9 +93,15 @@ def resolve(name: str, device_type: str) -> str:
     return name
 
 
-def get(name: str, device: torch.device) -> Callable:
-    """The implementation ``fn(layer, x)`` for backend ``name`` on ``device``."""
-    return _implementation(resolve(name, device.type))
+def get(name: str, device: torch.device, batch: int) -> Callable:
+    """The implementation ``fn(layer, x)`` for backend ``name`` on ``device``.
+
+    An empty batch runs the reference on every backend: it is what
+    ``nn.BatchNorm2d`` does with one (an empty output, zero gradients, and in
+    training ``num_batches_tracked`` counted with the running statistics
+    unchanged), and the compiled ops need rows."""
+    resolved = resolve(name, device.type)
+    return _implementation("reference" if batch == 0 else resolved)
 
 
 def check_input(layer, x) -> None:
@@ -107,6 +113,8 @@ def check_input(layer, x) -> None:
                          f"got shape {tuple(x.shape)}")
     if x.shape[1] != layer.channels:
         raise ValueError(f"input must have channels={layer.channels} (dim 1), got shape {tuple(x.shape)}")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"input must have height and width >= 1, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}")
     weight = layer.conv_weight

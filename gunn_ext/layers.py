@@ -405,7 +405,7 @@ class _SegmentedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backends.check_input(self, x)
-        return backends.get(self.backend, x.device)(self, x)
+        return backends.get(self.backend, x.device, x.shape[0])(self, x)
 
     def extra_repr(self) -> str:
         segments = len(self.segments) if len(set(self.segments)) == 1 else list(self.segments)

@@ -123,3 +123,31 @@ def test_batchnorm_semantics_match_nn():
         assert_close(ours.running_var, theirs.running_var, torch.float64, "running_var")
         assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 2
     assert_close(layer.eval()(x), x + bottleneck.eval()(x), torch.float64, "eval output")
+
+
+@pytest.mark.parametrize("backend", ["native", "auto"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_empty_batch_behaves_as_nn(backend, train):
+    """An empty batch gives an empty output and zero gradients; in training each
+    norm counts the batch and keeps its running statistics, as nn.BatchNorm2d does."""
+    layer = make_layer(channels=6, segments=3, backend=backend).train(train)
+    reference = twin(layer, "reference").train(train)
+    results = []
+    for module in (layer, reference):
+        x = torch.randn(0, 6, 4, 3, dtype=torch.float64).to(memory_format=torch.channels_last)
+        x.requires_grad_()
+        y = module(x)
+        y.sum().backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape
+        results.append([y, x.grad, *[p.grad for p in module.parameters()], *module.buffers()])
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+    assert layer.units.num_batches_tracked.unique().tolist() == [1 if train else 0]
+    assert layer.units.conv_weight.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_empty_image_is_a_clear_error(backend):
+    layer = make_layer(channels=6, segments=3, backend=backend)
+    with pytest.raises(ValueError, match=r"input must have height and width >= 1, got shape \(2, 6, 0, 3\)"):
+        layer(torch.randn(2, 6, 0, 3, dtype=torch.float64))
