@@ -263,10 +263,11 @@ def test_optional_flags_follow_the_arguments_given():
 def test_autotuning_space_is_pruned():
     from gunn_ext.triton_kernels import tuning
     configs = lambda *a: [(c.num_warps, c.num_stages) for c in tuning.useful_configs(*a)]  # noqa: E731
-    assert configs(64 * 64, 1) == [(4, 2)]
-    assert configs(64 * 64, 8) == [(4, 2), (4, 3)]
-    assert configs(64 * 128, 8) == [(4, 2), (4, 3), (8, 3)]
-    assert configs(64 * 128, 2) == [(4, 2)]
+    assert configs(64 * 32, 1) == [(4, 2)]
+    assert configs(64 * 32, 8) == [(4, 2), (4, 3)]
+    assert configs(64 * 32, 1, True) == [(4, 2), (8, 2)]
+    assert configs(64 * 64, 1) == [(4, 2), (8, 2)]
+    assert configs(64 * 128, 8) == [(4, 2), (4, 3), (8, 2), (8, 3)]
 
 
 @kernels

@@ -13,7 +13,10 @@ scheduling, not in types). The compilations run in parallel processes.
 """
 import multiprocessing
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -81,8 +84,8 @@ def variants(launches, every_config: bool = True) -> list[tuple]:
     return list(seen.values())
 
 
-def compile_for_sm90(variant) -> str | None:
-    """None if ``variant`` compiles to a cubin within the shared memory of an sm_90 SM, else why not."""
+def sm90_kernel(variant):
+    """``(what, compiled kernel)`` of ``variant`` for sm_90; raises if it does not compile."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -91,11 +94,16 @@ def compile_for_sm90(variant) -> str | None:
     while not isinstance(jit, triton.JITFunction):  # under autotuning and flags
         jit = jit.fn
     what = f"{name} with {constexprs}, {num_warps} warps, {num_stages} stages"
+    return what, triton.compile(ASTSource(jit, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def compile_for_sm90(variant) -> str | None:
+    """None if ``variant`` compiles to a cubin within the shared memory of an sm_90 SM, else why not."""
     try:
-        compiled = triton.compile(ASTSource(jit, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": num_warps, "num_stages": num_stages})
+        what, compiled = sm90_kernel(variant)
     except Exception as exc:  # noqa: BLE001 - reported as the test's failure
-        return f"{what} does not compile for sm_90: {type(exc).__name__}: {exc}"
+        return f"{variant[1]} with {variant[3]} does not compile for sm_90: {type(exc).__name__}: {exc}"
     if not compiled.asm.get("cubin"):
         return f"{what}: no cubin"
     if compiled.metadata.shared > 227 * 1024:
@@ -153,3 +161,39 @@ def test_every_launched_variant_compiles_for_sm90(monkeypatch):
     with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=multiprocessing.get_context("fork")) as pool:
         failures = [f for f in pool.map(compile_for_sm90, compiled) if f]
     assert not failures, "\n".join(failures)
+
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def stack_frame_bytes(variant) -> tuple[str, int]:
+    """The per-thread stack frame of ``variant``'s sm_90 cubin: register spills (the
+    kernels keep no local arrays), as ``cuobjdump --dump-resource-usage`` reports it."""
+    what, compiled = sm90_kernel(variant)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin.name], capture_output=True,
+                               text=True, check=True).stdout
+    return what, int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
+@pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="triton ships no cuobjdump here")
+def test_gunn15_kernels_can_run_without_spills(monkeypatch):
+    """Every kernel variant of GUNN-15's 240/20 layer (training and eval, float32
+    with TF32 and with IEEE products) has an autotuning config that ptxas
+    compiles for sm_90 without spilling registers, so the autotuner can pick it."""
+    launched = {}
+    for precision in ("high", "highest"):
+        case = {**DEFAULTS, "layer": GUNN15_A, "precision": precision}
+        for v in variants(record_launches(monkeypatch, **case), every_config=True):
+            launched.setdefault(repr(v), v)
+    with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=multiprocessing.get_context("fork")) as pool:
+        frames = dict(zip(launched, pool.map(stack_frame_bytes, launched.values())))
+    best = {}
+    for key, variant in launched.items():
+        what, stack = frames[key]
+        kernel = repr(variant[:4])  # the variant without its warps and stages
+        best[kernel] = min(best.get(kernel, (stack, what)), (stack, what))
+    spilling = [f"{what}: {stack} bytes of stack" for stack, what in best.values() if stack]
+    assert len(best) > 20 and not spilling, "\n".join(spilling)

@@ -39,8 +39,12 @@ def channel_block(c: int, cap: int = 128) -> int:
     return min(cap, max(16, triton.next_power_of_2(c)))
 
 
-def k_block(k: int) -> int:
-    return 16 if k <= 16 else 32
+def k_block(k: int, taps: int, precision: str) -> int:
+    """The reduction block of a GEMM: 32 where ``k`` allows, except where that
+    makes ptxas spill on sm_90: a CUDA-core (``"ieee"``) dot holds a K slice of
+    both operands per thread, and a 3x3 (nine taps) re-applies its prologue
+    per tap (``tests/test_triton_compile.py`` checks the spills)."""
+    return 16 if k <= 16 or taps > 1 or precision == "ieee" else 32
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -177,8 +181,9 @@ def stats_workspace(rows: int, channels: int, device) -> tuple[torch.Tensor, tor
 
 def _gemm_launch(a: torch.Tensor, b: Weights, image: Image) -> tuple[tuple[int, int], dict]:
     """Grid and compile-time tiling of a GEMM over ``b``: ``[BLOCK_M, BLOCK_N]`` output tiles."""
-    meta = dict(TAPS=b.taps, DOT_PRECISION=dot_precision(a.dtype),
-                BLOCK_M=BLOCK_M, BLOCK_N=channel_block(b.n), BLOCK_K=k_block(b.k))
+    precision = dot_precision(a.dtype)
+    meta = dict(TAPS=b.taps, DOT_PRECISION=precision,
+                BLOCK_M=BLOCK_M, BLOCK_N=channel_block(b.n), BLOCK_K=k_block(b.k, b.taps, precision))
     return (row_tiles(image.rows), triton.cdiv(b.n, meta["BLOCK_N"])), meta
 
 
@@ -333,11 +338,12 @@ def eval_bottleneck_tail(act1: torch.Tensor, w2: torch.Tensor, norm2: NormVector
     b2, b3 = Weights.conv3x3(w2), Weights.linear(w3)
     block_mid = channel_block(mid, cap=EVAL_TAIL_CHANNELS)
     assert fits_eval_tail(mid, n, act1.dtype), f"a bottleneck of {mid} -> {n} channels is too wide"
+    precision = dot_precision(act1.dtype)
     eval_bottleneck_tail_kernel[(row_tiles(image.rows),)](
         act1, act1.stride(0), b2.tensor, b2.stride_tap, b2.stride_k, b2.stride_n, norm2.scale, norm2.shift,
         b3.tensor, b3.stride_k, b3.stride_n, norm3.scale, norm3.shift,
         residual, _row_stride(residual), out, out.stride(0),
         image.rows, mid, n, image.height, image.width, ACCUMULATE=accumulate,
-        DOT_PRECISION=dot_precision(act1.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_MID=block_mid, BLOCK_K=k_block(mid),
+        DOT_PRECISION=precision,
+        BLOCK_M=BLOCK_M, BLOCK_MID=block_mid, BLOCK_K=k_block(mid, b2.taps, precision),
         BLOCK_N=channel_block(n, cap=EVAL_TAIL_CHANNELS))

@@ -8,9 +8,11 @@ Warps and pipeline stages are autotuned, pruned per launch.
 
 Block sizes are fixed by the problem (channel blocks are the padded channel
 counts, row tiles are ``BLOCK_M`` so statistics workspaces are sized before a
-launch), which leaves a small space: three configs, pruned to those that can
-differ. Eight warps only pay on tiles larger than 64x64, a third pipeline
-stage only on loops of three or more steps; under the interpreter there is
+launch), which leaves a small space: four configs, pruned to those that can
+differ. Eight warps only pay on tiles of 64x64 and more, or with dots on
+the CUDA cores (``"ieee"``, which hold operand slices per thread): there
+four warps can run out of registers and spill. A third pipeline stage only
+pays on loops of three or more steps; under the interpreter there is
 nothing to tune. Each kernel variant is tuned once per key (its sizes, the
 number of rows included), at its first call, which runs eagerly, before any
 CUDA graph capture.
@@ -27,16 +29,19 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 CONFIGS = [triton.Config({}, num_warps=4, num_stages=2),
            triton.Config({}, num_warps=4, num_stages=3),
+           triton.Config({}, num_warps=8, num_stages=2),
            triton.Config({}, num_warps=8, num_stages=3)]
 
 
-def useful_configs(tile_elements: int, loop_steps: int) -> list[triton.Config]:
-    """The configs worth timing for an output tile of ``tile_elements`` and a
-    main loop of ``loop_steps`` steps (never empty: the first is always kept)."""
+def useful_configs(tile_elements: int, loop_steps: int, cuda_cores: bool = False) -> list[triton.Config]:
+    """The configs worth timing for an output tile of ``tile_elements``, a
+    main loop of ``loop_steps`` steps and dots on the CUDA cores or not
+    (never empty: the first is always kept)."""
     if INTERPRETED:
         return CONFIGS[:1]
+    many_warps = cuda_cores or tile_elements >= 64 * 64
     return [c for c in CONFIGS
-            if (c.num_warps == 4 or tile_elements > 64 * 64) and (c.num_stages == 2 or loop_steps >= 3)]
+            if (c.num_warps == 4 or many_warps) and (c.num_stages == 2 or loop_steps >= 3)]
 
 
 class OptionalFlags(triton.runtime.Heuristics):
@@ -81,7 +86,8 @@ def autotune(tile: tuple[str, str], loop_steps: Callable[[dict], int], key: list
     """
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        return useful_configs(args[tile[0]] * args[tile[1]], loop_steps(args))
+        return useful_configs(args[tile[0]] * args[tile[1]], loop_steps(args),
+                              args.get("DOT_PRECISION") == "ieee")
 
     saved = []
 
