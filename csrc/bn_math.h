@@ -43,9 +43,10 @@ struct BNChannel {
   GUNN_HD acc_t shift() const { return bias - mean * weight * invstd; }
 };
 
+// max(v, 0) that keeps a NaN, as torch.relu does: a diverged value must show.
 template <typename acc_t>
 GUNN_HD acc_t relu(acc_t v) {
-  return v > static_cast<acc_t>(0) ? v : static_cast<acc_t>(0);
+  return (v > static_cast<acc_t>(0) || v != v) ? v : static_cast<acc_t>(0);
 }
 
 // Gradient through an optional ReLU that followed bn(x) = out.

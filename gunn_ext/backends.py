@@ -93,15 +93,9 @@ def resolve(name: str, device_type: str) -> str:
     return name
 
 
-def get(name: str, device: torch.device, batch: int) -> Callable:
-    """The implementation ``fn(layer, x)`` for backend ``name`` on ``device``.
-
-    An empty batch runs the reference on every backend: it is what
-    ``nn.BatchNorm2d`` does with one (an empty output, zero gradients, and in
-    training ``num_batches_tracked`` counted with the running statistics
-    unchanged), and the compiled ops need rows."""
-    resolved = resolve(name, device.type)
-    return _implementation("reference" if batch == 0 else resolved)
+def get(name: str, device: torch.device) -> Callable:
+    """The implementation ``fn(layer, x)`` for backend ``name`` on ``device``."""
+    return _implementation(resolve(name, device.type))
 
 
 def check_input(layer, x) -> None:

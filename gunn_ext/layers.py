@@ -98,6 +98,7 @@ class UpdateUnit(nn.Module):
 
 _NORM_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _FLAT_PARAMETERS = ("conv_weight", "bn_weight", "bn_bias")
+_FLAT_TENSORS = _FLAT_PARAMETERS + ("running_mean", "running_var", "num_batches_tracked")
 
 
 class UpdateUnits(nn.ModuleList):
@@ -193,6 +194,11 @@ class UpdateUnits(nn.ModuleList):
         result = super()._apply(fn, recurse)
         self.bind_views()
         return result
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in _FLAT_TENSORS and "_rows" in self.__dict__:  # a flat tensor replaced: rebind
+            self.bind_views()
 
     def __getitem__(self, index):
         if isinstance(index, slice):  # a plain list of units: a slice has no flat storage
@@ -405,7 +411,7 @@ class _SegmentedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backends.check_input(self, x)
-        return backends.get(self.backend, x.device, x.shape[0])(self, x)
+        return backends.get(self.backend, x.device)(self, x)
 
     def extra_repr(self) -> str:
         segments = len(self.segments) if len(set(self.segments)) == 1 else list(self.segments)

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 from typing import Callable
 
 import torch
 
-from . import conventions
+from . import conventions, reference
 
 _NS = "gunn_ext"
 
@@ -168,17 +169,57 @@ def layer_arguments(layer, x: torch.Tensor, training: bool):
             float(units.eps))
 
 
-def uses_batch_stats(layer) -> bool:
-    """As ``nn.BatchNorm2d``: batch statistics in training or without running stats."""
-    return layer.training or layer.units.running_mean is None
+def norm_modes(units) -> tuple[bool, bool] | None:
+    """``(batch statistics, running-statistics update)`` of all of a layer's norms,
+    as ``nn.BatchNorm2d`` decides them per norm from its ``training`` and
+    ``track_running_stats`` (batch statistics in training or without running
+    statistics; an update in training when it tracks them); None when the
+    norms differ, which one op call cannot express."""
+    modes = {(norm.training, norm.track_running_stats) for norm in units.norms}
+    if len(modes) != 1:
+        return None
+    training, tracking = modes.pop()
+    has_running = units.running_mean is not None
+    return training or not has_running, training and tracking and has_running
+
+
+def check_eps(eps: float, batch_stats: bool) -> None:
+    """``nn.BatchNorm2d``'s rule: positive with batch statistics, non-negative otherwise."""
+    if eps <= 0 if batch_stats else eps < 0:
+        rule = "positive with batch statistics" if batch_stats else "non-negative"
+        raise ValueError(f"the layer's BatchNorm eps must be {rule}, got {eps}; set it with layer.eps = value")
 
 
 def run_layer_op(op: Callable, layer, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` through ``op``, an op with ``gradual_update``'s schema."""
-    y, mean, var = op(*layer_arguments(layer, x, uses_batch_stats(layer)))
-    if layer.training:
+    """``layer(x)`` through ``op``, an op with ``gradual_update``'s schema.
+
+    The reference runs instead where only it applies: an empty batch (what
+    ``nn.BatchNorm2d`` does with one: an empty output, zero gradients, and in
+    training the batch counted in ``num_batches_tracked``; the op needs rows),
+    and norms that differ in their modes (:func:`norm_modes`), for example a
+    layer in training with some of its BatchNorms frozen in eval."""
+    modes = norm_modes(layer.units)
+    if x.shape[0] == 0 or modes is None:
+        if modes is None:
+            _warn_once("the BatchNorms of a gunn_ext layer differ in training or track_running_stats, "
+                       "which one op call cannot express; such a layer runs on the reference backend")
+        return reference.gradual_update_reference(layer, x)
+    batch_stats, update = modes
+    arguments = layer_arguments(layer, x, batch_stats)
+    check_eps(arguments[-1], batch_stats)
+    y, mean, var = op(*arguments)
+    if update:
         update_running_stats(layer.units, mean, var, x.shape[0] * x.shape[2] * x.shape[3])
     return y
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"gunn_ext: {message}", RuntimeWarning, stacklevel=4)
 
 
 def gradual_update_native(layer, x: torch.Tensor) -> torch.Tensor:

@@ -151,3 +151,77 @@ def test_empty_image_is_a_clear_error(backend):
     layer = make_layer(channels=6, segments=3, backend=backend)
     with pytest.raises(ValueError, match=r"input must have height and width >= 1, got shape \(2, 6, 0, 3\)"):
         layer(torch.randn(2, 6, 0, 3, dtype=torch.float64))
+
+
+def run_both(layer, x, train_step=True):
+    """Output, input gradient, parameter gradients and buffers of ``layer`` and its reference twin."""
+    results = []
+    for module in (layer, twin(layer, "reference")):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        if train_step:
+            y.square().sum().backward()
+        results.append([y, xi.grad, *[p.grad for p in module.parameters()], *module.buffers()])
+    return results
+
+
+def test_batchnorms_frozen_in_eval_inside_a_training_layer():
+    """The fine-tuning idiom (layer.train(), its BatchNorms .eval()) on every backend,
+    and a layer whose norms differ runs on the reference, with one warning."""
+    layer = make_layer(channels=6, segments=3, backend="native").train()
+    for norm in layer.norms():
+        norm.eval()
+    x = torch.randn(2, 6, 4, 3, dtype=torch.float64)
+    ours, theirs = run_both(layer, x)
+    for a, b in zip(ours, theirs):
+        assert_close(a, b, torch.float64, "frozen norms")
+    assert layer.units.num_batches_tracked.sum() == 0
+    layer.norms()[0].train()
+    layer.zero_grad(set_to_none=True)
+    with pytest.warns(RuntimeWarning, match="differ in training or track_running_stats"):
+        ours, theirs = run_both(layer, x)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+def test_track_running_stats_off():
+    layer = make_layer(channels=6, segments=3, backend="native").train()
+    for norm in layer.norms():
+        norm.track_running_stats = False
+    before = [b.clone() for b in layer.buffers()]
+    ours, theirs = run_both(layer, torch.randn(2, 6, 4, 3, dtype=torch.float64))
+    for a, b in zip(ours, theirs):
+        assert_close(a, b, torch.float64, "track_running_stats=False")
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.buffers()))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_nan_shows_in_the_output(train):
+    """A NaN in a weight (a diverged model) reaches the output as in the reference:
+    ReLU keeps NaN, as torch.relu does."""
+    layer = make_layer(channels=6, segments=3, backend="native").train(train)
+    with torch.no_grad():
+        layer.units[1].bottlenecks[0].conv2.weight[0, 0, 1, 1] = float("nan")
+    ours, theirs = run_both(layer, torch.randn(2, 6, 4, 3, dtype=torch.float64), train_step=False)
+    assert ours[0].isnan().any()
+    assert torch.equal(ours[0].isnan(), theirs[0].isnan())
+
+
+def test_bad_eps_is_a_clear_error():
+    layer = make_layer(channels=6, segments=3, backend="native")
+    x = torch.randn(2, 6, 4, 3, dtype=torch.float64)
+    layer.eps = 0.0
+    with pytest.raises(ValueError, match="eps must be positive with batch statistics, got 0.0"):
+        layer.train()(x)
+    layer.eval()(x)
+    layer.eps = -1.0
+    with pytest.raises(ValueError, match="eps must be non-negative, got -1.0"):
+        layer(x)
+
+
+def test_replacing_a_flat_buffer_rebinds_the_modules():
+    layer = make_layer(channels=6, segments=3, backend="native").eval()
+    layer.units.running_mean = torch.full_like(layer.running_mean, 0.5)
+    assert torch.equal(layer.units[0].shortcut_bn.running_mean, torch.full((2,), 0.5, dtype=torch.float64))
+    x = torch.randn(2, 6, 4, 3, dtype=torch.float64)
+    assert_close(layer(x), twin(layer, "reference")(x), torch.float64, "replaced running_mean")

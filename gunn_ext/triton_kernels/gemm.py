@@ -107,7 +107,7 @@ def load_operand(a_ptr, a_stride, offs_m, offs_k, m_ok, K, H, W, dh, dw,
     a = tl.load(a_ptr + src[:, None] * a_stride + offs_k[None, :], mask=mask, other=0.0)  # [BLOCK_M, BLOCK_K]
     safe_k = tl.where(k_ok, offs_k, 0)
     if scale_ptr is not None:
-        a = tl.maximum(batch_norm(a.to(tl.float32), scale_ptr, shift_ptr, safe_k), 0.0)
+        a = tl.maximum(batch_norm(a.to(tl.float32), scale_ptr, shift_ptr, safe_k), 0.0, tl.PropagateNan.ALL)
         a = tl.where(mask, a, 0.0)
     if x_ptr is not None:
         # [BLOCK_M, BLOCK_K]
@@ -239,7 +239,7 @@ def conv_bn_kernel(
     mask = (offs_m < rows)[:, None] & n_ok[None, :]
     acc = batch_norm(acc, scale_ptr, shift_ptr, tl.where(n_ok, offs_n, 0))
     if RELU:
-        acc = tl.where(offs_n[None, :] >= relu_from, tl.maximum(acc, 0.0), acc)
+        acc = tl.where(offs_n[None, :] >= relu_from, tl.maximum(acc, 0.0, tl.PropagateNan.ALL), acc)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * out_stride + offs_n[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -336,7 +336,7 @@ def eval_bottleneck_tail_kernel(
                     offs_m, offs_mid, rows, MID, MID, H, W, 9, "n", DOT_PRECISION,
                     BLOCK_M, BLOCK_MID, BLOCK_K)  # [BLOCK_M, BLOCK_MID]
     act = batch_norm(acc, scale2_ptr, shift2_ptr, tl.where(mid_ok, offs_mid, 0))
-    act = tl.where(mid_ok[None, :], tl.maximum(act, 0.0), 0.0)
+    act = tl.where(mid_ok[None, :], tl.maximum(act, 0.0, tl.PropagateNan.ALL), 0.0)
     offs_n = tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     w3 = tl.load(w3_ptr + offs_mid[:, None] * w3_stride_k + offs_n[None, :] * w3_stride_n,
