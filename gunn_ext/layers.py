@@ -141,6 +141,7 @@ class UpdateUnits(nn.ModuleList):
             for name in _NORM_TENSORS:
                 delattr(norm, name)
             self._rows.append((conv, conv_slot, norm, norm_slot))
+        self._norms = tuple(row[2] for row in self._rows)
         # state_dict entries (key, module, attribute) in module registration order.
         self._state_entries = [
             (f"{path}.{name}", module, name)
@@ -207,6 +208,7 @@ class UpdateUnits(nn.ModuleList):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("_norms", tuple(row[2] for row in self._rows))  # a layer pickled without it
         self.bind_views()
 
     def __deepcopy__(self, memo):
@@ -225,12 +227,12 @@ class UpdateUnits(nn.ModuleList):
     # BatchNorm options ---------------------------------------------------
     @property
     def norms(self) -> tuple[nn.BatchNorm2d, ...]:
-        return tuple(row[2] for row in self._rows)
+        return self._norms
 
     @property
     def eps(self) -> float:
         """The ``eps`` of every BatchNorm (the native and triton ops take one value)."""
-        values = {row[2].eps for row in self._rows}
+        values = {norm.eps for norm in self._norms}
         if len(values) != 1:
             raise ValueError(f"the BatchNorms of a layer must share one eps, got {sorted(values)}; "
                              "set it with layer.eps = value")

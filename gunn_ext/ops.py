@@ -175,10 +175,11 @@ def norm_modes(units) -> tuple[bool, bool] | None:
     ``track_running_stats`` (batch statistics in training or without running
     statistics; an update in training when it tracks them); None when the
     norms differ, which one op call cannot express."""
-    modes = {(norm.training, norm.track_running_stats) for norm in units.norms}
-    if len(modes) != 1:
+    norms = units.norms
+    trainings, trackings = {n.training for n in norms}, {n.track_running_stats for n in norms}
+    if len(trainings) != 1 or len(trackings) != 1:
         return None
-    training, tracking = modes.pop()
+    training, tracking = trainings.pop(), trackings.pop()
     has_running = units.running_mean is not None
     return training or not has_running, training and tracking and has_running
 
