@@ -28,6 +28,7 @@ than the paper's.
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -111,8 +112,8 @@ class GUNNNet(nn.Module):
         num_classes = arch.num_classes if num_classes is None else num_classes
         positive_int("num_classes", num_classes)
         positive_int("in_channels", in_channels)
-        if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
-            raise ValueError(f"width must be a positive number, got {width!r}")
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width < math.inf:
+            raise ValueError(f"width must be a positive finite number, got {width!r}")
         specs = [spec.scaled(width) for spec in arch.layers]
         if segment_channels is not None:
             positive_int("segment_channels", segment_channels)

@@ -157,10 +157,11 @@ def update_running_stats(units, mean: torch.Tensor, var: torch.Tensor, count: in
 
 
 def layer_arguments(layer, x: torch.Tensor, training: bool):
-    """The op's arguments for ``layer`` (the conv weights in ``x``'s dtype under autocast)."""
+    """The op's arguments for ``layer`` (the conv weights in ``x``'s dtype under autocast,
+    which, as for PyTorch's convolutions, leaves float64 alone)."""
     units = layer.units
     conv_weight = units.conv_weight
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(x.device.type)
         x, conv_weight = x.to(dtype), conv_weight.to(dtype)
     running = (None, None) if training else (units.running_mean, units.running_var)

@@ -148,7 +148,8 @@ def test_registry_and_errors():
         build_model("gunn16")
     with pytest.raises(ValueError, match="num_classes must be a positive int, got 0"):
         gunn15(num_classes=0)
-    with pytest.raises(ValueError, match="width must be a positive number, got -1"):
-        gunn15(width=-1)
+    for width in (-1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"width must be a positive finite number, got {width}"):
+            gunn15(width=width)
     with pytest.raises(ValueError, match="backend must be"):
         gunn15(backend="cudnn")

@@ -6,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import (DEVICES, LAYER_CASES, check_against_truth, forward_backward, make_layer,
+from conftest import (DEVICES, LAYER_CASES, assert_close, check_against_truth, forward_backward, make_layer,
                       relative_error, run_and_compare, twin)
 from gunn_ext import GUNNLayer, ops
 
@@ -183,6 +183,16 @@ def test_op_does_not_autocast_inside():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = torch.ops.gunn_ext.gradual_update(*args)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_autocast_leaves_float64_alone():
+    """As PyTorch's convolutions do: a float64 layer under autocast computes in float64."""
+    layer = make_layer(channels=6, segments=2)
+    x = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = twin(layer, "native")(x), layer(x)
+    assert ours.dtype == theirs.dtype == torch.float64
+    assert_close(ours, theirs, torch.float64, "y")
 
 
 @pytest.mark.parametrize("kind", ["gunn", "sunn"])
