@@ -187,3 +187,17 @@ def test_batch_norm_alignment_goes_on_after_a_fault(monkeypatch, tmp_path, capsy
     summary = (tmp_path / "summary.md").read_text()
     assert "8 of 12 cases equal the aligned call." in summary
     assert summary.count("| FAULT | worker exit status 1: RuntimeError: CUDA error: misaligned address |") == 4
+
+
+def test_host_overhead_runs(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import host_overhead
+
+    threads = torch.get_num_threads()
+    try:
+        assert host_overhead.main(["--channels", "6", "--segments", "2,6", "--repeats", "2", "--warmup", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["6 channels, P = 2", "6 channels, P = 6"]
+    assert all("outside the op" in line for line in lines)
