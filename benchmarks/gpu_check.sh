@@ -134,7 +134,7 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
   }
   # PyTorch's batch norm with its tensors 4, 8 and 12 bytes past 16-byte boundaries, as a
   # layer's flat tensors place them: each case that faults in a worker of its own.
-  run_step batch_norm_alignment 60 "$PYTHON" "$ROOT/benchmarks/batch_norm_alignment.py" \
+  run_step batch_norm_alignment 90 "$PYTHON" "$ROOT/benchmarks/batch_norm_alignment.py" \
     --json "$RESULTS/batch_norm_alignment.json"
   cuda_tests tests_cuda 150 "$ROOT/tests" -m cuda -k "not triton" -rP --ignore="$ROOT/tests/test_triton.py"
   wait

@@ -426,7 +426,7 @@ class _SegmentedLayer(nn.Module):
         for name in ("channels", "segments", "expansion", "bottlenecks", "shortcut", "backend"):
             setattr(other, name, getattr(self, name))
         other.units = self.units  # shared, not copied
-        other.train(self.training)
+        other.training = self.training  # the shared norms keep their own modes
         return other
 
 

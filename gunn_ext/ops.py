@@ -139,17 +139,21 @@ def update_running_stats(units, mean: torch.Tensor, var: torch.Tensor, count: in
     running_mean, running_var = units.running_mean, units.running_var
     if running_mean is None:
         return
-    momenta = [norm.momentum for norm in units.norms]
+    counts = units.num_batches_tracked
+    # Without counts, as in nn.BatchNorm2d, a cumulative average (momentum None) does not move.
+    momenta = [0.0 if norm.momentum is None and counts is None else norm.momentum for norm in units.norms]
     with torch.no_grad():
-        counts = units.num_batches_tracked
-        counts.add_(1)
+        if counts is not None:
+            counts.add_(1)
         unbiased = var * (count / max(count - 1, 1))
         momentum = momenta[0]
         if momentum is None or momenta.count(momentum) != len(momenta):
+            device = running_mean.device
             per_norm = torch.tensor([float("nan") if m is None else m for m in momenta],
-                                    dtype=torch.float64, device=counts.device)
-            per_norm = torch.where(per_norm.isnan(), 1.0 / counts.double(), per_norm)
-            sizes = torch.tensor(units.layout.norm_sizes(), device=counts.device)
+                                    dtype=torch.float64, device=device)
+            if counts is not None:
+                per_norm = torch.where(per_norm.isnan(), 1.0 / counts.double(), per_norm)
+            sizes = torch.tensor(units.layout.norm_sizes(), device=device)
             momentum = per_norm.repeat_interleave(sizes, output_size=running_mean.shape[0])
             momentum = momentum.to(running_mean.dtype)
         running_mean.lerp_(mean.to(running_mean.dtype), momentum)
@@ -202,7 +206,7 @@ def run_layer_op(op: Callable, layer, x: torch.Tensor) -> torch.Tensor:
     layer in training with some of its BatchNorms frozen in eval."""
     modes = norm_modes(layer.units)
     if x.shape[0] == 0 or modes is None:
-        if modes is None:
+        if modes is None and not torch.compiler.is_compiling():
             _warn_once("the BatchNorms of a gunn_ext layer differ in training or track_running_stats, "
                        "which one op call cannot express; such a layer runs on the reference backend")
         return reference.gradual_update_reference(layer, x)

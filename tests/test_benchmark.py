@@ -169,7 +169,9 @@ def test_batch_norm_alignment_goes_on_after_a_fault(monkeypatch, tmp_path, capsy
         "probe.run_case = dies_at_offset_1\n"
         "probe.worker(probe.parse_args(sys.argv[1:]))\n")
     command = [sys.executable, str(faulty)] + probe.worker_command(args)[2:]
-    results = probe.run_all(args, command)
+    saved = []
+    results = probe.run_all(args, command, on_results=lambda so_far: saved.append(len(so_far)))
+    assert saved == [2, 5, 8, 11, 12]  # after each of the five workers (four faults)
 
     expected = probe.cases(args)
     assert [(r["channels"], r["layout"], r["offset"]) for r in results] == \

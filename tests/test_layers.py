@@ -165,9 +165,10 @@ def run_both(layer, x, train_step=True):
     return results
 
 
-def test_batchnorms_frozen_in_eval_inside_a_training_layer():
+def test_batchnorms_frozen_in_eval_inside_a_training_layer(monkeypatch):
     """The fine-tuning idiom (layer.train(), its BatchNorms .eval()) on every backend,
     and a layer whose norms differ runs on the reference, with one warning."""
+    monkeypatch.setattr(gunn_ext.ops, "_warned", set())
     layer = make_layer(channels=6, segments=3, backend="native").train()
     for norm in layer.norms():
         norm.eval()
@@ -225,3 +226,36 @@ def test_replacing_a_flat_buffer_rebinds_the_modules():
     assert torch.equal(layer.units[0].shortcut_bn.running_mean, torch.full((2,), 0.5, dtype=torch.float64))
     x = torch.randn(2, 6, 4, 3, dtype=torch.float64)
     assert_close(layer(x), twin(layer, "reference")(x), torch.float64, "replaced running_mean")
+
+
+def test_mixed_norm_modes_under_torch_compile():
+    layer = make_layer(channels=6, segments=3, backend="native").train()
+    layer.norms()[1].eval()
+    x = torch.randn(2, 6, 4, 3, dtype=torch.float64)
+    expected = twin(layer, "reference")(x)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x), expected, torch.float64, "compiled, mixed norm modes")
+
+
+def test_conversion_keeps_the_norms_modes():
+    layer = make_layer(channels=6, segments=3, backend="native").train()
+    for norm in layer.norms():
+        norm.eval()
+    plain = SUNNLayer.from_gunn(layer)
+    assert plain.training and not any(norm.training for norm in layer.norms())
+    assert GUNNLayer.from_sunn(plain.eval()).training is False
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_stats_without_batch_counts(momentum):
+    """num_batches_tracked set to None: no count, and a cumulative average stays put."""
+    layer = make_layer(channels=6, segments=3, backend="native").train()
+    for norm in layer.norms():
+        norm.momentum = momentum
+    layer.units.num_batches_tracked = None
+    reference = twin(layer, "reference")
+    x = torch.randn(2, 6, 4, 3, dtype=torch.float64)
+    for _ in range(2):
+        layer(x), reference(x)
+    for ours, theirs in zip(layer.buffers(), reference.buffers()):
+        assert_close(ours, theirs, torch.float64, "running statistics")

@@ -277,3 +277,15 @@ def test_double_backward_raises():
     layer = make_layer(backend="triton", channels=4, segments=2, dtype=torch.float32, device=DEVICE)
     with pytest.raises(RuntimeError, match="triton_gradual_update_backward is not differentiable"):
         double_backward(layer, _input(4, SHAPES["batch 1, 3x7"]))
+
+
+@kernels
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_nan_shows_in_the_output(train):
+    """ReLU keeps NaN in the kernels, as torch.relu does."""
+    layer = make_layer(backend="reference", channels=4, segments=2, dtype=torch.float32, device=DEVICE).train(train)
+    with torch.no_grad():
+        layer.units[1].bottlenecks[0].conv2.weight[0, 0, 1, 1] = float("nan")
+    x = _input(4, SHAPES["5x6"])
+    ours, theirs = twin(layer, "triton")(x), layer(x)
+    assert ours.isnan().any() and torch.equal(ours.isnan(), theirs.isnan())

@@ -188,7 +188,7 @@ def store_statistics_partials(sum_ptr, m2_ptr, out, mask, pid_m, offs_n, n_ok, r
 def gemm_autotune(*flags: str, accumulates: bool = False):
     """Autotuning of a GEMM kernel over ``[rows, N]`` tiles, keyed by its sizes and ``flags``."""
     return autotune(("BLOCK_M", "BLOCK_N"), lambda a: triton.cdiv(a["K"], a["BLOCK_K"]),
-                    key=["rows", "K", "N", "TAPS", *flags, "BLOCK_N", "BLOCK_K"],
+                    key=["rows", "K", "N", "TAPS", *flags, "DOT_PRECISION", "BLOCK_N", "BLOCK_K"],
                     accumulates_into="out_ptr" if accumulates else None)
 
 
@@ -312,7 +312,8 @@ def input_grad_accumulate_kernel(
 
 @optional_flags(HAS_RESIDUAL="res_ptr")
 @autotune(("BLOCK_M", "BLOCK_MID"), lambda a: triton.cdiv(a["MID"], a["BLOCK_K"]),
-          key=["rows", "MID", "N", "HAS_RESIDUAL", "ACCUMULATE", "BLOCK_MID", "BLOCK_K", "BLOCK_N"],
+          key=["rows", "MID", "N", "HAS_RESIDUAL", "ACCUMULATE", "DOT_PRECISION", "BLOCK_MID", "BLOCK_K",
+               "BLOCK_N"],
           accumulates_into="out_ptr")
 @triton.jit
 def eval_bottleneck_tail_kernel(

@@ -19,7 +19,7 @@ from .tuning import autotune, optional_flags
 
 @optional_flags(A_BN_RELU="a_scale_ptr")
 @autotune(("BLOCK_D", "BLOCK_A"), lambda a: a["rows_per_chunk"] // a["BLOCK_M"],
-          key=["rows", "ND", "KA", "TAPS", "A_BN_RELU", "rows_per_chunk", "BLOCK_D", "BLOCK_A"])
+          key=["rows", "ND", "KA", "TAPS", "A_BN_RELU", "rows_per_chunk", "DOT_PRECISION", "BLOCK_D", "BLOCK_A"])
 @triton.jit
 def weight_grad_kernel(
         d_ptr, d_stride, dx_ptr, dx_stride, d_alpha_ptr, d_beta_ptr, d_mean_ptr, d_delta_ptr,
