@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import warnings
 from typing import Callable
 
 import torch
@@ -19,7 +18,6 @@ from . import extras, ops, reference
 
 NAMES = ("reference", "native", "triton")
 _AUTO_ORDER = {"cuda": ("native", "triton", "reference"), "cpu": ("native", "reference")}
-_warned: set[str] = set()
 
 
 def check_name(name: str) -> str:
@@ -81,10 +79,8 @@ def resolve(name: str, device_type: str) -> str:
             reason = _why_unavailable(candidate, device)
             if reason is None:
                 return candidate
-            if candidate == "native" and reason not in _warned:
-                _warned.add(reason)
-                warnings.warn(f"gunn_ext: native backend unavailable ({reason}); falling back",
-                              RuntimeWarning, stacklevel=4)
+            if candidate == "native":
+                ops.warn_once(f"native backend unavailable ({reason}); falling back", stacklevel=5)
         return "reference"
     reason = _why_unavailable(name, device)
     if reason is not None:

@@ -140,8 +140,9 @@ def update_running_stats(units, mean: torch.Tensor, var: torch.Tensor, count: in
     if running_mean is None:
         return
     counts = units.num_batches_tracked
-    # Without counts, as in nn.BatchNorm2d, a cumulative average (momentum None) does not move.
-    momenta = [0.0 if norm.momentum is None and counts is None else norm.momentum for norm in units.norms]
+    momenta = [norm.momentum for norm in units.norms]
+    if counts is None:  # as in nn.BatchNorm2d: without counts, a cumulative average does not move
+        momenta = [0.0 if m is None else m for m in momenta]
     with torch.no_grad():
         if counts is not None:
             counts.add_(1)
@@ -207,7 +208,7 @@ def run_layer_op(op: Callable, layer, x: torch.Tensor) -> torch.Tensor:
     modes = norm_modes(layer.units)
     if x.shape[0] == 0 or modes is None:
         if modes is None and not torch.compiler.is_compiling():
-            _warn_once("the BatchNorms of a gunn_ext layer differ in training or track_running_stats, "
+            warn_once("the BatchNorms of a gunn_ext layer differ in training or track_running_stats, "
                        "which one op call cannot express; such a layer runs on the reference backend")
         return reference.gradual_update_reference(layer, x)
     batch_stats, update = modes
@@ -222,10 +223,11 @@ def run_layer_op(op: Callable, layer, x: torch.Tensor) -> torch.Tensor:
 _warned: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
+def warn_once(message: str, stacklevel: int = 4) -> None:
+    """A ``RuntimeWarning`` the first time ``message`` comes up in the process."""
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(f"gunn_ext: {message}", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"gunn_ext: {message}", RuntimeWarning, stacklevel=stacklevel)
 
 
 def gradual_update_native(layer, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import gunn_ext
 from gunn_ext import GUNNLayer, SUNNLayer
 from gunn_ext.reference import gradual_update_reference
 
-from conftest import assert_close, make_layer, twin
+from conftest import assert_close, forward_backward, make_layer, twin
 
 
 def test_standard_parameters():
@@ -154,14 +154,13 @@ def test_empty_image_is_a_clear_error(backend):
 
 
 def run_both(layer, x, train_step=True):
-    """Output, input gradient, parameter gradients and buffers of ``layer`` and its reference twin."""
+    """``forward_backward``'s results (or the output alone) and the buffers, of
+    ``layer`` and of its reference twin."""
+    grad = torch.randn_like(x)
     results = []
     for module in (layer, twin(layer, "reference")):
-        xi = x.clone().requires_grad_()
-        y = module(xi)
-        if train_step:
-            y.square().sum().backward()
-        results.append([y, xi.grad, *[p.grad for p in module.parameters()], *module.buffers()])
+        out = forward_backward(module, x, grad) if train_step else [module(x)]
+        results.append([*out, *module.buffers()])
     return results
 
 
@@ -178,7 +177,6 @@ def test_batchnorms_frozen_in_eval_inside_a_training_layer(monkeypatch):
         assert_close(a, b, torch.float64, "frozen norms")
     assert layer.units.num_batches_tracked.sum() == 0
     layer.norms()[0].train()
-    layer.zero_grad(set_to_none=True)
     with pytest.warns(RuntimeWarning, match="differ in training or track_running_stats"):
         ours, theirs = run_both(layer, x)
     for a, b in zip(ours, theirs):
