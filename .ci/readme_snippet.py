@@ -2,6 +2,9 @@
 
     python .ci/readme_snippet.py "## Quickstart" | python -
     python .ci/readme_snippet.py "## Quickstart" --language python --readme README.md
+    python .ci/readme_snippet.py "**Smoke run.**" --language ""
+
+The heading is the start of a line: a markdown heading, or a paragraph's bold lead-in.
 """
 from __future__ import annotations
 
@@ -13,12 +16,12 @@ FENCE = "```"
 
 
 def snippet(text: str, heading: str, language: str) -> str:
-    """The body of the first ```language block after the line ``heading``, within its section."""
+    """The body of the first ```language block after the line starting with ``heading``,
+    within its section."""
     lines = text.splitlines()
-    try:
-        start = lines.index(heading)
-    except ValueError:
-        raise LookupError(f"heading {heading!r} not found") from None
+    start = next((i for i, line in enumerate(lines) if line.startswith(heading)), None)
+    if start is None:
+        raise LookupError(f"heading {heading!r} not found")
     level = len(heading) - len(heading.lstrip("#"))
     for i in range(start + 1, len(lines)):
         line = lines[i]
@@ -33,7 +36,7 @@ def snippet(text: str, heading: str, language: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("heading", help='the heading line exactly, e.g. "## Quickstart"')
+    parser.add_argument("heading", help='the start of the heading line, e.g. "## Quickstart"')
     parser.add_argument("--language", default="python", help="the fence's language tag (python)")
     parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parent.parent / "README.md")
     args = parser.parse_args(argv)
