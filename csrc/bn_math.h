@@ -49,10 +49,11 @@ GUNN_HD acc_t relu(acc_t v) {
   return (v > static_cast<acc_t>(0) || v != v) ? v : static_cast<acc_t>(0);
 }
 
-// Gradient through an optional ReLU that followed bn(x) = out.
+// Gradient through an optional ReLU that followed bn(x) = out: zero where
+// out <= 0 only, so a NaN out passes dy, as torch.relu's backward does.
 template <typename acc_t>
 GUNN_HD acc_t relu_backward(acc_t dy, acc_t out, bool has_relu) {
-  return (!has_relu || out > static_cast<acc_t>(0)) ? dy : static_cast<acc_t>(0);
+  return (has_relu && out <= static_cast<acc_t>(0)) ? static_cast<acc_t>(0) : dy;
 }
 
 template <typename acc_t>

@@ -115,6 +115,27 @@ def assert_close(actual, expected, dtype, what):
     assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3g} > {TOLERANCE[dtype]:.3g}"
 
 
+def make_non_finite(layer, x, case):
+    """``x``, or a copy with an infinity in its last channels (``"inf_input"``),
+    after a NaN is put in the last unit's 3x3 weight (``"nan_weight"``)."""
+    if case == "nan_weight":
+        with torch.no_grad():
+            layer.units[-1].bottlenecks[0].conv2.weight[0, 0, 1, 1] = float("nan")
+        return x
+    x = x.clone()
+    x[0, -2, 1, 1] = float("inf")
+    return x
+
+
+def assert_same_non_finite(actual, expected, dtype, names):
+    """NaN for NaN, infinity for infinity, and finite values close, tensor by tensor."""
+    assert actual[0].isnan().any(), "no NaN in the output"
+    for name, a, b in zip(names, actual, expected):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), name
+        if a.is_floating_point():
+            assert_close(a.nan_to_num(0, 0, 0), b.nan_to_num(0, 0, 0), dtype, name)
+
+
 def leaf_like(x):
     """``(input, leaf)``: a fresh leaf with ``x``'s values and the input to pass
     to a layer, a view of the leaf with ``x``'s strides when ``x`` is a strided

@@ -27,8 +27,8 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from conftest import (LAYER_CASES, LOW_PRECISION, TOLERANCE, check_against_truth,
-                      forward_backward, make_layer, relative_norm, run_and_compare, twin)
+from conftest import (LAYER_CASES, LOW_PRECISION, TOLERANCE, assert_same_non_finite, check_against_truth,
+                      forward_backward, make_layer, make_non_finite, relative_norm, run_and_compare, twin)
 from gunn_ext import conventions, ops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,6 +191,22 @@ def test_half_precision(emulated_op, dtype):
     for (name, r), e in zip(truth.named_buffers(), emulated.buffers()):
         if r.is_floating_point():
             assert relative_norm(e, r) <= LOW_PRECISION[dtype], f"buffer {name}"
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("segments", [[3, 3], [6, 24]], ids=["whole_units", "library_units"])
+@pytest.mark.parametrize("case", ["nan_weight", "inf_input"])
+def test_non_finite_values_follow_the_reference(emulated_op, case, segments, train):
+    """A NaN weight or an infinite input gives the reference's NaN and infinity
+    pattern and finite values (test_layers.py's case): the CUDA kernels' ReLU
+    backward passes a NaN output's gradient."""
+    channels = sum(segments)
+    layer = make_layer(channels=channels, segments=segments).train(train)
+    x = make_non_finite(layer, torch.randn(2, channels, 7, 6, dtype=torch.float64), case)
+    grad = torch.randn_like(x)
+    ours = forward_backward(Emulated(twin(layer, "reference"), emulated_op).train(train), x, grad)
+    theirs = forward_backward(layer, x, grad)
+    assert_same_non_finite(ours, theirs, torch.float64, ["y", "dx"] + [n for n, _ in layer.named_parameters()])
 
 
 def test_repeated_runs_are_bitwise_equal(emulated_op):

@@ -9,7 +9,7 @@ import gunn_ext
 from gunn_ext import GUNNLayer, SUNNLayer
 from gunn_ext.reference import gradual_update_reference
 
-from conftest import assert_close, forward_backward, make_layer, twin
+from conftest import assert_close, assert_same_non_finite, forward_backward, make_layer, make_non_finite, twin
 
 
 def test_standard_parameters():
@@ -204,6 +204,25 @@ def test_nan_shows_in_the_output(train):
     ours, theirs = run_both(layer, torch.randn(2, 6, 4, 3, dtype=torch.float64), train_step=False)
     assert ours[0].isnan().any()
     assert torch.equal(ours[0].isnan(), theirs[0].isnan())
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("segments", [[3, 3], [6, 24]], ids=["whole_units", "library_units"])
+@pytest.mark.parametrize("case", ["nan_weight", "inf_input"])
+def test_non_finite_values_follow_the_reference(case, segments, train):
+    """A NaN weight in the last unit, or an infinite input, gives the output,
+    every gradient and the running statistics of the reference, NaN for NaN
+    and infinity for infinity: the ReLU's backward passes a NaN output's
+    gradient (it zeroes only where the output is <= 0, as torch.relu's does),
+    the eval BN backward has no term in x, and a NaN variance stays NaN.
+    (On a tiny image a library's 3x3 weight gradient can also multiply a NaN
+    gradient by its zero padding, where the op's kernels leave the padding
+    out.)"""
+    channels = sum(segments)
+    layer = make_layer(channels=channels, segments=segments, backend="native").train(train)
+    x = make_non_finite(layer, torch.randn(2, channels, 7, 6, dtype=torch.float64), case)
+    names = ["y", "dx"] + [n for n, _ in layer.named_parameters()] + [n for n, _ in layer.named_buffers()]
+    assert_same_non_finite(*run_both(layer, x), torch.float64, names)
 
 
 def test_bad_eps_is_a_clear_error():

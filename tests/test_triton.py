@@ -15,8 +15,9 @@ import sys
 import pytest
 import torch
 
-from conftest import (LAYER_CASES, LOW_PRECISION, TOLERANCE, assert_close, check_against_truth,
-                      forward_backward, make_layer, relative_norm, run_and_compare, twin)
+from conftest import (LAYER_CASES, LOW_PRECISION, TOLERANCE, assert_close, assert_same_non_finite,
+                      check_against_truth, forward_backward, make_layer, make_non_finite, relative_norm,
+                      run_and_compare, twin)
 from gunn_ext import backends
 
 pytestmark = [pytest.mark.skipif(not backends.INSTALL["triton_installed"], reason="triton is not installed"),
@@ -277,6 +278,20 @@ def test_double_backward_raises():
     layer = make_layer(backend="triton", channels=4, segments=2, dtype=torch.float32, device=DEVICE)
     with pytest.raises(RuntimeError, match="triton_gradual_update_backward is not differentiable"):
         double_backward(layer, _input(4, SHAPES["batch 1, 3x7"]))
+
+
+@kernels
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", ["nan_weight", "inf_input"])
+def test_non_finite_values_follow_the_reference(case, train):
+    """A NaN weight or an infinite input gives the reference's NaN and infinity
+    pattern in the output and every gradient: the ReLU's backward passes a NaN
+    output's gradient, and the eval BN backward has no term in x."""
+    layer = make_layer(backend="reference", channels=4, segments=2, dtype=torch.float32, device=DEVICE).train(train)
+    x = make_non_finite(layer, _input(4, SHAPES["5x6"]), case)
+    grad = torch.randn_like(x)
+    ours, theirs = forward_backward(twin(layer, "triton"), x, grad), forward_backward(layer, x, grad)
+    assert_same_non_finite(ours, theirs, torch.float32, ["y", "dx"] + [n for n, _ in layer.named_parameters()])
 
 
 @kernels

@@ -96,7 +96,8 @@ void column_stats(const Mat& x, const Norm& stats) {
     for (int64_t j = 0; j < cols; ++j) {
       const double m = sums[j] / double(rows);
       mu[j] = shift[j] + m;
-      sq[j] = std::max(0.0, sums[cols + j] / double(rows) - m * m);
+      const double var = sums[cols + j] / double(rows) - m * m;
+      sq[j] = var < 0.0 ? 0.0 : var;  // rounding can make it negative; a NaN stays
     }
     store_stats(stats, stats.mean, mu);
     store_stats(stats, stats.var, sq);
@@ -204,7 +205,7 @@ void bn_backward_apply(const Mat& dy, const Mat& x, const Norm& norm, bool has_r
       for (int64_t j = 0; j < C; ++j) {
         const acc_t xv = acc_t(xr[j]);
         const acc_t g = relu_backward(acc_t(dr[j]), xv * sc[j] + sh[j], has_relu);
-        o[j] = scalar_t(ka[j] * g + kb[j] * xv + kc[j]);
+        o[j] = scalar_t(input_grad(ka[j], kb[j], kc[j], g, xv, training));
       }
     });
   });

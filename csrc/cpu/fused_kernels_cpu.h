@@ -122,6 +122,13 @@ struct InputGradCoefficients {
 InputGradCoefficients input_grad_coefficients(const std::vector<BNChannel<double>>& ch,
                                               const Norm& grads, int64_t rows, bool training);
 
+// a dy' + b x + c; in eval (b = c = 0) a dy' alone, so that an infinite x
+// gives a finite gradient, as the eval formula of bn_math.h does.
+template <typename acc_t>
+inline acc_t input_grad(acc_t a, acc_t b, acc_t c, acc_t dy, acc_t x, bool training) {
+  return training ? a * dy + b * x + c : a * dy;
+}
+
 // A [rows, cols] matrix in memory, unit column stride, rows `ld` apart: the
 // CPU kernels' operands, so that callers with raw buffers need no tensors.
 struct Mat {

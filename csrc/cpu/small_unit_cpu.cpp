@@ -176,7 +176,7 @@ void last_conv_backward(const SmallUnit& u, const Mat& g, const Buffers& tape, c
       scalar_t* d3r = d3.ptr<scalar_t>() + r * d3.ld;
       scalar_t* da = d_act2.ptr<scalar_t>() + r * d_act2.ld;
       for (int64_t o = 0; o < n; ++o) {
-        d3r[o] = scalar_t(a3[o] * acc_t(gr[o]) + b3[o] * acc_t(p3[o]) + c3[o]);
+        d3r[o] = scalar_t(input_grad(a3[o], b3[o], c3[o], acc_t(gr[o]), acc_t(p3[o]), u.training));
         const double v = double(d3r[o]);
         double* row = acc + o * mid;
         for (int64_t k = 0; k < mid; ++k) row[k] += v * double(a2[k]);

@@ -25,8 +25,8 @@ a launcher of the same name without ``_kernel`` in :mod:`launch`::
                                   optionally with the BN statistics of out (STATS)
     conv_bn_kernel                eval: out (+)= bn(A (*) B), ReLU on columns >= relu_from (RELU)
     input_grad_bn_relu_kernel     out = dL/dbn(X) of a conv whose input was relu(bn(X)):
-                                  A' (*) B with the BN-backward prologue, masked by
-                                  bn(X) > 0, with the sums of bn(X)'s backward
+                                  A' (*) B with the BN-backward prologue, zero where
+                                  bn(X) <= 0, with the sums of bn(X)'s backward
     input_grad_accumulate_kernel  out += A' (*) B with the BN-backward prologue
     eval_bottleneck_tail_kernel   eval: the 3x3 conv, the last 1x1 conv and their BNs fused
 
@@ -80,12 +80,16 @@ def batch_norm(v, scale_ptr, shift_ptr, cols):
 
 @triton.jit
 def bn_backward(dy, x, alpha_ptr, beta_ptr, mean_ptr, delta_ptr, cols):
-    """``dL/dx = alpha dy + beta (x - mean) + delta`` of ``dy = dL/dbn(x)`` (fp32; see :mod:`norm`)."""
+    """``dL/dx = alpha dy + beta (x - mean) + delta`` of ``dy = dL/dbn(x)`` (fp32; see :mod:`norm`).
+
+    A channel with ``beta = 0`` (every channel in eval) has no term in ``x``, so
+    that an infinite ``x`` gives ``alpha dy`` there, as PyTorch's eval backward does."""
     alpha = tl.load(alpha_ptr + cols)  # [BLOCK_C]
     beta = tl.load(beta_ptr + cols)
     mean = tl.load(mean_ptr + cols)
     delta = tl.load(delta_ptr + cols)
-    return alpha[None, :] * dy + beta[None, :] * (x - mean[None, :]) + delta[None, :]
+    centred = tl.where(beta[None, :] == 0.0, 0.0, beta[None, :] * (x - mean[None, :]))
+    return alpha[None, :] * dy + centred + delta[None, :]
 
 
 @triton.jit
@@ -259,8 +263,9 @@ def input_grad_bn_relu_kernel(
     """The input gradient of a convolution whose input was ``relu(bn(X))``.
 
     ``A = dL/dbn(X_a)`` of the BN after the convolution (``X_a`` at ``a_x_ptr``),
-    so ``A' (*) B`` with the BN-backward prologue is ``dL/d relu(bn(X))``; masked
-    by ``bn(X) = X * x_scale + x_shift > 0`` it is ``dy = dL/dbn(X)``, stored to
+    so ``A' (*) B`` with the BN-backward prologue is ``dL/d relu(bn(X))``; zeroed
+    where ``bn(X) = X * x_scale + x_shift <= 0`` (a NaN passes, as in
+    ``torch.relu``'s backward) it is ``dy = dL/dbn(X)``, stored to
     ``out``, with the tile's ``sum(dy)`` and ``sum(dy * xhat)``,
     ``xhat = (X - x_mean) * x_invstd``, into ``[row tiles, N]`` workspaces.
     """
@@ -278,7 +283,7 @@ def input_grad_bn_relu_kernel(
     out = acc.to(out_ptr.dtype.element_ty)
     # [BLOCK_M, BLOCK_N]
     x = tl.load(x_ptr + rows64 * x_stride + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    out = tl.where(batch_norm(x, x_scale_ptr, x_shift_ptr, safe_n) > 0.0, out, 0.0).to(out.dtype)
+    out = tl.where(batch_norm(x, x_scale_ptr, x_shift_ptr, safe_n) <= 0.0, 0.0, out).to(out.dtype)
     dy = tl.where(mask, out.to(tl.float32), 0.0)
     xhat = (x - tl.load(x_mean_ptr + safe_n)[None, :]) * tl.load(x_invstd_ptr + safe_n)[None, :]
     store_column_partials(sum_dy_ptr, sum_dy_xhat_ptr, dy, dy * xhat, pid_m, offs_n, n_ok, N)
