@@ -15,7 +15,10 @@
 # every backend, P = N, the profile and graph replay, then the rest,
 # torch.compile last. A failing step is recorded and the next one runs. The
 # summary (benchmarks/check_summary.py, also summary.md) is printed last.
-# GUNN_SKIP_INSTALL=1 uses the gunn_ext already importable (dry runs).
+# GUNN_SKIP_INSTALL=1 uses the gunn_ext already importable (dry runs, or a
+# second pass on the same machine). GUNN_CHECK_SKIP: space-separated glob
+# patterns of steps to leave out, e.g. the steps a first pass completed
+# (steps.tsv names them), so that a second pass runs only the rest.
 # Without a CUDA GPU it says so and does a short CPU run instead.
 set -uo pipefail
 
@@ -36,6 +39,16 @@ log() { printf '[gpu_check %4ds] %s\n' "$((SECONDS - START))" "$*"; }
 # MAX_SECONDS and by what is left of the budget; records its status.
 run_step() {
   local name="$1" cap="$2"; shift 2
+  local skip pattern
+  read -r -a skip <<< "${GUNN_CHECK_SKIP:-}"  # read -a: the patterns are not expanded as paths
+  for pattern in "${skip[@]}"; do
+    # shellcheck disable=SC2053  # the pattern is a glob on purpose
+    if [[ "$name" == $pattern ]]; then
+      log "$name: skipped (GUNN_CHECK_SKIP)"
+      printf '%s\tskipped\t0\n' "$name" >> "$STEPS"
+      return 0
+    fi
+  done
   local left=$((BUDGET - (SECONDS - START)))
   if (( left < 15 )); then
     log "$name: skipped (budget spent)"

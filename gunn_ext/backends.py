@@ -111,6 +111,6 @@ def check_input(layer, x) -> None:
     if weight.device != x.device:
         raise ValueError(f"input is on {x.device} but the layer's parameters are on {weight.device}; "
                          f"move one of them (layer.to({str(x.device)!r}))")
-    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+    if weight.dtype != x.dtype and ops.autocast_dtype(x) is None:
         raise TypeError(f"input has dtype {x.dtype} but the layer's parameters have dtype {weight.dtype}; "
                         f"use layer.to({x.dtype}) or torch.autocast")

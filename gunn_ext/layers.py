@@ -121,7 +121,8 @@ class UpdateUnits(nn.ModuleList):
 
     ``state_dict()`` has the per-module keys (``0.bottlenecks.0.conv1.weight``,
     ...), in module order, not the flat tensors: checkpoints are the same as
-    with one parameter per module.
+    with one parameter per module. Loading one without a BatchNorm's
+    ``num_batches_tracked`` keeps that count, as ``nn.BatchNorm2d`` does.
     """
 
     def __init__(self, layout: ParameterLayout):
@@ -261,7 +262,11 @@ class UpdateUnits(nn.ModuleList):
             full = prefix + key
             self._loaded_keys.add(full)
             if full not in state_dict:
-                missing_keys.append(full)
+                # A BatchNorm's count is absent from state dicts made without
+                # it (by hand, or before it existed); nn.BatchNorm2d keeps its
+                # own count then, and so does this.
+                if name != "num_batches_tracked":
+                    missing_keys.append(full)
                 continue
             value = state_dict[full]
             if not isinstance(value, torch.Tensor):

@@ -161,13 +161,22 @@ def update_running_stats(units, mean: torch.Tensor, var: torch.Tensor, count: in
         running_var.lerp_(unbiased.to(running_var.dtype), momentum)
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs ``x``'s device in, or None where it is off (or
+    does not exist, as on the meta device)."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
 def layer_arguments(layer, x: torch.Tensor, training: bool):
     """The op's arguments for ``layer`` (the conv weights in ``x``'s dtype under autocast,
     which, as for PyTorch's convolutions, leaves float64 alone)."""
     units = layer.units
     conv_weight = units.conv_weight
-    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x)
+    if dtype is not None and x.dtype != torch.float64:
         x, conv_weight = x.to(dtype), conv_weight.to(dtype)
     running = (None, None) if training else (units.running_mean, units.running_var)
     return (x, conv_weight, units.bn_weight, units.bn_bias, *running, list(layer.segments),

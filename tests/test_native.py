@@ -150,6 +150,20 @@ def test_input_is_not_modified():
         assert y.data_ptr() != x.data_ptr()
 
 
+def test_meta_device_gives_the_reference_shapes():
+    """A layer on the meta device (shape inference, deferred initialisation)
+    runs forward and backward on the native backend as on the reference."""
+    x = torch.randn(2, 6, 4, 3, dtype=torch.float64, device="meta", requires_grad=True)
+    shapes = []
+    for backend in ("native", "reference"):
+        layer = make_layer(channels=6, segments=2, backend=backend).to("meta")
+        y = layer(x)
+        y.sum().backward()
+        shapes.append((y.shape, y.dtype, x.grad.shape, layer.conv_weight.grad.shape))
+        x.grad = None
+    assert shapes[0] == shapes[1]
+
+
 def test_nan_propagates():
     layer = make_layer(channels=4, segments=2, backend="native").eval()
     x = torch.randn(1, 4, 3, 3, dtype=torch.float64)

@@ -147,6 +147,21 @@ def test_load_state_dict_strict_reports_missing_and_unexpected_keys():
         make_layer(channels=6, segments=2).load_state_dict(state, strict=False)
 
 
+def test_load_state_dict_without_batch_counts_keeps_them():
+    """As nn.BatchNorm2d: a state dict without num_batches_tracked (made by hand,
+    or before the counter existed) loads strictly and leaves the counts."""
+    source, target = make_layer(channels=6, segments=2, seed=1), make_layer(channels=6, segments=2, seed=2)
+    target.units.num_batches_tracked.fill_(7)
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    target.load_state_dict(state)
+    assert torch.equal(target.running_var, source.running_var)
+    assert target.units.num_batches_tracked.tolist() == [7] * target.units.layout.norm_count
+    plain = nn.BatchNorm2d(3)
+    plain.num_batches_tracked.fill_(7)
+    plain.load_state_dict({k: v for k, v in nn.BatchNorm2d(3).state_dict().items() if k != "num_batches_tracked"})
+    assert plain.num_batches_tracked.item() == 7
+
+
 def test_load_state_dict_copies_into_the_flat_storage():
     source = make_layer(channels=6, segments=3, seed=1)
     target = make_layer(channels=6, segments=3, seed=2)
