@@ -58,7 +58,7 @@ from rich.table import Table
 
 import gunn_ext
 import plot_results
-from gunn_ext import GUNNLayer, SUNNLayer, cuda_graphs, layers
+from gunn_ext import GUNNLayer, SUNNLayer, conventions, cuda_graphs, layers
 from gunn_ext.backends import NAMES as BACKEND_NAMES
 
 COMPILE = "compile"
@@ -513,22 +513,8 @@ def run_backends(args: argparse.Namespace) -> tuple[list[Result], Workload]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    with tf32_products(args.tf32):
+    with conventions.float32_products(True) if args.tf32 else contextlib.nullcontext():
         return _run(args)
-
-
-@contextlib.contextmanager
-def tf32_products(enabled: bool):
-    """Within: float32 matrix products and convolutions in TF32, if ``enabled``."""
-    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    if enabled:
-        torch.set_float32_matmul_precision("high")
-        torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(saved[0])
-        torch.backends.cudnn.allow_tf32 = saved[1]
 
 
 def _run(args: argparse.Namespace) -> dict:

@@ -9,7 +9,8 @@ entropy, backward, step. Every backend trains a copy of the same initial
 network. Warm-up runs until CUDA graph capture has settled. Peak memory is
 ``torch.cuda.max_memory_allocated`` over one more step with graph replay off,
 so that every intermediate is counted (GPU only; the paper reports 2.485 GB
-for GUNN-15 at batch 64).
+for GUNN-15 at batch 64). As in the training CLI, every float32 product on
+the GPU runs in TF32 (``--no-tf32``: all in IEEE float32).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 import gunn_ext
-from gunn_ext import cuda_graphs
+from gunn_ext import conventions, cuda_graphs
 from gunn_ext.models import MODELS, build_model
 
 
@@ -42,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--backends", help="comma list (default: every available backend)")
     p.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="every float32 product in TF32 on the GPU, as the training CLI's --tf32 "
+                        "(default; --no-tf32: IEEE float32 everywhere)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -110,6 +114,25 @@ def measure(model, args, device) -> dict:
     return out
 
 
+def run_backend(name, template, args, device, rows) -> bool:
+    """Measures ``name`` on a copy of ``template`` into ``rows``; True if it failed."""
+    model = copy.deepcopy(template)
+    for layer in model.modules():
+        if isinstance(layer, (gunn_ext.GUNNLayer, gunn_ext.SUNNLayer)):
+            layer.backend = name
+    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    failed = False
+    try:
+        rows.append({"backend": name, **measure(model, args, device)})
+    except Exception as exc:  # report and go on with the other backends
+        failed = True
+        rows.append({"backend": name, "error": f"{type(exc).__name__}: {exc}"})
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return failed
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -120,24 +143,14 @@ def main(argv=None) -> int:
                            segment_channels=args.segment_channels)
     params = sum(p.numel() for p in template.parameters())
     rows, failed = [], False
-    for name in names:
-        model = copy.deepcopy(template)
-        for layer in model.modules():
-            if isinstance(layer, (gunn_ext.GUNNLayer, gunn_ext.SUNNLayer)):
-                layer.backend = name
-        model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-        try:
-            rows.append({"backend": name, **measure(model, args, device)})
-        except Exception as exc:  # report and go on with the other backends
-            failed = True
-            rows.append({"backend": name, "error": f"{type(exc).__name__}: {exc}"})
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    with conventions.float32_products(args.tf32):
+        for name in names:
+            failed |= run_backend(name, template, args, device, rows)
 
     segments = "" if args.segment_channels is None else f", {args.segment_channels}-channel segments"
     table = Table(title=f"{args.model} ({params:,} parameters{segments}), batch {args.batch}, {device.type}"
-                        f"{', ' + args.amp if args.amp else ''}{', channels_last' if args.channels_last else ''}")
+                        f"{', ' + args.amp if args.amp else ''}{', channels_last' if args.channels_last else ''}"
+                        f"{', TF32' if args.tf32 and device.type == 'cuda' else ''}")
     for column in ("backend", "step ms", "images/s", "speedup", "peak memory GB"):
         table.add_column(column, justify="left" if column == "backend" else "right")
     reference = next((r["step_ms"] for r in rows if r["backend"] == "reference" and "step_ms" in r), None)

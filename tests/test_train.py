@@ -37,6 +37,22 @@ def tiny_config(out, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+@pytest.mark.parametrize("tf32", [True, False], ids=["tf32", "ieee"])
+def test_tf32_is_set_for_the_run_and_restored(tmp_path, tf32):
+    """--tf32 (the default) puts the matmuls, the GUNN layers' GEMMs among them,
+    in TF32 like cuDNN's convolutions for the run; --no-tf32 both in IEEE."""
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    seen = set()
+
+    def record(position):
+        seen.add((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
+
+    fit(tiny_config(tmp_path / "run", epochs=1, tf32=tf32), on_step=record)
+    assert seen == {("high", True) if tf32 else ("highest", False)}
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == before
+    assert TrainConfig().tf32 and json.loads((tmp_path / "run" / "config.json").read_text())["tf32"] is tf32
+
+
 @pytest.fixture(autouse=True)
 def restore_torch_threads():
     threads = torch.get_num_threads()

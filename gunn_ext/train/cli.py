@@ -68,6 +68,9 @@ def train_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="CPU threads for torch (torch.set_num_threads)")
     run.add_argument("--amp", choices=AMP_MODES, help="autocast dtype (none)")
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC memory format")
+    run.add_argument("--tf32", action=argparse.BooleanOptionalAction,
+                     help="every float32 product on the GPU in TF32, the GUNN layers' GEMMs as cuDNN's "
+                          "convolutions (on; --no-tf32: IEEE float32 everywhere)")
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     run.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
                      help="SyncBatchNorm for the stem/transition/head BatchNorms (CUDA; GUNN layers keep "

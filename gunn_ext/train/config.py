@@ -35,7 +35,9 @@ class TrainConfig:
     ``batch_size / W`` samples per step, so the recipe does not depend on ``W``.
     ``milestones`` are fractions of ``epochs`` where the learning rate is
     multiplied by ``lr_gamma``. ``train_samples`` trains on a fixed random
-    subset of that size (quick smoke runs).
+    subset of that size (quick smoke runs). ``tf32`` puts every float32
+    product on the GPU in TF32 (:func:`gunn_ext.conventions.float32_products`),
+    as PyTorch's convolutions are by default; off, all are IEEE float32.
     """
 
     model: str = "gunn15"
@@ -62,6 +64,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "none"
     channels_last: bool = False
+    tf32: bool = True
     compile: bool | None = None
     sync_bn: bool = False
     deterministic: bool = False

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import backends
+from .. import backends, conventions
 from ..extras import require
 from ..models import build_model
 from . import checkpoint, distributed
@@ -127,7 +127,8 @@ def fit(config: TrainConfig, on_step: Callable[[Position], None] | None = None) 
             run = _Run(config, context, on_step)
         except (ValueError, OSError) as exc:
             raise SetupError(str(exc)) from exc
-        return run.fit()
+        with conventions.float32_products(run.config.tf32):
+            return run.fit()
     finally:
         distributed.teardown(context)
 
