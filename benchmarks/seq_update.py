@@ -383,8 +383,7 @@ def machine_info(device: torch.device) -> dict:
         info.update(gpu=props.name, gpu_memory_bytes=props.total_memory,
                     compute_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
                     cudnn=torch.backends.cudnn.version(),
-                    tf32_conv=torch.backends.cudnn.allow_tf32,
-                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+                    float32_precision=conventions.precision_state())
     try:
         import triton
         info["triton"] = triton.__version__

@@ -42,15 +42,61 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _fp32_switches() -> list | None:
+    """Every ``fp32_precision`` switch of this torch (generic, cuBLAS, cuDNN,
+    oneDNN), or None where it has none. Their getters never raise, where the
+    legacy ones (``allow_tf32``, ``get_float32_matmul_precision``) raise once
+    a program has set the switches to mixed values through the new API."""
+    b = torch.backends
+    if not hasattr(b.cuda.matmul, "fp32_precision"):
+        return None
+    candidates = [b, b.cuda.matmul, b.cudnn, getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None),
+                  b.mkldnn, *(getattr(b.mkldnn, op, None) for op in ("matmul", "conv", "rnn"))]
+    return [c for c in candidates if c is not None and hasattr(c, "fp32_precision")]
+
+
+def _resolved(*chain) -> str:
+    """The first switch of ``chain`` (child first) that is set; "ieee" if none is."""
+    return next((s.fp32_precision for s in chain if s.fp32_precision != "none"), "ieee")
+
+
+def precision_state() -> tuple[str, str]:
+    """The precisions float32 products take now: ``(cuBLAS matmuls, cuDNN
+    convolutions)``, each "ieee", "tf32" or "bf16", for keys and reports."""
+    b = torch.backends
+    if _fp32_switches() is None:
+        matmul = {"highest": "ieee", "high": "tf32", "medium": "bf16"}[torch.get_float32_matmul_precision()]
+        return matmul, "tf32" if b.cudnn.allow_tf32 else "ieee"
+    return _resolved(b.cuda.matmul, b), _resolved(b.cudnn.conv, b.cudnn, b)
+
+
+def matmul_tf32() -> bool:
+    """Whether float32 matmuls on the GPU may multiply in reduced precision (TF32)."""
+    return precision_state()[0] != "ieee"
+
+
 @contextlib.contextmanager
 def float32_products(tf32: bool) -> Iterator[None]:
     """Within: every float32 product of every backend in TF32 (``tf32``), or in
-    IEEE float32, cuDNN's convolutions included; both switches restored after."""
-    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    IEEE float32, cuDNN's convolutions included; the switches restored after.
+
+    Set through the legacy switches, which keep every backend consistent, so
+    that code reading them (``torch.compile`` does) works within; restored
+    through the API they were set with."""
+    try:
+        legacy = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # set to mixed values through the fp32_precision switches
+        legacy = None
+    switches = _fp32_switches() if legacy is None else None
+    raw = [s.fp32_precision for s in switches] if switches else None
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = tf32
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(saved[0])
-        torch.backends.cudnn.allow_tf32 = saved[1]
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy[0])
+            torch.backends.cudnn.allow_tf32 = legacy[1]
+        else:
+            for s, value in zip(switches, raw):
+                s.fp32_precision = value

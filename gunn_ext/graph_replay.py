@@ -67,6 +67,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from . import conventions
+
 ON, OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 DEFAULT_CAPACITY = 8
 
@@ -117,10 +119,10 @@ class Counts(NamedTuple):
 def backend_flags() -> tuple:
     """The global switches that decide which cuBLAS / cuDNN kernels a call runs."""
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    return (torch.get_float32_matmul_precision(), matmul.allow_tf32,
+    return (*conventions.precision_state(),
             matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction,
             getattr(matmul, "allow_fp16_accumulation", False), torch.backends.cuda.preferred_blas_library(),
-            cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32,
+            cudnn.enabled, cudnn.benchmark, cudnn.deterministic,
             torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
 
 

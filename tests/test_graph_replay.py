@@ -157,6 +157,32 @@ def test_replaced_parameters_recapture_and_dead_layers_are_dropped():
     assert stats.layers == 2, "the layer of the freed parameters is still cached"
 
 
+def test_precision_switches_set_through_either_api():
+    """PyTorch's fp32_precision switches, set to values its legacy getters
+    refuse to read (matmuls in TF32, convolutions in IEEE), are read and keyed;
+    float32_products sets and restores them."""
+    from gunn_ext import conventions
+    from gunn_ext.graph_replay import backend_flags
+
+    if conventions._fp32_switches() is None:
+        pytest.skip("this torch has no fp32_precision switches")
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = conventions.precision_state()
+    try:
+        matmul.fp32_precision, conv.fp32_precision = "tf32", "ieee"
+        with pytest.raises(RuntimeError):
+            torch.get_float32_matmul_precision()  # the legacy getter refuses
+        flags = backend_flags()
+        assert conventions.matmul_tf32()
+        with conventions.float32_products(False):
+            assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+            assert not conventions.matmul_tf32() and backend_flags() != flags
+        assert backend_flags() == flags
+    finally:
+        for switch, value in zip(conventions._fp32_switches(), saved):
+            switch.fp32_precision = value
+
+
 def test_key_has_shapes_strides_dtypes_config_flags_and_stream():
     replay, _ = engine()
     ws = [torch.randn(2)]

@@ -25,6 +25,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from conftest import make_layer  # noqa: E402
+from gunn_ext import conventions  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="kernels are interpreted functions under TRITON_INTERPRET=1")
@@ -138,7 +139,7 @@ def record_launches(monkeypatch, layer, dtype, precision, settings, modes, **_) 
         monkeypatch.setattr(launch, name, Recorder(getattr(launch, name), launches))
     for name, value in settings.items():
         monkeypatch.setattr(launch, name, value)
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
+    monkeypatch.setattr(conventions, "matmul_tf32", lambda: precision != "highest")
     layer = make_layer(**layer, dtype=dtype)
     x = torch.randn(2, layer.channels, 16, 16, dtype=dtype)
     for training in modes:

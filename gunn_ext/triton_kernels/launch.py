@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .. import conventions
+
 from .gemm import (conv_bn_kernel, conv_kernel, eval_bottleneck_tail_kernel, input_grad_accumulate_kernel,
                    input_grad_bn_relu_kernel)
 from .norm import bn_add_kernel, bn_grad_partials_kernel, finalize_grad_kernel, finalize_stats_kernel
@@ -48,11 +50,11 @@ def k_block(k: int, taps: int, precision: str) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 GEMMs follow ``torch.set_float32_matmul_precision`` (TF32 unless "highest");
+    """fp32 GEMMs follow the float32 matmul precision (TF32 unless "highest" / "ieee");
     bfloat16 ones run as exact fp32 products under the interpreter (see ``gemm.dot``)."""
     if dtype == torch.bfloat16 and INTERPRETED:
         return "upcast"
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+    if dtype == torch.float32 and not conventions.matmul_tf32():
         return "ieee"
     return "tf32"
 
