@@ -57,7 +57,8 @@ def _fp32_switches() -> list | None:
 
 def _resolved(*chain) -> str:
     """The first switch of ``chain`` (child first) that is set; "ieee" if none is."""
-    return next((s.fp32_precision for s in chain if s.fp32_precision != "none"), "ieee")
+    values = (getattr(s, "fp32_precision", "none") for s in chain)
+    return next((v for v in values if v != "none"), "ieee")
 
 
 def precision_state() -> tuple[str, str]:
@@ -67,7 +68,7 @@ def precision_state() -> tuple[str, str]:
     if _fp32_switches() is None:
         matmul = {"highest": "ieee", "high": "tf32", "medium": "bf16"}[torch.get_float32_matmul_precision()]
         return matmul, "tf32" if b.cudnn.allow_tf32 else "ieee"
-    return _resolved(b.cuda.matmul, b), _resolved(b.cudnn.conv, b.cudnn, b)
+    return _resolved(b.cuda.matmul, b), _resolved(getattr(b.cudnn, "conv", None), b.cudnn, b)
 
 
 def matmul_tf32() -> bool:
