@@ -41,7 +41,7 @@ run_step() {
   local name="$1" cap="$2"; shift 2
   local skip pattern
   read -r -a skip <<< "${GUNN_CHECK_SKIP:-}"  # read -a: the patterns are not expanded as paths
-  for pattern in "${skip[@]}"; do
+  for pattern in ${skip[@]+"${skip[@]}"}; do  # bash < 4.4 rejects an empty "${skip[@]}" under set -u
     # shellcheck disable=SC2053  # the pattern is a glob on purpose
     if [[ "$name" == $pattern ]]; then
       log "$name: skipped (GUNN_CHECK_SKIP)"

@@ -10,12 +10,13 @@ the switches that set the precision of its float32 products.
   are float64 for float64 inputs and float32 for every other dtype.
 
 **Float32 products on the GPU.** The layer's products are convolutions. The
-reference's (``nn.Conv2d``) and the native op's 3x3s follow cuDNN's TF32
-switch, ``torch.backends.cudnn.allow_tf32``, on by default; the native op's
-1x1s run as GEMMs and the Triton kernels' products as dots, which follow the
-float32 matmul precision, ``torch.set_float32_matmul_precision``,
-``"highest"`` (IEEE float32) by default. :func:`float32_products` sets both
-at once, so that every backend multiplies in the same precision.
+reference's (``nn.Conv2d``) and the native op's library 3x3s follow cuDNN's
+TF32 switch, ``torch.backends.cudnn.allow_tf32``, on by default; the native
+op's 1x1s run as GEMMs and the Triton kernels' products as dots, which
+follow the float32 matmul precision, ``torch.set_float32_matmul_precision``,
+``"highest"`` (IEEE float32) by default; the native op's own kernels (narrow
+units) multiply in IEEE float32. :func:`float32_products` sets both switches
+at once, so that the libraries and Triton multiply in the same precision.
 """
 from __future__ import annotations
 
@@ -56,17 +57,18 @@ def _fp32_switches() -> list | None:
 
 
 def _resolved(*chain) -> str:
-    """The first switch of ``chain`` (child first) that is set; "ieee" if none is."""
+    """The value of the first switch of ``chain`` (child first) that is set:
+    "tf32", or "ieee" for anything else (CUDA has no bfloat16 float32 mode)."""
     values = (getattr(s, "fp32_precision", "none") for s in chain)
-    return next((v for v in values if v != "none"), "ieee")
+    return "tf32" if next((v for v in values if v != "none"), "ieee") == "tf32" else "ieee"
 
 
 def precision_state() -> tuple[str, str]:
     """The precisions float32 products take now: ``(cuBLAS matmuls, cuDNN
-    convolutions)``, each "ieee", "tf32" or "bf16", for keys and reports."""
+    convolutions)``, each "ieee" or "tf32", for keys and reports."""
     b = torch.backends
     if _fp32_switches() is None:
-        matmul = {"highest": "ieee", "high": "tf32", "medium": "bf16"}[torch.get_float32_matmul_precision()]
+        matmul = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
         return matmul, "tf32" if b.cudnn.allow_tf32 else "ieee"
     return _resolved(b.cuda.matmul, b), _resolved(getattr(b.cudnn, "conv", None), b.cudnn, b)
 
@@ -81,23 +83,36 @@ def float32_products(tf32: bool) -> Iterator[None]:
     """Within: every float32 product of every backend in TF32 (``tf32``), or in
     IEEE float32, cuDNN's convolutions included; the switches restored after.
 
-    Set through the legacy switches, which keep every backend consistent, so
-    that code reading them (``torch.compile`` does) works within; restored
-    through the API they were set with."""
-    try:
-        legacy = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    except RuntimeError:  # set to mixed values through the fp32_precision switches
-        legacy = None
-    switches = _fp32_switches() if legacy is None else None
+    Set through the legacy switches, which code such as ``torch.compile``
+    reads, and through the fp32_precision switches of cuBLAS and cuDNN, so
+    that no switch above them decides; every switch gets its value back."""
+    legacy = _legacy_switches()
+    switches = _fp32_switches()
     raw = [s.fp32_precision for s in switches] if switches else None
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = tf32
+    if switches:
+        b = torch.backends
+        for switch in (b.cuda.matmul, getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None)):
+            if switch is not None:
+                switch.fp32_precision = "tf32" if tf32 else "ieee"
     try:
         yield
     finally:
         if legacy is not None:
             torch.set_float32_matmul_precision(legacy[0])
             torch.backends.cudnn.allow_tf32 = legacy[1]
-        else:
-            for s, value in zip(switches, raw):
-                s.fp32_precision = value
+        if switches:  # what the legacy setters could not express ("none": inherit)
+            for switch, value in zip(switches, raw):
+                if switch.fp32_precision != value:
+                    switch.fp32_precision = value
+
+
+def _legacy_switches() -> tuple | None:
+    """The legacy switches' values, or None where their getters refuse (the
+    fp32_precision switches were set to mixed values)."""
+    try:
+        return (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+                torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:
+        return None

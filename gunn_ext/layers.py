@@ -121,8 +121,9 @@ class UpdateUnits(nn.ModuleList):
 
     ``state_dict()`` has the per-module keys (``0.bottlenecks.0.conv1.weight``,
     ...), in module order, not the flat tensors: checkpoints are the same as
-    with one parameter per module. Loading one without a BatchNorm's
-    ``num_batches_tracked`` keeps that count, as ``nn.BatchNorm2d`` does.
+    with one parameter per module. A BatchNorm's ``num_batches_tracked`` may
+    be absent where ``nn.BatchNorm2d`` allows it (a state dict without version
+    metadata, or older): the count keeps its value.
     """
 
     def __init__(self, layout: ParameterLayout):
@@ -151,6 +152,8 @@ class UpdateUnits(nn.ModuleList):
                          _NORM_TENSORS if isinstance(module, nn.BatchNorm2d) else ())]
         self._loaded_keys: set[str] = set()
         self.register_load_state_dict_post_hook(_forget_loaded_keys)
+        for norm in self._norms:
+            norm.register_load_state_dict_pre_hook(_require_batch_count)
         self.bind_views()
 
     # Views ---------------------------------------------------------------
@@ -262,10 +265,7 @@ class UpdateUnits(nn.ModuleList):
             full = prefix + key
             self._loaded_keys.add(full)
             if full not in state_dict:
-                # A BatchNorm's count is absent from state dicts made without
-                # it (by hand, or before it existed); nn.BatchNorm2d keeps its
-                # own count then, and so does this.
-                if name != "num_batches_tracked":
+                if name != "num_batches_tracked":  # the norm decides (_require_batch_count)
                     missing_keys.append(full)
                 continue
             value = state_dict[full]
@@ -311,6 +311,17 @@ class UpdateUnits(nn.ModuleList):
             else:
                 self._buffers[flat_name] = new
         self.bind_views()
+
+
+def _require_batch_count(norm, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs) -> None:
+    """nn.BatchNorm2d's rule for a state dict without its ``num_batches_tracked``:
+    missing if the norm was saved at version 2 or later; from an older or
+    version-less state dict (made by hand) the count keeps its value."""
+    key = prefix + "num_batches_tracked"
+    version = local_metadata.get("version")
+    if norm.num_batches_tracked is not None and key not in state_dict and version is not None and version >= 2:
+        missing_keys.append(key)
 
 
 def _forget_loaded_keys(units: UpdateUnits, incompatible_keys) -> None:

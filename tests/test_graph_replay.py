@@ -167,7 +167,7 @@ def test_precision_switches_set_through_either_api():
     if conventions._fp32_switches() is None:
         pytest.skip("this torch has no fp32_precision switches")
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved = conventions.precision_state()
+    saved = [switch.fp32_precision for switch in conventions._fp32_switches()]
     try:
         matmul.fp32_precision, conv.fp32_precision = "tf32", "ieee"
         with pytest.raises(RuntimeError):
@@ -177,7 +177,7 @@ def test_precision_switches_set_through_either_api():
         with conventions.float32_products(False):
             assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
             assert not conventions.matmul_tf32() and backend_flags() != flags
-        assert backend_flags() == flags
+        assert backend_flags() == flags and (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "ieee")
     finally:
         for switch, value in zip(conventions._fp32_switches(), saved):
             switch.fp32_precision = value

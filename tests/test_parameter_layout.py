@@ -147,9 +147,10 @@ def test_load_state_dict_strict_reports_missing_and_unexpected_keys():
         make_layer(channels=6, segments=2).load_state_dict(state, strict=False)
 
 
-def test_load_state_dict_without_batch_counts_keeps_them():
-    """As nn.BatchNorm2d: a state dict without num_batches_tracked (made by hand,
-    or before the counter existed) loads strictly and leaves the counts."""
+def test_load_state_dict_without_batch_counts_as_batch_norm():
+    """As nn.BatchNorm2d: a state dict without num_batches_tracked loads strictly
+    and leaves the counts where it has no version metadata (made by hand, or
+    before the counter existed), and misses them where it has."""
     source, target = make_layer(channels=6, segments=2, seed=1), make_layer(channels=6, segments=2, seed=2)
     target.units.num_batches_tracked.fill_(7)
     state = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
@@ -160,6 +161,15 @@ def test_load_state_dict_without_batch_counts_keeps_them():
     plain.num_batches_tracked.fill_(7)
     plain.load_state_dict({k: v for k, v in nn.BatchNorm2d(3).state_dict().items() if k != "num_batches_tracked"})
     assert plain.num_batches_tracked.item() == 7
+
+    versioned = source.state_dict()  # keeps its _metadata
+    del versioned["units.1.bottlenecks.0.bn2.num_batches_tracked"]
+    with pytest.raises(RuntimeError, match='Missing key.*"units.1.bottlenecks.0.bn2.num_batches_tracked"'):
+        target.load_state_dict(versioned)
+    plain_state = nn.BatchNorm2d(3).state_dict()
+    del plain_state["num_batches_tracked"]
+    with pytest.raises(RuntimeError, match="Missing key"):
+        plain.load_state_dict(plain_state)
 
 
 def test_load_state_dict_copies_into_the_flat_storage():

@@ -24,6 +24,7 @@ from gunn_ext.train.data import (ResumableSampler, load_data, random_resized_cro
 from gunn_ext.train.distributed import convert_sync_batchnorm
 from gunn_ext.train.metrics import read_records
 from gunn_ext.train.plot import plot_comparison, plot_run
+from gunn_ext.train.trainer import merge_resumed
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"train_seconds", "images_per_s"}
@@ -323,6 +324,18 @@ def test_a_resumed_run_keeps_its_recipe(tmp_path, capsys):
     assert "--segment-channels=1 differs from the resumed run's None" in err
     err = run_cli_error(["--model", "sunn15", "--out", str(tmp_path)], capsys)
     assert "already holds a checkpoint" in err
+
+
+def test_a_run_stored_before_the_tf32_option_keeps_torch_switches(tmp_path, capsys):
+    """A checkpoint whose recipe has no tf32 resumes with torch's switches left
+    as they are, as it was trained, and --tf32 is a change of its recipe."""
+    fit(tiny_config(tmp_path, epochs=1))
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    del payload["config"]["tf32"]
+    torch.save(payload, tmp_path / "checkpoint.pt")
+    assert merge_resumed(payload["config"], tiny_config(tmp_path)).tf32 is None
+    err = run_cli_error(["--resume", str(tmp_path), "--tf32"], capsys)
+    assert "--tf32=True differs from the resumed run's None" in err
 
 
 def test_plot_compares_two_runs(tmp_path):

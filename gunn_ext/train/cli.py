@@ -9,7 +9,7 @@ from .. import backends
 from ..extras import MissingExtra
 from ..models import MODELS
 from . import checkpoint
-from .config import AMP_MODES, DATASETS, RECIPES, RUNTIME_OPTIONS, TrainConfig, default_out
+from .config import ADDED_OPTIONS, AMP_MODES, DATASETS, RECIPES, RUNTIME_OPTIONS, TrainConfig, default_out
 from .trainer import SetupError, fit
 
 EPILOG = """\
@@ -108,7 +108,7 @@ def check_resume_conflicts(config: TrainConfig, given: set[str]) -> None:
     except (OSError, ValueError) as exc:
         raise SetupError(str(exc)) from exc
     for name in sorted(given - RUNTIME_OPTIONS):
-        value, before = getattr(config, name), stored.get(name)
+        value, before = getattr(config, name), stored.get(name, ADDED_OPTIONS.get(name))
         if isinstance(before, list):
             before = tuple(before)
         if value != before:

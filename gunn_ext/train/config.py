@@ -24,6 +24,8 @@ RECIPES: dict[str, dict] = {
 RUNTIME_OPTIONS = frozenset({"data", "out", "workers", "threads", "progress", "plot", "log_every",
                              "checkpoint_every", "compile", "resume"})
 RUNTIME_DEFAULTS = dict(progress=True, plot=False, log_every=50, checkpoint_every=0, compile=False)
+# Recipe options added after runs were stored: what a stored run without one did.
+ADDED_OPTIONS = dict(tf32=None)
 
 
 @dataclass
@@ -37,7 +39,8 @@ class TrainConfig:
     multiplied by ``lr_gamma``. ``train_samples`` trains on a fixed random
     subset of that size (quick smoke runs). ``tf32`` puts every float32
     product on the GPU in TF32 (:func:`gunn_ext.conventions.float32_products`),
-    as PyTorch's convolutions are by default; off, all are IEEE float32.
+    as PyTorch's convolutions are by default; False, all in IEEE float32;
+    None leaves torch's switches as they are (runs stored before the option).
     """
 
     model: str = "gunn15"
@@ -64,7 +67,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "none"
     channels_last: bool = False
-    tf32: bool = True
+    tf32: bool | None = True
     compile: bool | None = None
     sync_bn: bool = False
     deterministic: bool = False
@@ -125,7 +128,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        config = cls(**{k: v for k, v in values.items() if k in known})
+        config = cls(**{k: v for k, v in {**ADDED_OPTIONS, **values}.items() if k in known})
         if config.milestones is not None:
             config.milestones = tuple(config.milestones)
         return config
