@@ -112,7 +112,8 @@ def _legacy_switches() -> tuple | None:
     """The legacy switches' values, or None where their getters refuse (the
     fp32_precision switches were set to mixed values)."""
     try:
-        return (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
-                torch.backends.cuda.matmul.allow_tf32)
+        # cuda.matmul.allow_tf32 follows the matmul precision; reading it checks that it can be read.
+        torch.backends.cuda.matmul.allow_tf32  # noqa: B018
+        return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     except RuntimeError:
         return None
