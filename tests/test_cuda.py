@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 from conftest import (LAYER_CASES, LOW_PRECISION, assert_close, check_against_truth,  # noqa: E402
                       forward_backward, make_layer, relative_norm, run_and_compare, twin)
-from gunn_ext import backends, cuda_graphs, ops  # noqa: E402
+from gunn_ext import backends, conventions, cuda_graphs, ops  # noqa: E402
 
 pytestmark = [
     pytest.mark.cuda,
@@ -107,6 +107,22 @@ def test_large_batch(shape):
     for (name, r), n in zip(truth_layer.named_buffers(), native.buffers()):
         if r.is_floating_point():
             assert relative_norm(n, r) <= LOW_PRECISION[torch.float32], f"buffer {name}"
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_tf32_products_as_close_as_pytorch_in_tf32(train):
+    """With every float32 product in TF32 (the training CLI's default), the
+    native op's library GEMMs and 3x3s (units of 16 and 32 channels) multiply
+    in TF32 as the reference's convolutions do: as close to float64 truth as
+    the reference, within twice its error."""
+    truth = make_layer(channels=48, segments=[16, 32], dtype=torch.float64, device="cuda").train(train)
+    x = torch.randn(8, 48, 9, 7, device="cuda", dtype=torch.float64)
+    grad = torch.randn_like(x)
+    expected = forward_backward(truth, x, grad)
+    with conventions.float32_products(True):
+        ours = forward_backward(twin(truth, "native").float(), x.float(), grad.float())
+        theirs = forward_backward(twin(truth, "reference").float(), x.float(), grad.float())
+    check_against_truth(ours, theirs, expected, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
