@@ -35,9 +35,14 @@ BatchNorm parameters): in those calls they are activations, copied in.
 used out first. A cached graph holds its memory pool (the captured call's
 outputs and intermediates, about the op's peak working memory) and static
 copies of its activations (the input for the forward; ``grad_y``, ``x``,
-``y`` and the statistics for the backward). Layers whose parameters have been
-freed are dropped when a new layer is seen, so memory stays bounded by
-capacity x live layers x passes. A key seen for the first time is captured at
+``y`` and the statistics for the backward), allocated outside inference
+mode so that any call may copy into them, contiguous unless the activation
+is contiguous or channels_last (the layout the eager op gives it). Layers
+whose parameters have been freed, or given new storage in place
+(``module.to()`` sets ``param.data``), are dropped when a new layer is seen,
+and :meth:`GraphReplay.clear` drops every graph at once (those a replay
+still runs, once it has run), so memory stays bounded by capacity x live
+layers x passes. A key seen for the first time is captured at
 once (after one eager warm-up run on the static inputs, which compiles and
 tunes kernels outside the capture and gives the call its result); an evicted
 key seen again is captured again. A layer that recaptures more evicted keys in a
@@ -154,6 +159,15 @@ def _flat(values: list) -> list[Tensor]:
     return out
 
 
+def _static_like(a: Tensor) -> Tensor:
+    """A graph's buffer for activation ``a``: its strides where it is contiguous
+    or channels_last, else contiguous, the layout the eager op treats it as
+    (a gapped or overlapping view's own strides would give its results another)."""
+    if a.is_contiguous() or a.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty_like(a)
+    return torch.empty(a.shape, dtype=a.dtype, device=a.device)
+
+
 def _config_key(value):
     return tuple(value) if isinstance(value, list) else value
 
@@ -188,19 +202,24 @@ class CudaGraph:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self.graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            error = None
             try:
                 outputs = fn(*args)
-            finally:
+            except Exception as exc:  # noqa: BLE001 - raised below, once the capture has ended
+                error = exc
+            try:
+                self.graph.capture_end()
+            except RuntimeError:
+                # An invalidated capture raises before the allocator stops routing
+                # this thread's allocations to the graph's pool.
                 try:
-                    self.graph.capture_end()
+                    torch._C._cuda_endAllocateToPool(device, pool)
                 except RuntimeError:
-                    # An invalidated capture raises before the allocator stops routing
-                    # this thread's allocations to the graph's pool.
-                    try:
-                        torch._C._cuda_endAllocateToPool(device, pool)
-                    except RuntimeError:
-                        pass  # it had stopped already
+                    pass  # it had stopped already
+                if error is None:
                     raise
+            if error is not None:
+                raise error  # the cause, not the invalidated capture it led to
         torch.cuda.current_stream().wait_stream(stream)
         return outputs
 
@@ -261,14 +280,23 @@ class _Captured:
 class _Layer:
     """The graphs of one layer identity in one pass, least recently used first."""
 
-    def __init__(self, anchor: Tensor | None):
+    def __init__(self, identity: tuple, parameters: list):
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self.evicted: OrderedDict[tuple, None] = OrderedDict()
         self.recaptures = 0  # evicted keys captured again since the last replay
-        self.anchor = None if anchor is None else weakref.ref(anchor)
+        self.identity = identity
+        self.parameters = [None if p is None else [weakref.ref(t) for t in _tensors(p)] for p in parameters]
 
     def alive(self) -> bool:
-        return self.anchor is None or self.anchor() is not None
+        """Whether its parameters still exist as they were: not freed, and not
+        given new storage in place (``module.to()`` sets ``param.data``)."""
+        parameters = []
+        for refs in self.parameters:
+            tensors = None if refs is None else [ref() for ref in refs]
+            if tensors is not None and any(t is None for t in tensors):
+                return False
+            parameters.append(tensors)
+        return layer_identity(parameters) == self.identity
 
 
 # The roles of the layer ops' arguments, for both backends (the others are config).
@@ -334,6 +362,7 @@ class GraphReplay:
             for layer in self.layers.values():
                 self.retired += layer.graphs.values()
             self.layers.clear()
+            self._prune_retired()
             self.counts = dict.fromkeys(self.counts, 0)
             self.warned_thrash = False
 
@@ -355,7 +384,7 @@ class GraphReplay:
         return not self.graph_type.stream_is_capturing()
 
     def _run(self, args: tuple):
-        self.retired = [entry for entry in self.retired if entry.graph.busy()]
+        self._prune_retired()
         activation_slots, parameter_slots = self._roles(args)
         activations = _flat([args[i] for i in activation_slots])
         parameters = [args[i] for i in parameter_slots]
@@ -394,12 +423,17 @@ class GraphReplay:
     def _new_layer(self, identity: tuple, parameters: list) -> _Layer:
         for dead in [i for i, layer in self.layers.items() if not layer.alive()]:
             self.retired += self.layers.pop(dead).graphs.values()
-        anchor = next((t for p in parameters if p is not None for t in _tensors(p)), None)
-        layer = self.layers[identity] = _Layer(anchor)
+        self._prune_retired()
+        layer = self.layers[identity] = _Layer(identity, parameters)
         return layer
 
+    def _prune_retired(self) -> None:
+        """Frees the dropped graphs that no replay still uses."""
+        self.retired = [entry for entry in self.retired if entry.graph.busy()]
+
     def _capture(self, layer: _Layer, key: tuple, args: tuple, slots: list[int], activations: list[Tensor]):
-        statics = [torch.empty_like(a) for a in activations]
+        with torch.inference_mode(False):  # replays copy into them outside inference mode too
+            statics = [_static_like(a) for a in activations]
         torch._foreach_copy_(statics, activations)
         static_args, rest = list(args), iter(statics)
         for slot in slots:

@@ -53,8 +53,10 @@ class RecordingGraph:
             assert ref() is not None, "a replay would read freed memory"
             assert ref().data_ptr() == address, "a replay would read a tensor that has moved"
         args = pytree.tree_map_only(weakref.ref, lambda ref: ref(), self.args)
-        for static, value in zip(pytree.tree_leaves(self.outputs), pytree.tree_leaves(self.fn(*args))):
-            static.copy_(value)
+        # A replay writes the graph's memory below autograd, whatever mode the capture ran in.
+        with torch.inference_mode():
+            for static, value in zip(pytree.tree_leaves(self.outputs), pytree.tree_leaves(self.fn(*args))):
+                static.copy_(value)
 
     def record_use(self):
         pass
@@ -154,7 +156,7 @@ def test_replaced_parameters_recapture_and_dead_layers_are_dropped():
     assert same(replay(*args), torch.ops.gunn_ext.gradual_update(*args))
     stats = replay.stats()
     assert (stats.captures, stats.replays) == (3, 1), stats
-    assert stats.layers == 2, "the layer of the freed parameters is still cached"
+    assert stats.layers == 1, "the layers of freed or moved parameters are still cached"
 
 
 def test_precision_switches_set_through_either_api():
@@ -360,6 +362,53 @@ def native_engine(which, **kwargs):
     roles = graph_replay.FORWARD_ROLES if which == "forward" else graph_replay.BACKWARD_ROLES
     return graph_replay.GraphReplay(which, op_.default, [a.name for a in op_.default._schema.arguments],
                                     graph_type=RecordingGraph, device_type="cpu", **roles, **kwargs)
+
+
+@torch.no_grad()
+def test_replays_keep_the_eager_layout_of_a_gapped_input():
+    """A view with gaps (channels 0-5 of a channels_last batch of 12) is not
+    channels_last-contiguous, so the eager op gives a contiguous output: so
+    do the capture and the replay, whose buffer is not a channels_last copy."""
+    layer = make_layer(channels=6, segments=2)
+    forward = native_engine("forward")
+    x = torch.randn(2, 12, 3, 3, dtype=torch.float64).to(memory_format=torch.channels_last)[:, :6]
+    args = ops.layer_arguments(layer, x, True)
+    eager = torch.ops.gunn_ext.gradual_update(*args)[0]
+    captured, replayed = forward(*args)[0], forward(*args)[0]
+    assert forward.stats().replays == 1
+    assert captured.stride() == replayed.stride() == eager.stride() and torch.equal(replayed, eager)
+
+
+@torch.no_grad()
+def test_a_graph_captured_in_inference_mode_replays_outside_it():
+    """An evaluation under torch.inference_mode (as some validation loops run
+    it), then the same call under no_grad: the graph's buffers are ordinary
+    tensors, so the replay can copy into them."""
+    layer = make_layer(channels=6, segments=2).eval()
+    forward = native_engine("forward")
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+    with torch.inference_mode():
+        forward(*ops.layer_arguments(layer, x, False))
+    args = ops.layer_arguments(layer, x, False)
+    y = forward(*args)[0]
+    assert forward.stats().replays == 1 and torch.equal(y, torch.ops.gunn_ext.gradual_update(*args)[0])
+
+
+@torch.no_grad()
+def test_graphs_of_parameters_moved_in_place_are_freed():
+    """module.to() gives the same Parameter objects new storage (param.data = ...):
+    the graphs of the old storage are dropped when a new layer is seen, and
+    clear() frees every graph no replay still uses at once."""
+    layer = make_layer(channels=6, segments=2)
+    forward = native_engine("forward")
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+    for _ in range(4):
+        forward(*ops.layer_arguments(layer, x, True))
+        layer.float()
+        layer.double()
+    assert forward.stats().layers == 1 and forward.retired == []
+    forward.clear()
+    assert forward.retired == []
 
 
 # A GUNN-15 run in miniature: three layers at three resolutions, training
