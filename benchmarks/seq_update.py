@@ -512,7 +512,7 @@ def run_backends(args: argparse.Namespace) -> tuple[list[Result], Workload]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    with conventions.float32_products(True) if args.tf32 else contextlib.nullcontext():
+    with conventions.float32_products(True if args.tf32 else None):
         return _run(args)
 
 

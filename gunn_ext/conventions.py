@@ -21,6 +21,7 @@ at once, so that the libraries and Triton multiply in the same precision.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
@@ -43,7 +44,8 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fp32_switches() -> list | None:
+@functools.cache  # the switches are torch.backends' singletons; the key of every replayed call reads them
+def _fp32_switches() -> tuple | None:
     """Every ``fp32_precision`` switch of this torch (generic, cuBLAS, cuDNN,
     oneDNN), or None where it has none. Their getters never raise, where the
     legacy ones (``allow_tf32``, ``get_float32_matmul_precision``) raise once
@@ -53,7 +55,7 @@ def _fp32_switches() -> list | None:
         return None
     candidates = [b, b.cuda.matmul, b.cudnn, getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None),
                   b.mkldnn, *(getattr(b.mkldnn, op, None) for op in ("matmul", "conv", "rnn"))]
-    return [c for c in candidates if c is not None and hasattr(c, "fp32_precision")]
+    return tuple(c for c in candidates if c is not None and hasattr(c, "fp32_precision"))
 
 
 def _resolved(*chain) -> str:
@@ -79,13 +81,17 @@ def matmul_tf32() -> bool:
 
 
 @contextlib.contextmanager
-def float32_products(tf32: bool) -> Iterator[None]:
+def float32_products(tf32: bool | None) -> Iterator[None]:
     """Within: every float32 product of every backend in TF32 (``tf32``), or in
     IEEE float32, cuDNN's convolutions included; the switches restored after.
+    ``None`` leaves the switches as they are.
 
     Set through the legacy switches, which code such as ``torch.compile``
     reads, and through the fp32_precision switches of cuBLAS and cuDNN, so
     that no switch above them decides; every switch gets its value back."""
+    if tf32 is None:
+        yield
+        return
     legacy = _legacy_switches()
     switches = _fp32_switches()
     raw = [s.fp32_precision for s in switches] if switches else None

@@ -127,8 +127,7 @@ def fit(config: TrainConfig, on_step: Callable[[Position], None] | None = None) 
             run = _Run(config, context, on_step)
         except (ValueError, OSError) as exc:
             raise SetupError(str(exc)) from exc
-        tf32 = run.config.tf32
-        with contextlib.nullcontext() if tf32 is None else conventions.float32_products(tf32):
+        with conventions.float32_products(run.config.tf32):
             return run.fit()
     finally:
         distributed.teardown(context)
