@@ -36,9 +36,44 @@ import torch
 from torch import nn
 
 from . import backends
-from .parameter_layout import ParameterLayout
+from . import parameter_layout
+from .parameter_layout import ParameterLayout, alignment_step, needs_copy
 
-__all__ = ["Bottleneck", "UpdateUnit", "UpdateUnits", "GUNNLayer", "SUNNLayer"]
+__all__ = ["AlignedBatchNorm2d", "Bottleneck", "UpdateUnit", "UpdateUnits", "GUNNLayer", "SUNNLayer"]
+
+_NORM_VECTORS = ("weight", "bias", "running_mean", "running_var")
+_NORM_TENSORS = _NORM_VECTORS + ("num_batches_tracked",)
+
+
+class AlignedBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose tensors may be views into a layer's flat storage.
+
+    A view that :func:`~gunn_ext.parameter_layout.needs_copy` is replaced by
+    an aligned copy for the call: cuDNN's channels-last kernels read these
+    tensors in 16-byte vectors and fault on such a view. Gradients reach the view through the
+    copy, and updated running statistics are written back to it. Registered
+    parameters and buffers (a module not in a layer) are used as they are.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if (input.device.type not in parameter_layout.ALIGNED_DEVICE_TYPES
+                or torch.compiler.is_compiling()):  # compiled code computes its own batch norm
+            return super().forward(input)
+        views = {name: t for name in _NORM_VECTORS
+                 if (t := self.__dict__.get(name)) is not None and needs_copy(t)}
+        if not views:
+            return super().forward(input)
+        self.__dict__.update((name, t.clone()) for name, t in views.items())
+        try:
+            return super().forward(input)
+        finally:
+            copies = {name: self.__dict__[name] for name in views}
+            self.__dict__.update(views)
+            if self.training:
+                with torch.no_grad():
+                    for name in ("running_mean", "running_var"):
+                        if name in views:
+                            views[name].copy_(copies[name])
 
 
 class Bottleneck(nn.Module):
@@ -48,11 +83,11 @@ class Bottleneck(nn.Module):
         super().__init__()
         mid = expansion * out_channels
         self.conv1 = nn.Conv2d(in_channels, mid, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid)
+        self.bn1 = AlignedBatchNorm2d(mid)
         self.conv2 = nn.Conv2d(mid, mid, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
+        self.bn2 = AlignedBatchNorm2d(mid)
         self.conv3 = nn.Conv2d(mid, out_channels, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.bn3 = AlignedBatchNorm2d(out_channels)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.bn1(self.conv1(h)))
@@ -71,7 +106,7 @@ class UpdateUnit(nn.Module):
             for m in range(bottlenecks))
         if shortcut:
             self.shortcut_conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-            self.shortcut_bn = nn.BatchNorm2d(out_channels)
+            self.shortcut_bn = AlignedBatchNorm2d(out_channels)
 
     @property
     def has_shortcut(self) -> bool:
@@ -95,8 +130,6 @@ class UpdateUnit(nn.Module):
         head = [self.shortcut_bn] if self.has_shortcut else []
         return head + [n for b in self.bottlenecks for n in (b.bn1, b.bn2, b.bn3)]
 
-
-_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _FLAT_PARAMETERS = ("conv_weight", "bn_weight", "bn_bias")
 _FLAT_TENSORS = _FLAT_PARAMETERS + ("running_mean", "running_var", "num_batches_tracked")
 
@@ -111,7 +144,8 @@ class UpdateUnits(nn.ModuleList):
     flattens its weights. Autograd, optimizers, DDP and the running-statistics
     update see these six tensors, whatever the number of segments.
 
-    The units' modules stay plain ``nn.Conv2d`` and ``nn.BatchNorm2d``: their
+    The units' modules stay plain ``nn.Conv2d`` and ``nn.BatchNorm2d``
+    (:class:`AlignedBatchNorm2d`): their
     ``weight``, ``bias``, ``running_mean``, ``running_var`` and
     ``num_batches_tracked`` are views into the flat tensors (plain attributes,
     not registered parameters), so a module called on its own computes with,
@@ -174,26 +208,37 @@ class UpdateUnits(nn.ModuleList):
 
     @contextlib.contextmanager
     def split_views(self):
-        """Within the block, the modules' parameters are the outputs of one
-        ``split_with_sizes`` per flat parameter: autograd then sums their
+        """Within the block, the modules' tensors are the outputs of one
+        ``split_with_sizes`` per flat tensor: autograd then sums their
         gradients in one node instead of one full-size gradient per module.
-        Outside it they are ``narrow`` views, which stay valid when an
-        optimizer updates the flat tensors in place (``split_with_sizes``
-        outputs do not)."""
+        Where a norm's view would not be aligned, every norm gets a piece of a
+        padded copy (one ``torch.cat``; running statistics written back
+        after the block). Outside it they are ``narrow`` views, which stay
+        valid when an optimizer updates the flat tensors in place
+        (``split_with_sizes`` outputs do not)."""
         rows = self._rows
         convs = self.conv_weight.split_with_sizes([r[1].numel for r in rows])
         sizes = [r[3].numel for r in rows]
-        weights, biases = self.bn_weight.split_with_sizes(sizes), self.bn_bias.split_with_sizes(sizes)
-        saved = [(conv.__dict__["weight"], norm.__dict__["weight"], norm.__dict__["bias"])
+        flats = {"weight": self.bn_weight, "bias": self.bn_bias,
+                 "running_mean": self._buffers["running_mean"], "running_var": self._buffers["running_var"]}
+        pieces = {name: _aligned_split(flat, sizes) for name, flat in flats.items() if flat is not None}
+        saved = [(conv.__dict__["weight"], {name: norm.__dict__[name] for name in pieces})
                  for conv, _, norm, _ in rows]
-        for (conv, conv_slot, norm, _), c, w, b in zip(rows, convs, weights, biases):
-            conv.__dict__["weight"] = c.view(conv_slot.shape)
-            norm.__dict__["weight"], norm.__dict__["bias"] = w, b
+        for k, (conv, conv_slot, norm, _) in enumerate(rows):
+            conv.__dict__["weight"] = convs[k].view(conv_slot.shape)
+            for name, (split, _) in pieces.items():
+                norm.__dict__[name] = split[k]
         try:
             yield
         finally:
-            for (conv, _, norm, _), (c, w, b) in zip(rows, saved):
-                conv.__dict__["weight"], norm.__dict__["weight"], norm.__dict__["bias"] = c, w, b
+            for (conv, _, norm, _), (weight, norm_views) in zip(rows, saved):
+                conv.__dict__["weight"] = weight
+                norm.__dict__.update(norm_views)
+            if any(norm.training for norm in self._norms):
+                with torch.no_grad():
+                    for name in ("running_mean", "running_var"):
+                        if name in pieces and pieces[name][1]:
+                            flats[name].copy_(torch.cat(pieces[name][0]))
 
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
@@ -311,6 +356,22 @@ class UpdateUnits(nn.ModuleList):
             else:
                 self._buffers[flat_name] = new
         self.bind_views()
+
+
+def _aligned_split(flat: torch.Tensor, sizes: list[int]) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """``flat.split_with_sizes(sizes)`` with every piece :func:`aligned`, and
+    whether that took a copy: the pieces themselves on a device that needs no
+    alignment or where every size is a multiple of it (``flat``, a whole
+    allocation, starts aligned), else the pieces of a copy with zero gaps
+    after them."""
+    step = alignment_step(flat)
+    gaps = [-size % step for size in sizes]
+    pieces = flat.split_with_sizes(sizes)
+    if flat.device.type not in parameter_layout.ALIGNED_DEVICE_TYPES or not any(gaps):
+        return pieces, False
+    zeros = flat.detach().new_zeros(step)
+    padded = torch.cat([t for piece, gap in zip(pieces, gaps) for t in (piece, zeros[:gap])])
+    return padded.split_with_sizes([n for size, gap in zip(sizes, gaps) for n in (size, gap)])[::2], True
 
 
 def _require_batch_count(norm, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

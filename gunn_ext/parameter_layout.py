@@ -26,6 +26,16 @@ before the first ``bn1``), so the merged first GEMM of a segment,
 its output are each one contiguous slice (:meth:`ParameterLayout.first_gemm`,
 :meth:`ParameterLayout.first_norms`).
 
+Slots are packed without gaps, so a layer has exactly the parameters of its
+modules, and a view can start anywhere: a 6-channel BatchNorm's float32
+tensors start 8 bytes past a 16-byte boundary in every other unit. Library
+kernels may read a tensor in :data:`ALIGNMENT_BYTES` vectors (cuDNN's
+channels-last batch norm reads its weight, bias and running statistics so,
+and faults with "misaligned address" elsewhere), so where PyTorch computes
+on such a device (:data:`ALIGNED_DEVICE_TYPES`) with a view that is not
+:func:`aligned`, the layer hands it an aligned copy
+(``gunn_ext.layers.AlignedBatchNorm2d``, ``UpdateUnits.split_views``).
+
 This docstring is the specification. ``csrc/parameter_layout.h`` mirrors it
 with the same names, offsets and argument checks for the C++ op, and the
 Triton backend decodes its arguments with this class.
@@ -41,7 +51,28 @@ import torch
 
 from . import conventions
 
-__all__ = ["Slot", "ParameterLayout", "layout_of"]
+__all__ = ["ALIGNED_DEVICE_TYPES", "ALIGNMENT_BYTES", "Slot", "ParameterLayout", "aligned",
+           "alignment_step", "needs_copy", "layout_of"]
+
+ALIGNMENT_BYTES = 16
+# The device types whose library kernels need aligned tensors (the CPU's do not).
+ALIGNED_DEVICE_TYPES = ("cuda",)
+
+
+def aligned(t: torch.Tensor) -> bool:
+    """Whether ``t`` starts on an :data:`ALIGNMENT_BYTES` boundary of its storage
+    (whose own start, an allocation, is aligned)."""
+    return t.storage_offset() * t.element_size() % ALIGNMENT_BYTES == 0
+
+
+def needs_copy(t: torch.Tensor) -> bool:
+    """Whether library kernels need an aligned copy of ``t`` (on its device)."""
+    return t.device.type in ALIGNED_DEVICE_TYPES and not aligned(t)
+
+
+def alignment_step(t: torch.Tensor) -> int:
+    """The elements of ``t``'s dtype in :data:`ALIGNMENT_BYTES` (at least 1)."""
+    return max(1, ALIGNMENT_BYTES // t.element_size())
 
 
 class Slot(NamedTuple):

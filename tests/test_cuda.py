@@ -77,15 +77,34 @@ def large_batch_layer(channels, dtype):
 def test_reference_large_batch(shape):
     """The reference layer alone at test_large_batch's shapes, synchronised.
 
-    Its BatchNorms compute with views into the flat parameter tensors: with
-    6-channel segments (tall) most of them start 8 bytes past a 16-byte
-    boundary, as separately allocated parameters never do. So a GPU fault in
-    PyTorch's batch norm at these addresses shows here, apart from the op's."""
+    Its BatchNorms' views into the flat parameter tensors: with 6-channel
+    segments (tall) most of them start 8 bytes past a 16-byte boundary, where
+    cuDNN's channels-last batch norm faults, so the reference computes with
+    aligned copies. A fault in PyTorch's batch norm shows here, apart from the op's."""
     layer = large_batch_layer(shape[1], torch.float32)
     x = torch.randn(*shape, device="cuda").to(memory_format=torch.channels_last)
     results = forward_backward(layer, x, torch.randn_like(x))
     torch.cuda.synchronize()
     assert all(r.isfinite().all() for r in results)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_misaligned_norm_called_alone(dtype):
+    """A norm whose views start off a 16-byte boundary, called on its own on a
+    channels_last input (cuDNN's NHWC kernels, float32 parameters), equals
+    nn.BatchNorm2d."""
+    layer = large_batch_layer(12, torch.float32)
+    norm = next(n for n in layer.norms() if n.weight.data_ptr() % 16)
+    plain = torch.nn.BatchNorm2d(norm.num_features, device="cuda")
+    plain.load_state_dict({name: getattr(norm, name).clone() for name in (
+        "weight", "bias", "running_mean", "running_var", "num_batches_tracked")})
+    x = torch.randn(64, norm.num_features, 32, 32, device="cuda", dtype=dtype)
+    x = x.to(memory_format=torch.channels_last)
+    results = [module(x) for module in (norm, plain)]
+    torch.cuda.synchronize()
+    assert torch.equal(*results)
+    for name in ("running_mean", "running_var"):
+        assert torch.equal(getattr(norm, name), getattr(plain, name)), name
 
 
 @LARGE_BATCHES

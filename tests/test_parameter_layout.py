@@ -4,11 +4,12 @@ import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gunn_ext import GUNNLayer, SUNNLayer, ops
-from gunn_ext.parameter_layout import ParameterLayout
+from gunn_ext import GUNNLayer, SUNNLayer, ops, parameter_layout
+from gunn_ext.parameter_layout import ParameterLayout, aligned
 
 from conftest import assert_close, make_layer, twin
 
@@ -261,3 +262,119 @@ def test_layer_eps_is_every_norms_eps():
     layer.norms()[2].eps = 1e-4
     with pytest.raises(ValueError, match=r"must share one eps, got \[0.0001, 0.001\]"):
         ops.layer_arguments(layer, torch.randn(2, 6, 3, 3, dtype=torch.float64), True)
+
+
+# Alignment: PyTorch's batch norm only ever sees aligned tensors -------------
+@pytest.fixture
+def aligned_on_cpu(monkeypatch):
+    """Aligned copies on the CPU too, as on CUDA."""
+    monkeypatch.setattr(parameter_layout, "ALIGNED_DEVICE_TYPES", ("cpu",))
+
+
+def _misaligned_layer(dtype):
+    """A layer with norm views off the 16-byte boundary (odd segments)."""
+    layer = make_layer(channels=12, segments=[5, 7], dtype=dtype)
+    assert not all(aligned(t) for n in layer.norms() for t in (n.weight, n.running_mean))
+    return layer
+
+
+def _record_batch_norm(monkeypatch):
+    """Every tensor ``F.batch_norm`` is given, as it is given."""
+    seen, batch_norm = [], F.batch_norm
+
+    def recording(input, running_mean, running_var, weight=None, bias=None, *args, **kwargs):
+        seen.extend(t for t in (running_mean, running_var, weight, bias) if t is not None)
+        return batch_norm(input, running_mean, running_var, weight, bias, *args, **kwargs)
+    monkeypatch.setattr(F, "batch_norm", recording)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_batch_norm_sees_only_aligned_tensors(monkeypatch, aligned_on_cpu, dtype):
+    """cuDNN reads a norm's tensors in 16-byte vectors: the reference and a norm
+    called on its own hand PyTorch aligned ones, in training and in eval."""
+    layer = _misaligned_layer(dtype)
+    seen = _record_batch_norm(monkeypatch)
+    x = torch.randn(2, 12, 3, 3, dtype=dtype, requires_grad=True)
+    for train in (True, False):
+        layer.train(train)
+        layer(x).sum().backward()
+        for norm in layer.norms():
+            norm(torch.randn(2, norm.num_features, 3, 3, dtype=dtype))
+    assert len(seen) == 2 * 2 * len(layer.norms()) * 4
+    assert all(aligned(t) for t in seen)
+
+
+def _train_and_evaluate(layer, x, grad):
+    results = []
+    for train in (True, True, False):
+        layer.train(train)
+        xi = x.clone().requires_grad_()
+        for p in layer.parameters():
+            p.grad = None
+        layer(xi).backward(grad)
+        results += [xi.grad, *(p.grad for p in layer.parameters()), *(b.clone() for b in layer.buffers())]
+    return results
+
+
+def test_aligned_copies_change_no_value(monkeypatch):
+    """The reference with aligned copies gives bit for bit what it gives with the
+    views themselves (the CPU's default): outputs, every gradient and the
+    running statistics, over two training steps and one in eval."""
+    layer = _misaligned_layer(torch.float32)
+    plain = copy.deepcopy(layer)
+    x, grad = torch.randn(4, 12, 5, 5), torch.randn(4, 12, 5, 5)
+    theirs = _train_and_evaluate(plain, x, grad)
+    monkeypatch.setattr(parameter_layout, "ALIGNED_DEVICE_TYPES", ("cpu",))
+    ours = _train_and_evaluate(layer, x, grad)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_a_misaligned_norm_called_alone_is_nn_batch_norm(aligned_on_cpu, train):
+    """A norm whose views need copies computes as ``nn.BatchNorm2d`` with its own
+    tensors, and its gradients and running statistics land in the flat storage."""
+    layer = _misaligned_layer(torch.float64)
+    norm = next(n for n in layer.norms() if not aligned(n.weight))
+    plain = nn.BatchNorm2d(norm.num_features, dtype=torch.float64)
+    plain.load_state_dict({name: getattr(norm, name).clone() for name in (
+        "weight", "bias", "running_mean", "running_var", "num_batches_tracked")})
+    x = torch.randn(3, norm.num_features, 4, 4, dtype=torch.float64)
+    grad = torch.randn_like(x)
+    results = []
+    for module in (norm, plain):
+        module.train(train)
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        y.backward(grad)
+        results.append([y, xi.grad])
+    start = norm.weight.storage_offset() - layer.bn_weight.storage_offset()
+    for flat, p in ((layer.bn_weight, plain.weight), (layer.bn_bias, plain.bias)):
+        results[0].append(flat.grad[start:start + norm.num_features])
+        results[1].append(p.grad)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(norm, name), getattr(plain, name)), name
+
+
+def test_aligned_copies_under_torch_compile(aligned_on_cpu):
+    """The reference's padded copies and the running statistics written back
+    trace into one graph and give the eager results."""
+    layer = _misaligned_layer(torch.float64)
+    compiled_layer = copy.deepcopy(layer)
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 12, 4, 3, dtype=torch.float64)
+    assert_close(compiled(x), layer(x), torch.float64, "output")
+    for name in ("running_mean", "running_var"):
+        assert_close(getattr(compiled_layer, name), getattr(layer, name), torch.float64, name)
+
+
+def test_no_copies_where_the_device_needs_none(monkeypatch):
+    """On the CPU, PyTorch's batch norm computes with the views themselves."""
+    layer = _misaligned_layer(torch.float32)
+    seen = _record_batch_norm(monkeypatch)
+    layer(torch.randn(2, 12, 3, 3)).sum().backward()
+    layer.norms()[-1](torch.randn(2, layer.norms()[-1].num_features, 3, 3))
+    flats = {t.untyped_storage().data_ptr()
+             for t in (layer.bn_weight, layer.bn_bias, layer.running_mean, layer.running_var)}
+    assert seen and all(t.untyped_storage().data_ptr() in flats for t in seen)

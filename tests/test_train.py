@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from gunn_ext.layers import AlignedBatchNorm2d
 from gunn_ext.models import gunn15
 from gunn_ext.train import TrainConfig, fit
 from gunn_ext.train import checkpoint as ckpt
@@ -200,7 +201,7 @@ def test_sync_batchnorm_converts_only_the_plain_batchnorms():
     assert converted == ["features.conv1.1", "features.conv1.4", "features.trans1.1",
                          "features.trans2.1", "features.head.1"]
     layer_norms = [n for layer in model.segmented_layers() for n in layer.norms()]
-    assert all(type(n) is torch.nn.BatchNorm2d for n in layer_norms)
+    assert all(type(n) is AlignedBatchNorm2d for n in layer_norms)
     synced = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
     assert len(synced) == 5
 
