@@ -53,11 +53,11 @@ Tensor in_layout_of(const Tensor& rows, const Shape& s, const Tensor& like) {
 }
 
 void check_input(const Tensor& x) {
-  TORCH_CHECK(x.dim() == 4, "gunn_ext: x must be 4-D (batch, channels, height, width), got ",
-              x.dim(), "-D");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "gunn_ext: x must be floating point, got ",
-              x.scalar_type());
-  TORCH_CHECK(x.numel() > 0, "gunn_ext: x must not be empty, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 4, "gunn_ext: x must be 4-D (batch, channels, height, width), got ",
+                    x.dim(), "-D");
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "gunn_ext: x must be floating point, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.numel() > 0, "gunn_ext: x must not be empty, got shape ", x.sizes());
 }
 
 // Per-channel BN parameters of all norms in the statistics dtype; a norm, or
@@ -634,14 +634,7 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
   const OpGuard guard;
   check_input(x);
   const ParameterLayout layout(x.size(1), segments, expansion, bottlenecks, shortcut);
-  layout.check_parameters(x, conv_weight, bn_weight, bn_bias);
-  layout.check_statistic("mean", mean, x);
-  layout.check_statistic("var", var, x);
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && y.sizes() == x.sizes(),
-              "gunn_ext: grad_y and y must have the shape of x ", x.sizes(), ", got ",
-              grad_y.sizes(), " and ", y.sizes());
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "gunn_ext: grad_y has dtype ",
-              grad_y.scalar_type(), " but x has ", x.scalar_type());
+  layout.check_backward_arguments(grad_y, x, y, conv_weight, bn_weight, bn_bias, mean, var);
   const Shape shape = shape_of(x);
   const Norms norms = pack_norms(layout, bn_weight, bn_bias, eps, mean, var);
   const FusedKernels& kernels = fused_kernels(x.device().type());

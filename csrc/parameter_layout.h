@@ -47,22 +47,22 @@ class ParameterLayout {
                   bool shortcut)
       : channels(channels), expansion(expansion), bottlenecks(bottlenecks), shortcut(shortcut),
         segments(segments.vec()) {
-    TORCH_CHECK(channels >= 1, "gunn_ext: channels must be a positive int, got ", channels);
-    TORCH_CHECK(expansion >= 1, "gunn_ext: expansion must be a positive int, got ", expansion);
-    TORCH_CHECK(bottlenecks >= 1, "gunn_ext: bottlenecks must be a positive int, got ", bottlenecks);
-    TORCH_CHECK(!this->segments.empty(), "gunn_ext: segments must be a non-empty sequence of ints >= 1, got ",
+    TORCH_CHECK_VALUE(channels >= 1, "gunn_ext: channels must be a positive int, got ", channels);
+    TORCH_CHECK_VALUE(expansion >= 1, "gunn_ext: expansion must be a positive int, got ", expansion);
+    TORCH_CHECK_VALUE(bottlenecks >= 1, "gunn_ext: bottlenecks must be a positive int, got ", bottlenecks);
+    TORCH_CHECK_VALUE(!this->segments.empty(), "gunn_ext: segments must be a non-empty sequence of ints >= 1, got ",
                 segments);
     int64_t total = 0;
     unit_convs_.push_back(0);
     unit_norms_.push_back(0);
     for (int64_t n : this->segments) {
-      TORCH_CHECK(n >= 1, "gunn_ext: segments must be a non-empty sequence of ints >= 1, got ", segments);
+      TORCH_CHECK_VALUE(n >= 1, "gunn_ext: segments must be a non-empty sequence of ints >= 1, got ", segments);
       starts.push_back(total);
       total += n;
       unit_convs_.push_back(unit_convs_.back() + unit_conv_numel(n));
       unit_norms_.push_back(unit_norms_.back() + unit_norm_channels(n));
     }
-    TORCH_CHECK(total == channels, "gunn_ext: segments ", segments, " sum to ", total, " but x has ",
+    TORCH_CHECK_VALUE(total == channels, "gunn_ext: segments ", segments, " sum to ", total, " but x has ",
                 channels, " channels");
   }
 
@@ -126,9 +126,9 @@ class ParameterLayout {
   // x and the parameters against this layout; errors name the argument.
   void check_parameters(const at::Tensor& x, const at::Tensor& conv_weight, const at::Tensor& bn_weight,
                         const at::Tensor& bn_bias) const {
-    TORCH_CHECK(x.dim() == 4, "gunn_ext: x must be 4-D (batch, channels, height, width), got ",
+    TORCH_CHECK_VALUE(x.dim() == 4, "gunn_ext: x must be 4-D (batch, channels, height, width), got ",
                 x.dim(), "-D");
-    TORCH_CHECK(x.size(1) == channels, "gunn_ext: segments ", at::IntArrayRef(segments), " sum to ",
+    TORCH_CHECK_VALUE(x.size(1) == channels, "gunn_ext: segments ", at::IntArrayRef(segments), " sum to ",
                 channels, " but x has ", x.size(1), " channels");
     const auto stats = stats_dtype(x.scalar_type());
     check_vector("conv_weight", conv_weight, conv_numel(), x, x.scalar_type(), x.scalar_type());
@@ -146,17 +146,26 @@ class ParameterLayout {
                        const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
                        const std::optional<at::Tensor>& running_var, bool training) const {
     check_parameters(x, conv_weight, bn_weight, bn_bias);
-    if (!training) {
-      for (const auto& [name, t] :
-           {std::pair{"running_mean", &running_mean}, {"running_var", &running_var}}) {
-        TORCH_CHECK(t->has_value() && (*t)->defined(), "gunn_ext: ", name,
-                    " is needed in eval mode (training=False), got None");
-        check_statistic(name, **t, x);
-      }
+    for (const auto& [name, t] : {std::pair{"running_mean", &running_mean}, {"running_var", &running_var}}) {
+      const bool given = t->has_value() && (*t)->defined();
+      TORCH_CHECK_VALUE(given || training, "gunn_ext: ", name,
+                        " is needed in eval mode (training=False), got None");
+      if (given) check_statistic(name, **t, x);  // checked in training too, where it is not read
     }
-    TORCH_CHECK(!training || x.size(0) * x.size(2) * x.size(3) > 1,
+    TORCH_CHECK_VALUE(!training || x.size(0) * x.size(2) * x.size(3) > 1,
                 "gunn_ext: expected more than 1 value per channel when training, got input of shape ",
                 x.sizes());
+  }
+
+  // All the backward op's tensors.
+  void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y,
+                                const at::Tensor& conv_weight, const at::Tensor& bn_weight,
+                                const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var) const {
+    check_parameters(x, conv_weight, bn_weight, bn_bias);
+    check_statistic("mean", mean, x);
+    check_statistic("var", var, x);
+    check_like_x("grad_y", grad_y, x);
+    check_like_x("y", y, x);
   }
 
  private:
@@ -193,13 +202,21 @@ class ParameterLayout {
     for (int64_t q = 0; q < k % 3; ++q) offset += sizes[q];
     return {offset, {sizes[k % 3]}, row(i, j)};
   }
+  static void check_like_x(const char* name, const at::Tensor& t, const at::Tensor& x) {
+    TORCH_CHECK_VALUE(t.sizes() == x.sizes(), "gunn_ext: ", name, " must have the shape of x ", x.sizes(),
+                      ", got ", t.sizes());
+    TORCH_CHECK_VALUE(t.device() == x.device(), "gunn_ext: ", name, " is on ", t.device(), " but x is on ",
+                      x.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "gunn_ext: ", name, " has dtype ", t.scalar_type(),
+                     " but x has ", x.scalar_type());
+  }
   static void check_vector(const char* name, const at::Tensor& t, int64_t numel, const at::Tensor& x,
                            at::ScalarType dtype, at::ScalarType other_dtype) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == numel, "gunn_ext: ", name, " must be 1-D with ", numel,
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == numel, "gunn_ext: ", name, " must be 1-D with ", numel,
                 " values (see ParameterLayout), got shape ", t.sizes());
-    TORCH_CHECK(t.device() == x.device(), "gunn_ext: ", name, " is on ", t.device(), " but x is on ",
+    TORCH_CHECK_VALUE(t.device() == x.device(), "gunn_ext: ", name, " is on ", t.device(), " but x is on ",
                 x.device());
-    TORCH_CHECK(t.scalar_type() == dtype || t.scalar_type() == other_dtype, "gunn_ext: ", name,
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype || t.scalar_type() == other_dtype, "gunn_ext: ", name,
                 " has dtype ", t.scalar_type(), "; expected ", dtype,
                 dtype == other_dtype ? "" : " or ", dtype == other_dtype ? "" : c10::toString(other_dtype),
                 " for x of dtype ", x.scalar_type());

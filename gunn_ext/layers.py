@@ -30,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -289,8 +291,10 @@ class UpdateUnits(nn.ModuleList):
 
     @eps.setter
     def eps(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"eps must be a real number, got {value!r}")
         for row in self._rows:
-            row[2].eps = value
+            row[2].eps = float(value)
 
     # state_dict: per-module keys ------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -393,30 +397,43 @@ def _forget_loaded_keys(units: UpdateUnits, incompatible_keys) -> None:
 
 
 def _partition(channels: int, segments: int | Sequence[int]) -> tuple[int, ...]:
-    positive_int("channels", channels)
+    channels = positive_int("channels", channels)
     if isinstance(segments, bool):
         raise TypeError(f"segments must be an int or a sequence of ints, got {segments!r}")
-    if isinstance(segments, int):
-        if segments < 1 or channels % segments:
+    count = _as_int(segments)
+    if count is not None:
+        if count < 1 or channels % count:
             raise ValueError(
-                f"segments={segments} must be a positive divisor of channels={channels}; "
+                f"segments={count} must be a positive divisor of channels={channels}; "
                 "pass a sequence of segment sizes for an uneven partition")
-        return (channels // segments,) * segments
-    if not isinstance(segments, Sequence) or not segments:
+        return (channels // count,) * count
+    if not (isinstance(segments, Sequence) or getattr(segments, "ndim", None) == 1) or not len(segments):
         raise TypeError(f"segments must be an int or a non-empty sequence of ints, got {segments!r}")
-    sizes = tuple(segments)
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
-        raise ValueError(f"segments must hold ints >= 1, got {list(sizes)}")
+    sizes = tuple(_as_int(s) for s in segments)
+    if any(s is None or s < 1 for s in sizes):
+        raise ValueError(f"segments must hold ints >= 1, got {list(segments)}")
     if sum(sizes) != channels:
         raise ValueError(f"segment sizes {list(sizes)} sum to {sum(sizes)}, expected channels={channels}")
     return sizes
 
 
+def _as_int(value) -> int | None:
+    """``value`` as a Python int where it is an integer (a NumPy one too), not a bool; else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def positive_int(name: str, value) -> int:
-    """``value`` if it is an int >= 1 (not a bool), else a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """``value`` as a Python int if it is an integer >= 1 (not a bool), else a
+    ValueError naming ``name``."""
+    number = _as_int(value)
+    if number is None or number < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return number
 
 
 def init_paper(module: nn.Module) -> None:
@@ -444,15 +461,15 @@ class _SegmentedLayer(nn.Module):
             raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument "
                             f"{next(iter(removed))!r}")
         super().__init__()
-        self.channels = channels
         self.segments = _partition(channels, segments)
+        self.channels = sum(self.segments)
         self.expansion = positive_int("expansion", expansion)
         self.bottlenecks = positive_int("bottlenecks", bottlenecks)
         if not isinstance(shortcut, bool):
             raise TypeError(f"shortcut must be a bool, got {shortcut!r}")
         self.shortcut = shortcut
         self.backend = backends.check_name(backend)
-        self.units = UpdateUnits(ParameterLayout(channels, self.segments, self.expansion,
+        self.units = UpdateUnits(ParameterLayout(self.channels, self.segments, self.expansion,
                                                  self.bottlenecks, shortcut))
         init_paper(self)
 

@@ -110,13 +110,13 @@ class GUNNNet(nn.Module):
         if arch.layout not in ("cifar", "imagenet"):
             raise ValueError(f"arch.layout must be 'cifar' or 'imagenet', got {arch.layout!r}")
         num_classes = arch.num_classes if num_classes is None else num_classes
-        positive_int("num_classes", num_classes)
-        positive_int("in_channels", in_channels)
+        num_classes = positive_int("num_classes", num_classes)
+        in_channels = positive_int("in_channels", in_channels)
         if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width < math.inf:
             raise ValueError(f"width must be a positive finite number, got {width!r}")
         specs = [spec.scaled(width) for spec in arch.layers]
         if segment_channels is not None:
-            positive_int("segment_channels", segment_channels)
+            segment_channels = positive_int("segment_channels", segment_channels)
             specs = [spec.resegmented(segment_channels) for spec in specs]
         stem_channels = max(1, round(64 * width))
         stages: OrderedDict[str, nn.Module] = OrderedDict()

@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from . import conventions, reference
+from .parameter_layout import layout_of
 
 _NS = "gunn_ext"
 
@@ -74,15 +75,21 @@ def register_layer_op(forward: str, backward: str, stats: Callable[[torch.dtype]
     autograd's default of a warning and zero second-order terms.
     """
     namespace, backward_name = backward.split("::")
+    # The fake kernels check their arguments as the ops do: a meta tensor among
+    # real ones routes a call here, which must not return empty memory.
     @torch.library.register_fake(forward)
     def _(x, conv_weight, bn_weight, bn_bias, running_mean, running_var,
           segments, expansion, bottlenecks, shortcut, sequential, training, eps):
+        layout_of(sum(segments), tuple(segments), expansion, bottlenecks, shortcut).check_arguments(
+            x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training)
         mean = x.new_empty(bn_weight.shape, dtype=stats(x.dtype))
         return conventions.output_like(x), mean, mean.clone()
 
     @torch.library.register_fake(backward)
     def _(grad_y, x, y, conv_weight, bn_weight, bn_bias, mean, var,
           segments, expansion, bottlenecks, shortcut, sequential, training, eps):
+        layout_of(sum(segments), tuple(segments), expansion, bottlenecks, shortcut).check_backward_arguments(
+            grad_y, x, y, conv_weight, bn_weight, bn_bias, mean, var)
         return (conventions.output_like(x), conv_weight.new_empty(conv_weight.shape),
                 bn_weight.new_empty(bn_weight.shape), bn_bias.new_empty(bn_bias.shape))
 

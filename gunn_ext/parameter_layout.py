@@ -274,14 +274,33 @@ class ParameterLayout:
                         running_var: torch.Tensor | None, training: bool) -> None:
         """All the forward op's tensors."""
         self.check_parameters(x, conv_weight, bn_weight, bn_bias)
-        if not training:
-            for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-                if t is None:
-                    raise ValueError(f"{name} is needed in eval mode (training=False), got None")
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is None and not training:
+                raise ValueError(f"{name} is needed in eval mode (training=False), got None")
+            if t is not None:  # checked in training too, where it is not read
                 self.check_statistic(name, t, x)
         if training and x.shape[0] * x.shape[2] * x.shape[3] < 2:
             raise ValueError(f"expected more than 1 value per channel when training, got input of "
                              f"shape {tuple(x.shape)}")
+
+    def check_backward_arguments(self, grad_y: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                                 conv_weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                                 mean: torch.Tensor, var: torch.Tensor) -> None:
+        """All the backward op's tensors."""
+        self.check_parameters(x, conv_weight, bn_weight, bn_bias)
+        self.check_statistic("mean", mean, x)
+        self.check_statistic("var", var, x)
+        for name, t in (("grad_y", grad_y), ("y", y)):
+            _check_like_x(name, t, x)
+
+
+def _check_like_x(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    if t.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of x {list(x.shape)}, got {list(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}")
 
 
 def _check_vector(name: str, t: torch.Tensor, numel: int, x: torch.Tensor, dtypes) -> None:

@@ -61,7 +61,7 @@ def test_device_mismatch_is_named():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_single_value_per_channel_in_training(backend):
     layer = GUNNLayer(4, 2, backend=backend)
-    with pytest.raises((ValueError, RuntimeError), match="more than 1 value per channel"):
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
         layer(torch.randn(1, 4, 1, 1))
     layer.eval()(torch.randn(1, 4, 1, 1))  # fine in eval
 
@@ -86,12 +86,81 @@ def test_op_checks_arguments():
     layer = GUNNLayer(6, 2)
     args = list(ops.layer_arguments(layer, torch.randn(2, 6, 3, 3), True))
     args[6] = [3, 2]
-    with pytest.raises(RuntimeError, match=r"segments \[3, 2\] sum to 5 but x has 6 channels"):
+    with pytest.raises(ValueError, match=r"segments \[3, 2\] sum to 5 but x has 6 channels"):
         torch.ops.gunn_ext.gradual_update(*args)
     args[6] = [3, 3]
     args[1] = args[1][:-1]
-    with pytest.raises(RuntimeError, match=r"conv_weight must be 1-D with 756 values \(see ParameterLayout\), got shape \[755\]"):
+    with pytest.raises(ValueError, match=r"conv_weight must be 1-D with 756 values \(see ParameterLayout\), got shape \[755\]"):
         torch.ops.gunn_ext.gradual_update(*args)
+
+
+def _op_arguments():
+    from gunn_ext import ops
+    layer = GUNNLayer(6, [2, 1, 3], shortcut=True)
+    x = torch.randn(2, 6, 3, 3)
+    args = list(ops.layer_arguments(layer, x, True))
+    with torch.no_grad():
+        y, mean, var = torch.ops.gunn_ext.gradual_update(*args)
+    return args, [torch.randn_like(y), x, y, *(t.detach() for t in args[1:4]), mean, var, *args[6:]]
+
+
+@pytest.mark.parametrize("index, name", [(1, "conv_weight"), (2, "bn_weight"), (4, "running_mean")])
+def test_op_names_a_tensor_on_another_device(index, name):
+    """A meta tensor among CPU ones sends the call to the fake kernel, which
+    must raise as the op does rather than return empty memory (also in
+    training, where the running statistics are not read)."""
+    args, _ = _op_arguments()
+    args[4], args[5] = torch.zeros(args[2].shape), torch.ones(args[2].shape)
+    args[index] = args[index].detach().to("meta")
+    with pytest.raises(ValueError, match=f"{name} is on meta but x is on cpu"):
+        torch.ops.gunn_ext.gradual_update(*args)
+
+
+@pytest.mark.parametrize("name", ["grad_y", "y"])
+def test_backward_op_checks_grad_y_and_y(name):
+    _, args = _op_arguments()
+    index = 0 if name == "grad_y" else 2
+    wrong = list(args)
+    wrong[index] = args[index].double()
+    with pytest.raises(TypeError, match=f"{name} has dtype torch.float64 but x has torch.float32|"
+                                        f"{name} has dtype Double but x has Float"):
+        torch.ops.gunn_ext.gradual_update_backward(*wrong)
+    wrong[index] = args[index].to("meta")
+    with pytest.raises(ValueError, match=f"{name} is on meta but x is on cpu"):
+        torch.ops.gunn_ext.gradual_update_backward(*wrong)
+    wrong[index] = args[index][:, :, :2]
+    with pytest.raises(ValueError, match=f"{name} must have the shape of x"):
+        torch.ops.gunn_ext.gradual_update_backward(*wrong)
+
+
+def test_a_layer_partly_on_meta_is_an_error():
+    """A state dict loaded with assign=True into a meta layer leaves the missing
+    tensors on meta: the layer raises instead of computing with them."""
+    source = GUNNLayer(6, [2, 1, 3], shortcut=True)
+    state = {k: v for k, v in source.state_dict().items() if "running" not in k}
+    with torch.device("meta"):
+        layer = GUNNLayer(6, [2, 1, 3], shortcut=True, backend="native")
+    layer.load_state_dict(state, assign=True, strict=False)
+    with pytest.raises(ValueError, match="running_mean is on meta but x is on cpu"):
+        layer.eval()(torch.randn(2, 6, 3, 3))
+
+
+def test_integer_arguments_may_be_numpy_integers():
+    np = pytest.importorskip("numpy")
+    layer = GUNNLayer(np.int64(12), np.array([5, 7]), expansion=np.int32(2), bottlenecks=np.int64(1))
+    assert layer.segments == (5, 7) and all(type(v) is int for v in (layer.channels, *layer.segments,
+                                                                       layer.expansion, layer.bottlenecks))
+    assert GUNNLayer(12, np.int64(3)).segments == (4, 4, 4)
+    with pytest.raises(ValueError, match="segments must hold ints >= 1"):
+        GUNNLayer(12, np.array([6.0, 6.0]))
+
+
+@pytest.mark.parametrize("value", [None, "1e-5", True])
+def test_bad_eps_type_is_named(value):
+    layer = GUNNLayer(4, 2)
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        layer.eps = value
+    assert layer.eps == 1e-5
 
 
 def double_backward(layer, x):

@@ -261,14 +261,13 @@ def gradual_update_backward(grad_y, x, y, conv_weight, bn_weight, bn_bias, mean,
     """``(dx, d conv_weight, d bn_weight, d bn_bias)`` by Algorithm 1, the parameter gradients flat."""
     layout = layout_of(x.shape[1], tuple(segments), expansion, bottlenecks, shortcut)
     _check(x, conv_weight, bn_weight, bn_bias, None, None, layout, True)
-    layout.check_statistic("mean", mean, x)
-    layout.check_statistic("var", var, x)
+    layout.check_backward_arguments(grad_y, x, y, conv_weight, bn_weight, bn_bias, mean, var)
     image = _image(x)
     conv_weight = conv_weight.detach().contiguous()
     norms = Norms(bn_weight, bn_bias, eps, mean, var)
     norms.all = norms.all.with_gradients()
     original = as_rows(x.detach())
-    incoming = as_rows(grad_y.to(x.dtype))
+    incoming = as_rows(grad_y)
     grad = incoming.clone()
     read_from = grad if sequential else incoming
     state = as_rows(y.detach()).clone() if sequential else original
