@@ -98,6 +98,103 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path):
     assert comparable(read_records(tmp_path / "whole")) == comparable(read_records(tmp_path / "split"))
 
 
+def _stopped_run(out, at_step=9, **overrides):
+    def stop(position):
+        if position.global_step == at_step:
+            signal.raise_signal(signal.SIGTERM)
+    assert fit(tiny_config(out, **overrides), on_step=stop).stopped_by == "SIGTERM"
+
+
+def test_resume_goes_on_in_the_resumed_folder(tmp_path, monkeypatch):
+    """--resume RUN continues RUN where it is, from any working directory and
+    after the folder moved, not in the folder it was started with."""
+    monkeypatch.chdir(tmp_path)
+    _stopped_run("runs/first")
+    (tmp_path / "runs/first").rename(tmp_path / "moved")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    resumed = fit(TrainConfig(resume=str(tmp_path / "moved"), progress=False, threads=1))
+    assert resumed.position.global_step == 12
+    assert ckpt.load(tmp_path / "moved")["position"]["global_step"] == 12
+    assert not (elsewhere / "runs").exists() and not (tmp_path / "runs" / "first").exists()
+
+
+def test_resume_into_another_folder_brings_the_log_and_spares_other_runs(tmp_path):
+    whole = fit(tiny_config(tmp_path / "whole"))
+    _stopped_run(tmp_path / "split")
+    finished = ckpt.load(tmp_path / "whole")
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        fit(TrainConfig(resume=str(tmp_path / "split"), out=str(tmp_path / "whole"), progress=False))
+    assert ckpt.load(tmp_path / "whole")["position"] == finished["position"]
+    resumed = fit(TrainConfig(resume=str(tmp_path / "split"), out=str(tmp_path / "copy"), progress=False,
+                              threads=1))
+    assert_same_state(whole.model.state_dict(), resumed.model.state_dict())
+    assert comparable(read_records(tmp_path / "copy")) == comparable(read_records(tmp_path / "whole"))
+
+
+def test_a_new_run_starts_a_new_log(tmp_path):
+    """A log left by a run that saved no checkpoint is not appended to."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"kind": "train", "global_step": 1}\n')
+    fit(tiny_config(tmp_path / "run", epochs=1))
+    records = read_records(tmp_path / "run")
+    assert [r["global_step"] for r in records if r["kind"] == "train"] == list(range(1, 7))
+
+
+def test_an_epoch_record_logged_after_the_last_checkpoint_is_not_kept_twice(tmp_path, monkeypatch):
+    """A crash between an epoch's record and its checkpoint leaves the interval
+    checkpoint at the epoch's last step: the resumed run logs the epoch again,
+    once."""
+    save = ckpt.save_atomic
+
+    def crash_at_epoch_end(payload, path):
+        if payload["reason"] == "epoch":
+            raise RuntimeError("killed while saving")
+        save(payload, path)
+    monkeypatch.setattr(ckpt, "save_atomic", crash_at_epoch_end)
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        fit(tiny_config(tmp_path / "run", epochs=1, checkpoint_every=6))
+    monkeypatch.setattr(ckpt, "save_atomic", save)
+    assert ckpt.load(tmp_path / "run")["position"]["step"] == 6
+    fit(TrainConfig(resume=str(tmp_path / "run"), progress=False, threads=1))
+    assert [r["epoch"] for r in read_records(tmp_path / "run") if r["kind"] == "epoch"] == [1]
+
+
+@pytest.mark.parametrize("content", [b'{"kind": "train"}\n', None], ids=["other file", "cut short"])
+def test_resuming_an_unreadable_checkpoint_is_a_usage_error(tmp_path, capsys, content):
+    path = tmp_path / "checkpoint.pt"
+    if content is None:
+        ckpt.save_atomic({"format": ckpt.FORMAT, "config": {}}, path)
+        content = path.read_bytes()[:40]
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--resume", str(path)])
+    assert exit_info.value.code == 2
+    assert "is not a readable gunn_ext training checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out", ["afile", "afile/sub"])
+def test_out_through_a_file_is_a_usage_error(tmp_path, capsys, out):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit):
+        main(["--dataset", "digits", "--width", "0.05", "--epochs", "1", "--out", str(tmp_path / out)])
+    assert "afile" in capsys.readouterr().err
+
+
+def test_a_one_epoch_run_trains_at_its_learning_rate(tmp_path):
+    result = fit(tiny_config(tmp_path / "run", epochs=1, lr=0.05))
+    assert result.history[0]["lr"] == 0.05
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--weight-decay"])
+def test_infinite_rates_are_refused(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit):
+        main(["--dataset", "digits", "--width", "0.05", "--epochs", "1", "--train-samples", "32",
+              "--out", str(tmp_path / "run"), flag, "inf"])
+    assert "must be a finite number" in capsys.readouterr().err
+
+
 def test_checkpoint_is_replaced_atomically(tmp_path):
     path = tmp_path / "checkpoint.pt"
     ckpt.save_atomic({"format": ckpt.FORMAT, "value": 1}, path)
@@ -287,7 +384,7 @@ def run_cli_error(args, capsys) -> str:
 
 
 def test_bad_arguments_give_clear_errors(capsys, tmp_path):
-    assert "width must be > 0, got -1.0" in run_cli_error(["--width", "-1"], capsys)
+    assert "width must be a finite number > 0, got -1.0" in run_cli_error(["--width", "-1"], capsys)
     assert "invalid choice: 'gunn16'" in run_cli_error(["--model", "gunn16"], capsys)
     assert "epochs must be an int >= 1, got 0" in run_cli_error(["--epochs", "0"], capsys)
     assert "needs --data" in run_cli_error(["--dataset", "cifar10"], capsys)

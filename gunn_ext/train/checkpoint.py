@@ -13,6 +13,7 @@ old checkpoint or the new one, never half of one.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -45,6 +46,9 @@ def save_atomic(payload: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # as open() would create it (mkstemp's is 0600)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
@@ -80,9 +84,14 @@ def resolve(path: str | Path) -> Path:
     return candidate
 
 
-def load(path: str | Path, map_location="cpu") -> dict:
+def load(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
+    """The checkpoint at ``path`` (a file or a run folder); a ValueError where it
+    is not one (another file, or one cut short)."""
     path = resolve(path)
-    payload = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{path} is not a readable gunn_ext training checkpoint ({exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a gunn_ext training checkpoint (format {FORMAT})")
     return payload
@@ -90,8 +99,4 @@ def load(path: str | Path, map_location="cpu") -> dict:
 
 def stored_config(path: str | Path) -> dict:
     """The configuration a checkpoint was trained with (memory-mapped: tensors stay on disk)."""
-    path = resolve(path)
-    payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a gunn_ext training checkpoint (format {FORMAT})")
-    return payload["config"]
+    return load(path, mmap=True)["config"]

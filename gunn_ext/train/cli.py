@@ -14,7 +14,7 @@ from .trainer import SetupError, fit
 
 EPILOG = """\
 defaults follow the paper (section 6.2): SGD, momentum 0.9 without dampening, weight decay 1e-4,
-lr 0.1 divided by 10 at 50%% and 75%% of the epochs (ImageNet: 1/3 and 2/3 of 90), global batch 64
+lr 0.1 divided by 10 at 50% and 75% of the epochs (ImageNet: 1/3 and 2/3 of 90), global batch 64
 (ImageNet 256), random crop + flip, per-channel normalisation.
 
 examples:

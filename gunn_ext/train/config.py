@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,11 +105,11 @@ class TrainConfig:
         if self.segment_channels is not None:
             _check_int("segment_channels", self.segment_channels, minimum=1)
         for name in ("lr", "width"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
         for name in ("momentum", "weight_decay", "lr_gamma"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         if not all(0 < m <= 1 for m in self.milestones):
             raise ValueError(f"milestones must be fractions of the epochs in (0, 1], "
                              f"got {list(self.milestones)}")
@@ -119,8 +120,10 @@ class TrainConfig:
                              f"the unpacked python-version archive)")
 
     def milestone_epochs(self) -> list[int]:
-        """Epochs (0-based, at whose start) the learning rate drops."""
-        return [round(m * self.epochs) for m in self.milestones]
+        """Epochs (0-based, at whose start) the learning rate drops; never before
+        the first epoch, which trains at ``lr`` (a milestone of a short run
+        that rounds to epoch 0 moves to epoch 1)."""
+        return [max(1, round(m * self.epochs)) for m in self.milestones]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

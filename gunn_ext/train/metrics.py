@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,13 +36,25 @@ class MetricsLog:
         self.path = Path(run_dir) / FILENAME
         self.enabled = enabled
 
-    def truncate_after(self, global_step: int) -> None:
-        """Keep only records up to ``global_step`` (a resumed run rewrites the rest)."""
+    def start(self, copy_from: Path | None = None) -> None:
+        """A new log: empty, or a copy of ``copy_from`` where that exists."""
+        if not self.enabled:
+            return
+        if copy_from is not None and copy_from.is_file():
+            shutil.copyfile(copy_from, self.path)
+        else:
+            self.path.unlink(missing_ok=True)
+
+    def truncate_after(self, global_step: int, epochs_done: int) -> None:
+        """Keep only what a run resumed at ``global_step`` with ``epochs_done``
+        epochs ended wrote (it rewrites the rest): records up to that step,
+        but not an epoch's record from after its checkpoint was taken."""
         if not self.enabled or not self.path.is_file():
             return
         kept = [r for r in read_records(self.path)
-                if r["global_step"] < global_step
-                or (r["global_step"] == global_step and r["kind"] != "stopped")]
+                if (r["global_step"] < global_step
+                    or (r["global_step"] == global_step and r["kind"] != "stopped"))
+                and not (r["kind"] == "epoch" and r["epoch"] > epochs_done)]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)

@@ -48,6 +48,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     _draw(loss_ax, error_ax, epoch_records(run_dir), run_dir.name, color="C0")
     loss_ax.legend()
     error_ax.legend()
+    output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=120)
     plt.close(fig)
     return output

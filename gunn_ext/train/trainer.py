@@ -137,13 +137,17 @@ class _Run:
     def __init__(self, config: TrainConfig, context: distributed.Context, on_step):
         self.context, self.on_step = context, on_step
         self.resumed = checkpoint.load(config.resume) if config.resume else None
+        # A resumed run goes on in its own folder unless --out names another.
+        self.resumed_dir = checkpoint.resolve(config.resume).parent if self.resumed is not None else None
         if self.resumed is not None:
+            out = config.out
             config = merge_resumed(self.resumed["config"], config)
-            if config.out is None:
-                config.out = str(checkpoint.resolve(config.resume).parent)
+            config.out = out if out is not None else str(self.resumed_dir)
         self.config = config = config.resolved()
         self.run_dir = Path(config.out)
-        if self.resumed is None and (self.run_dir / checkpoint.FILENAME).exists():
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise NotADirectoryError(f"--out {str(self.run_dir)!r} is a file, not a folder")
+        if (self.run_dir / checkpoint.FILENAME).exists() and not self._continues(self.run_dir):
             raise FileExistsError(f"--out {str(self.run_dir)!r} already holds a checkpoint; continue it "
                                   f"with --resume {self.run_dir} or choose another --out")
         if config.batch_size % context.world_size:
@@ -175,6 +179,12 @@ class _Run:
                                        self.batch, config.workers, self.pin_memory, drop_last=False)
         self.log = MetricsLog(self.run_dir, context.is_main)
         self.history: list[dict] = []
+        if context.is_main:  # last: a run that cannot start leaves no folder behind
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _continues(self, folder: Path) -> bool:
+        """Whether ``folder`` is the folder of the run this one resumes."""
+        return self.resumed_dir is not None and folder.resolve() == self.resumed_dir.resolve()
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -244,10 +254,13 @@ class _Run:
     def fit(self) -> FitResult:
         config, position = self.config, self.position
         if self.context.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-            if self.resumed is not None:
-                self.log.truncate_after(position.global_step)
+            if self.resumed is None:  # a new log, not one left by a run without a checkpoint
+                self.log.start()
+            else:
+                if not self._continues(self.run_dir):  # into another folder: the log so far comes along
+                    self.log.start(copy_from=self.resumed_dir / self.log.path.name)
+                self.log.truncate_after(position.global_step, position.epoch)
             self._announce()
         with StopRequest() as stop:
             while self.position.epoch < config.epochs:
@@ -286,7 +299,7 @@ class _Run:
                     self.on_step(position)
                 report = position.step % 10 == 0 or position.step == self.steps_per_epoch
                 if report or (config.log_every and position.global_step % config.log_every == 0):
-                    loss_sum, correct_sum, seen = sums.tolist()
+                    loss_sum, correct_sum, seen = distributed.all_reduce_sum(context, sums).tolist()
                     postfix = dict(loss=f"{loss_sum / seen:.4f}", acc=f"{correct_sum / seen:.4f}",
                                    lr=f"{lr:.3g}")
                     if config.log_every and position.global_step % config.log_every == 0:
