@@ -25,6 +25,7 @@ import itertools
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +155,7 @@ def integers(text: str) -> tuple[int, ...]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batches", type=integers, help="comma list (GPU 64,256; CPU 2)")
+    p.add_argument("--batches", type=integers, help="comma list (GPU 256,64; CPU 2)")
     p.add_argument("--channels", type=integers, help="comma list (GPU 12; CPU 6)")
     p.add_argument("--size", type=int, help="height and width (GPU 32, CPU 4)")
     p.add_argument("--offsets", type=integers, help="comma list of element offsets (GPU 0,1,2,3; CPU 0,2)")
@@ -178,6 +179,7 @@ def main(argv=None) -> int:
         return 0
     def save(results: list[dict]) -> None:  # after every worker: a step cut short keeps its rows
         if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             with open(args.json, "w") as f:
                 json.dump(dict(device=args.device, torch=torch.__version__, results=results), f, indent=1)
 

@@ -44,8 +44,9 @@ def _read_json(path: Path) -> tuple[dict | None, str | None]:
 
 
 def environment_section(results: Path) -> list[str]:
-    env, _ = _read_json(results / "environment.json")
-    env = env or {}
+    env, problem = _read_json(results / "environment.json")
+    if not isinstance(env, dict):
+        return ["# gunn_ext GPU check", "", f"Environment unknown: {problem or 'environment.json holds no record'}"]
     return [f"# gunn_ext GPU check, {env.get('date_utc', '?')}", "",
             f"GPU: {env.get('gpu') or 'none (CPU run)'}; torch {env.get('torch')}, CUDA {env.get('cuda')}, "
             f"cuDNN {env.get('cudnn')}, triton {env.get('triton')}, Python {env.get('python')}; "
@@ -56,7 +57,8 @@ def environment_section(results: Path) -> list[str]:
 def read_steps(results: Path) -> list[tuple[str, str, str]]:
     """(name, exit status, seconds) of every step, from ``steps.tsv``."""
     steps = results / "steps.tsv"
-    return [tuple(row.split("\t")) for row in (steps.read_text().splitlines() if steps.exists() else [])]
+    rows = [row.split("\t") for row in (steps.read_text().splitlines() if steps.exists() else [])]
+    return [tuple(row) for row in rows if len(row) == 3]
 
 
 def steps_section(results: Path) -> list[str]:
@@ -194,7 +196,8 @@ def record_table(records: list[dict]) -> list[str]:
 def replay_section(results: Path) -> list[str]:
     paths = sorted(results.glob("replay_loop*.json"))
     silent = [(name, status, took) for name, status, took in read_steps(results)
-              if name.startswith("replay_loop") and not (results / f"{name}.json").exists()]
+              if name.startswith("replay_loop") and status != "skipped"
+              and not (results / f"{name}.json").exists()]
     if not paths and not silent:
         return []
     lines = ["", "## Graph replay over a training loop (captures, replays and eager runs per op)", ""]
@@ -240,10 +243,21 @@ def alignment_section(results: Path) -> list[str]:
     return lines
 
 
+SECTIONS = ("environment", "steps", "tests", "benchmarks", "training", "profile", "alignment", "replay",
+            "sweep")
+
+
 def summarize(results: Path) -> str:
-    lines = (environment_section(results) + [""] + steps_section(results) + [""] + tests_section(results)
-             + [""] + benchmarks_section(results) + training_sections(results) + profile_section(results)
-             + alignment_section(results) + replay_section(results) + sweep_sections(results))
+    """Every section; one whose files do not hold what it expects says so in a line."""
+    lines = []
+    for name in SECTIONS:
+        build = globals()[f"{name}_section" if f"{name}_section" in globals() else f"{name}_sections"]
+        try:
+            section = build(results)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            section = ["", f"## {name}: not summarised, a file does not hold what it should "
+                           f"({type(exc).__name__}: {exc})"]
+        lines += ([""] if name in ("steps", "tests", "benchmarks") else []) + section
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from arguments import nonnegative_int, positive_int, positive_ints
 from gunn_ext import GUNNLayer, ops
 
 
@@ -52,17 +53,20 @@ def measure(channels: int, segments: int, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--channels", type=int, default=240)
-    p.add_argument("--segments", default="20,240", help="comma list of P (default 20,240)")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--size", type=int, default=2, help="height = width")
-    p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--channels", type=positive_int, default=240)
+    p.add_argument("--segments", type=positive_ints, default=[20, 240], help="comma list of P (default 20,240)")
+    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--size", type=positive_int, default=2, help="height = width")
+    p.add_argument("--repeats", type=positive_int, default=50)
+    p.add_argument("--warmup", type=nonnegative_int, default=5)
     args = p.parse_args(argv)
+    for segments in args.segments:
+        if args.channels % segments:
+            p.error(f"--segments: {segments} does not divide --channels {args.channels}")
     if ops.load_error() is not None:
         p.error(ops.load_error())
     torch.set_num_threads(1)
-    for segments in (int(s) for s in args.segments.split(",")):
+    for segments in args.segments:
         r = measure(args.channels, segments, args)
         print(f"{args.channels} channels, P = {segments}: forward+backward {r['step_ms']:.2f} ms, "
               f"the op alone {r['ops_ms']:.2f} ms, outside the op {r['outside_ms']:.2f} ms")

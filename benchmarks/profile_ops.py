@@ -35,6 +35,7 @@ from rich.table import Table
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+import arguments
 import seq_update
 from gunn_ext import GUNNLayer, backends
 
@@ -72,12 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar="CHANNELS/SEGMENTS/SIZE", help=f"default {' '.join(DEFAULT_SHAPES)}")
     parser.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
                         help=f"comma list from {', '.join(backends.NAMES)} (default native,triton)")
-    parser.add_argument("--batch", type=seq_update.positive_int, default=64)
+    parser.add_argument("--batch", type=arguments.positive_int, default=64)
     parser.add_argument("--dtype", choices=tuple(seq_update.DTYPES), default="float32")
-    parser.add_argument("--device", help="default: cuda if available, else cpu")
-    parser.add_argument("--calls", type=seq_update.positive_int, default=3, help="profiled calls (3)")
-    parser.add_argument("--warmup", type=int, default=3, help="calls before profiling (3)")
-    parser.add_argument("--top", type=seq_update.positive_int, default=15, help="kernel names listed (15)")
+    parser.add_argument("--device", type=arguments.torch_device, help="default: cuda if available, else cpu")
+    parser.add_argument("--calls", type=arguments.positive_int, default=3, help="profiled calls (3)")
+    parser.add_argument("--warmup", type=arguments.nonnegative_int, default=3, help="calls before profiling (3)")
+    parser.add_argument("--top", type=arguments.positive_int, default=15, help="kernel names listed (15)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write every profile and the metadata here")
     args = parser.parse_args(argv)
@@ -216,12 +217,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
     console.print(seq_update.describe_machine(info))
     if args.json:
-        arguments = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
-        arguments["shapes"] = [str(s) for s in args.shapes]
+        options = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
+        options["shapes"] = [str(s) for s in args.shapes]
         report = {"benchmark": "profile_ops",
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-                  "args": arguments, "machine": info,
+                  "args": options, "machine": info,
                   "skipped": skipped, "profiles": rows}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")

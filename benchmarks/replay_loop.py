@@ -35,32 +35,36 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from arguments import positive_float, positive_int, positive_ints, torch_device  # noqa: E402
 import gunn_ext  # noqa: E402
 from gunn_ext import cuda_graphs  # noqa: E402
 from gunn_ext.models import gunn15  # noqa: E402
 
-GPU_DEFAULTS = dict(width=1.0, size=32, batch=64, last_batch=16, eval_batches="64,40",
+GPU_DEFAULTS = dict(width=1.0, size=32, batch=64, last_batch=16, eval_batches=[64, 40],
                     steps_per_epoch=10, epochs=3)
-CPU_DEFAULTS = dict(width=0.1, size=8, batch=4, last_batch=2, eval_batches="4,3",
+CPU_DEFAULTS = dict(width=0.1, size=8, batch=4, last_batch=2, eval_batches=[4, 3],
                     steps_per_epoch=3, epochs=2)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backends", help="comma list of native, triton (default: those available on the device)")
-    p.add_argument("--width", type=float, help="channel multiplier (GPU default 1.0 = GUNN-15's; CPU 0.1)")
-    p.add_argument("--size", type=int, help="input height and width, a multiple of 4 (GPU 32, CPU 8)")
-    p.add_argument("--batch", type=int, help="training batch (GPU 64, CPU 4)")
-    p.add_argument("--last-batch", type=int, help="an epoch's last training batch (GPU 16, CPU 2)")
-    p.add_argument("--eval-batches", help="comma list of evaluation batches per epoch (GPU 64,40, CPU 4,3)")
-    p.add_argument("--steps-per-epoch", type=int, help="training steps per epoch, the last included (GPU 10)")
-    p.add_argument("--epochs", type=int, help="at least 2: the first captures (GPU 3, CPU 2)")
+    p.add_argument("--width", type=positive_float, help="channel multiplier (GPU default 1.0 = GUNN-15's; CPU 0.1)")
+    p.add_argument("--size", type=positive_int, help="input height and width, a multiple of 4 (GPU 32, CPU 8)")
+    p.add_argument("--batch", type=positive_int, help="training batch (GPU 64, CPU 4)")
+    p.add_argument("--last-batch", type=positive_int, help="an epoch's last training batch (GPU 16, CPU 2)")
+    p.add_argument("--eval-batches", type=positive_ints,
+                   help="comma list of evaluation batches per epoch (GPU 64,40, CPU 4,3)")
+    p.add_argument("--steps-per-epoch", type=positive_int,
+                   help="training steps per epoch, the last included (GPU 10)")
+    p.add_argument("--epochs", type=positive_int, help="at least 2: the first captures (GPU 3, CPU 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the counts and checks here")
     args = p.parse_args(argv)
@@ -70,10 +74,6 @@ def parse_args(argv=None):
     for name, value in (GPU_DEFAULTS if args.device.type == "cuda" else CPU_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.eval_batches = [int(b) for b in str(args.eval_batches).split(",") if b]
-    for name in ("size", "batch", "last_batch", "steps_per_epoch", "epochs"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.size % 4 or args.epochs < 2:
         p.error(f"--size must be a multiple of 4 and --epochs at least 2, got {args.size} and {args.epochs}")
     available = [b for b in gunn_ext.available_backends(args.device) if b in ("native", "triton")]
@@ -251,6 +251,7 @@ def main(argv=None) -> int:
 
 def write_report(args, config: dict, dry_run: bool, results: list, failures: list | None) -> None:
     """The JSON report; `failures` is None while backends are still to run."""
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"machine": machine(args.device), "config": config, "dry_run": dry_run,
                    "results": results, "failures": failures, "complete": failures is not None}, f, indent=2)

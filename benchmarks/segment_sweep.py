@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+import arguments
 import gunn_ext
 import plot_results
 import seq_update
@@ -56,21 +57,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--channels", type=seq_update.positive_int, default=240)
+    parser.add_argument("--channels", type=arguments.positive_int, default=240)
     parser.add_argument("--segments", type=_segment_list, default=list(DEFAULT_SEGMENTS),
                         help="comma list of P, each dividing --channels (default "
                              f"{','.join(map(str, DEFAULT_SEGMENTS))}); ratios are to the smallest")
-    parser.add_argument("--size", type=seq_update.positive_int, help="height = width (default 16 on CPU, 32 on GPU)")
-    parser.add_argument("--batch", type=seq_update.positive_int, help="default 8 on CPU, 64 on GPU")
-    parser.add_argument("--expansion", type=seq_update.positive_int, default=2)
+    parser.add_argument("--size", type=arguments.positive_int, help="height = width (default 16 on CPU, 32 on GPU)")
+    parser.add_argument("--batch", type=arguments.positive_int, help="default 8 on CPU, 64 on GPU")
+    parser.add_argument("--expansion", type=arguments.positive_int, default=2)
     parser.add_argument("--mode", choices=("train", "eval"), default="train")
     parser.add_argument("--dtype", choices=tuple(seq_update.DTYPES), default="float32")
     parser.add_argument("--channels-last", action="store_true", help="channels_last inputs (default NCHW)")
-    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--device", type=arguments.torch_device, help="default: cuda if available, else cpu")
     parser.add_argument("--backends", help=f"comma list from {', '.join(BACKEND_NAMES)}; "
                                            "default: every available backend")
-    parser.add_argument("--repeats", type=seq_update.positive_int, help="default 10 on CPU, 20 on GPU")
-    parser.add_argument("--warmup", type=int, help="default 2 on CPU, 5 on GPU")
+    parser.add_argument("--repeats", type=arguments.positive_int, help="default 10 on CPU, 20 on GPU")
+    parser.add_argument("--warmup", type=arguments.nonnegative_int, help="default 2 on CPU, 5 on GPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write every raw number and the metadata here")
     parser.add_argument("--plot", type=Path, help="write a PNG of time against P here")
@@ -82,8 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in DEFAULTS.get(args.device.type, DEFAULTS["cpu"]).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0, got {args.warmup}")
     uneven = [p for p in args.segments if args.channels % p]
     if uneven:
         parser.error(f"--segments: each P must divide --channels ({args.channels}); {uneven} do not")
@@ -163,12 +162,12 @@ def build_table(rows: list[dict], args: argparse.Namespace, info: dict) -> Table
 
 
 def build_report(rows: list[dict], args: argparse.Namespace, info: dict) -> dict:
-    arguments = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
+    options = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
     return {
         "benchmark": "segment_sweep",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        "args": arguments,
+        "args": options,
         "machine": info,
         "segments": args.segments,
         "backends": args.backends,

@@ -40,6 +40,7 @@ import contextlib
 import copy
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -58,7 +59,8 @@ from rich.table import Table
 
 import gunn_ext
 import plot_results
-from gunn_ext import GUNNLayer, SUNNLayer, conventions, cuda_graphs, layers
+from arguments import nonnegative_int, positive_int, torch_device
+from gunn_ext import GUNNLayer, SUNNLayer, conventions, cuda_graphs
 from gunn_ext.backends import NAMES as BACKEND_NAMES
 
 COMPILE = "compile"
@@ -76,14 +78,6 @@ MIB = 2.0 ** 20
 progress = Console(stderr=True, highlight=False)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: the library's positive-int rule on a command-line value."""
-    try:
-        return layers.positive_int("value", int(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=("train", "eval"), default="train",
                         help="train: BatchNorm uses batch statistics; eval: running statistics")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--device", type=torch_device, help="default: cuda if available, else cpu")
     parser.add_argument("--backends",
                         help=f"comma list from {', '.join(BACKEND_NAMES + (COMPILE,))}; "
                              "default: every available backend and compile")
@@ -112,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "('high'): the native op's GEMMs and the Triton kernels' dots), as PyTorch's "
                              "convolutions, the reference's, are by default (torch.backends.cudnn.allow_tf32)")
     parser.add_argument("--repeats", type=positive_int, help="default: 20 on CPU, 100 on GPU")
-    parser.add_argument("--warmup", type=int, help="default: 3 on CPU, 10 on GPU")
+    parser.add_argument("--warmup", type=nonnegative_int, help="default: 3 on CPU, 10 on GPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write every raw number and the metadata here")
     parser.add_argument("--plot", type=Path, help="write a PNG bar chart here")
@@ -125,8 +119,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.channels is None:
         args.channels = CHANNELS_PER_SEGMENT * args.segments
     if args.channels % args.segments:
@@ -534,19 +526,35 @@ def _run(args: argparse.Namespace) -> dict:
             console.print(f"[bold red]FAILED: {r.backend} at {escape(r.error)}[/]")
         if r.mismatch:
             console.print(f"[bold red]MISMATCH: {r.backend} differs from the float64 reference by "
-                          f"{r.error_y:.2e} (y) / {r.error_dx:.2e} (dx); the reference itself by "
-                          f"{results[0].error_y:.2e} / {results[0].error_dx:.2e}[/]")
+                          f"{_sci(r.error_y)} (y) / {_sci(r.error_dx)} (dx); the reference itself by "
+                          f"{_sci(results[0].error_y)} / {_sci(results[0].error_dx)}[/]")
 
     report = build_report(results, work, args, info)
     save_report(report, args, plot_results.plot_results, console)
     return report
 
 
+def _sci(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
+def _json_values(value):
+    """``value`` with every NaN or infinity as None (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_values(v) for v in value]
+    return value
+
+
 def save_report(report: dict, args, plot, console) -> None:
-    """Writes ``report`` to ``args.json`` and its chart, drawn by ``plot``, to ``args.plot``."""
+    """Writes ``report`` to ``args.json`` (NaN and infinity as null) and its
+    chart, drawn by ``plot``, to ``args.plot``."""
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        args.json.write_text(json.dumps(_json_values(report), indent=1, allow_nan=False) + "\n")
         console.print(f"wrote {args.json}")
     if args.plot:
         plot(report, args.plot)

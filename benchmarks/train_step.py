@@ -21,11 +21,13 @@ import platform
 import statistics
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from arguments import nonnegative_int, positive_float, positive_int, torch_device
 import gunn_ext
 from gunn_ext import conventions, cuda_graphs
 from gunn_ext.models import MODELS, build_model
@@ -34,25 +36,31 @@ from gunn_ext.models import MODELS, build_model
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gunn15", choices=sorted(MODELS))
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = the paper's)")
-    p.add_argument("--segment-channels", type=int,
+    p.add_argument("--num-classes", type=positive_int, default=10)
+    p.add_argument("--width", type=positive_float, default=1.0, help="channel multiplier (1.0 = the paper's)")
+    p.add_argument("--segment-channels", type=positive_int,
                    help="channels per segment in every GUNN/SUNN layer (default: the paper's; 1 = P = N)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, help="default 64 on a GPU, 8 on the CPU")
+    p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=positive_int, help="default 64 on a GPU, 8 on the CPU")
     p.add_argument("--backends", help="comma list (default: every available backend)")
     p.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="every float32 product in TF32 on the GPU, as the training CLI's --tf32 "
                         "(default; --no-tf32: IEEE float32 everywhere)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=nonnegative_int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write every measurement here")
     args = p.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda asked for, but torch sees no CUDA GPU")
+    if args.backends is not None:
+        args.backends = args.backends.split(",")
+        unknown = [name for name in args.backends if name not in gunn_ext.backends.NAMES]
+        if unknown:
+            p.error(f"--backends: unknown {', '.join(map(repr, unknown))}; "
+                    f"choose from {', '.join(gunn_ext.backends.NAMES)}")
     return args
 
 
@@ -136,8 +144,9 @@ def run_backend(name, template, args, device, rows) -> bool:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    args.batch = args.batch or (64 if device.type == "cuda" else 8)
-    names = args.backends.split(",") if args.backends else gunn_ext.available_backends(device)
+    if args.batch is None:
+        args.batch = 64 if device.type == "cuda" else 8
+    names = args.backends or gunn_ext.available_backends(device)
     torch.manual_seed(args.seed)
     template = build_model(args.model, num_classes=args.num_classes, width=args.width,
                            segment_channels=args.segment_channels)
@@ -166,9 +175,11 @@ def main(argv=None) -> int:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     console.print(f"{machine}, torch {torch.__version__}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"benchmark": "train_step", "date": datetime.now(timezone.utc).isoformat(),
-                       "args": vars(args), "parameters": params, "machine": machine,
+                       "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()},
+                       "parameters": params, "machine": machine,
                        "torch": torch.__version__, "results": rows}, f, indent=1)
     return 1 if failed else 0
 

@@ -3,6 +3,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import gunn_ext
@@ -203,3 +204,51 @@ def test_host_overhead_runs(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["6 channels, P = 2", "6 channels, P = 6"]
     assert all("outside the op" in line for line in lines)
+
+
+def test_bad_options_are_usage_errors(monkeypatch, capsys):
+    """Checked by argparse, naming the option, before anything is measured."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import host_overhead
+    import replay_loop
+    import train_step
+    for main, argv, message in (
+            (train_step.parse_args, ["--batch", "0"], "--batch: expected an int >= 1, got 0"),
+            (train_step.parse_args, ["--backends", "reference,tritn"], "--backends: unknown 'tritn'"),
+            (train_step.parse_args, ["--width", "0"], "--width: expected a finite number > 0"),
+            (host_overhead.main, ["--channels", "24", "--segments", "7"], "7 does not divide --channels 24"),
+            (host_overhead.main, ["--repeats", "0"], "--repeats: expected an int >= 1"),
+            (replay_loop.parse_args, ["--eval-batches", "a", "--device", "cpu"], "--eval-batches: expected an int")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_reports_hold_json_without_nan(monkeypatch, tmp_path):
+    """A backend whose output holds NaN leaves null in the report, which strict
+    JSON parsers read, and its MISMATCH line prints without a reference error."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import seq_update
+    out = tmp_path / "new" / "report.json"
+    args = type("Args", (), {"json": out, "plot": None})()
+    seq_update.save_report({"error_y": float("nan"), "rows": [{"x": float("inf")}, 1.5]}, args, None,
+                           type("Quiet", (), {"print": staticmethod(lambda *a: None)})())
+    assert json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(c)) == {
+        "error_y": None, "rows": [{"x": None}, 1.5]}
+    assert seq_update._sci(None) == "-" and seq_update._sci(1.5e-3) == "1.50e-03"
+
+
+def test_summary_of_files_that_do_not_hold_what_they_should(monkeypatch, tmp_path):
+    """The summary is written whatever the files hold: a section that cannot
+    read its files says so, and a skipped step is not called silent."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import check_summary
+    (tmp_path / "steps.tsv").write_text("install\t0\t12\n\nreplay_loop_native\tskipped\t0\n")
+    for name in ("bench_a.json", "train_a.json", "sweep_a.json", "profile_ops.json"):
+        (tmp_path / name).write_text("{}")
+    assert check_summary.main([str(tmp_path)]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    assert "Environment unknown" in text and "| install | ok | 12 |" in text
+    for name in ("benchmarks", "training", "profile", "sweep"):
+        assert f"## {name}: not summarised" in text
+    assert "no report" not in text
