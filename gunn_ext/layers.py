@@ -44,6 +44,8 @@ from .parameter_layout import ParameterLayout, alignment_step, needs_copy
 __all__ = ["AlignedBatchNorm2d", "Bottleneck", "UpdateUnit", "UpdateUnits", "GUNNLayer", "SUNNLayer"]
 
 _NORM_VECTORS = ("weight", "bias", "running_mean", "running_var")
+# Set on a norm while UpdateUnits.split_views has given it aligned pieces.
+_ALIGNED_VIEWS = "_aligned_views"
 _NORM_TENSORS = _NORM_VECTORS + ("num_batches_tracked",)
 
 
@@ -59,10 +61,12 @@ class AlignedBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if (input.device.type not in parameter_layout.ALIGNED_DEVICE_TYPES
-                or torch.compiler.is_compiling()):  # compiled code computes its own batch norm
+                or self.__dict__.get(_ALIGNED_VIEWS)):
             return super().forward(input)
+        # A trace cannot read a view's offset: copy every view there.
+        compiling = torch.compiler.is_compiling()
         views = {name: t for name in _NORM_VECTORS
-                 if (t := self.__dict__.get(name)) is not None and needs_copy(t)}
+                 if (t := self.__dict__.get(name)) is not None and (compiling or needs_copy(t))}
         if not views:
             return super().forward(input)
         self.__dict__.update((name, t.clone()) for name, t in views.items())
@@ -230,12 +234,14 @@ class UpdateUnits(nn.ModuleList):
             conv.__dict__["weight"] = convs[k].view(conv_slot.shape)
             for name, (split, _) in pieces.items():
                 norm.__dict__[name] = split[k]
+            norm.__dict__[_ALIGNED_VIEWS] = True
         try:
             yield
         finally:
             for (conv, _, norm, _), (weight, norm_views) in zip(rows, saved):
                 conv.__dict__["weight"] = weight
                 norm.__dict__.update(norm_views)
+                norm.__dict__.pop(_ALIGNED_VIEWS, None)
             if any(norm.training for norm in self._norms):
                 with torch.no_grad():
                     for name in ("running_mean", "running_var"):

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 
 from . import conventions, reference
-from .parameter_layout import layout_of
+from .parameter_layout import check_input, layout_of
 
 _NS = "gunn_ext"
 
@@ -65,12 +65,14 @@ def has_cuda_kernels() -> bool:
     return bool(importlib.import_module("gunn_ext._build_info").WITH_CUDA)
 
 
-def register_layer_op(forward: str, backward: str, stats: Callable[[torch.dtype], torch.dtype]) -> None:
+def register_layer_op(forward: str, backward: str, stats: Callable[[torch.dtype], torch.dtype],
+                      check_input: Callable[[torch.Tensor], None] = check_input) -> None:
     """Fake kernels and autograd for an op pair with ``gradual_update``'s schema.
 
     ``forward`` and ``backward`` are qualified op names (``"ns::name"``), the
     backward taking ``gradual_update_backward``'s arguments; ``stats`` maps the
-    input dtype to the dtype of the returned statistics. The backward op is
+    input dtype to the dtype of the returned statistics, and ``check_input``
+    checks ``x`` as the op does. The backward op is
     not differentiable: a double backward through it raises, instead of
     autograd's default of a warning and zero second-order terms.
     """
@@ -80,6 +82,7 @@ def register_layer_op(forward: str, backward: str, stats: Callable[[torch.dtype]
     @torch.library.register_fake(forward)
     def _(x, conv_weight, bn_weight, bn_bias, running_mean, running_var,
           segments, expansion, bottlenecks, shortcut, sequential, training, eps):
+        check_input(x)
         layout_of(sum(segments), tuple(segments), expansion, bottlenecks, shortcut).check_arguments(
             x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training)
         mean = x.new_empty(bn_weight.shape, dtype=stats(x.dtype))
@@ -88,6 +91,7 @@ def register_layer_op(forward: str, backward: str, stats: Callable[[torch.dtype]
     @torch.library.register_fake(backward)
     def _(grad_y, x, y, conv_weight, bn_weight, bn_bias, mean, var,
           segments, expansion, bottlenecks, shortcut, sequential, training, eps):
+        check_input(x)
         layout_of(sum(segments), tuple(segments), expansion, bottlenecks, shortcut).check_backward_arguments(
             grad_y, x, y, conv_weight, bn_weight, bn_bias, mean, var)
         return (conventions.output_like(x), conv_weight.new_empty(conv_weight.shape),

@@ -52,7 +52,7 @@ import torch
 from . import conventions
 
 __all__ = ["ALIGNED_DEVICE_TYPES", "ALIGNMENT_BYTES", "Slot", "ParameterLayout", "aligned",
-           "alignment_step", "needs_copy", "layout_of"]
+           "alignment_step", "check_input", "needs_copy", "layout_of"]
 
 ALIGNMENT_BYTES = 16
 # The device types whose library kernels need aligned tensors (the CPU's do not).
@@ -107,13 +107,13 @@ class ParameterLayout:
     _unit_norms: tuple[int, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        segments = tuple(self.segments)
+        if not segments or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in segments):
+            raise ValueError(f"segments must be a non-empty sequence of ints >= 1, got {list(segments)}")
         for name in ("channels", "expansion", "bottlenecks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        segments = tuple(self.segments)
-        if not segments or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in segments):
-            raise ValueError(f"segments must be a non-empty sequence of ints >= 1, got {list(segments)}")
         if sum(segments) != self.channels:
             raise ValueError(f"segments {list(segments)} sum to {sum(segments)} but there are "
                              f"{self.channels} channels")
@@ -292,6 +292,16 @@ class ParameterLayout:
         self.check_statistic("var", var, x)
         for name, t in (("grad_y", grad_y), ("y", y)):
             _check_like_x(name, t, x)
+
+
+def check_input(x: torch.Tensor) -> None:
+    """The op's input ``x``, as ``check_input`` in ``csrc/gradual_update.cpp``."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (batch, channels, height, width), got {x.dim()}-D")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got shape {list(x.shape)}")
 
 
 def _check_like_x(name: str, t: torch.Tensor, x: torch.Tensor) -> None:

@@ -20,9 +20,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import graph_replay, ops
+from . import graph_replay, ops, parameter_layout
 
 _NS = "gunn_ext"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_input(x: Tensor) -> None:
+    """The op's ``x``: the native op's rule, in a dtype the kernels support."""
+    parameter_layout.check_input(x)
+    if x.dtype not in DTYPES:
+        raise TypeError(f"the triton backend supports float32, float16 and bfloat16 inputs, got "
+                        f"{x.dtype}; use backend='native' or 'reference'")
 
 
 def _forward(*args):
@@ -65,7 +74,7 @@ BACKWARD = _replayed("triton_gradual_update_backward", _backward, "triton_backwa
                      graph_replay.BACKWARD_ROLES)
 
 ops.register_layer_op(f"{_NS}::triton_gradual_update", f"{_NS}::triton_gradual_update_backward",
-                      lambda dtype: torch.float32)
+                      lambda dtype: torch.float32, check_input)
 
 
 def gradual_update_triton(layer, x: Tensor) -> Tensor:

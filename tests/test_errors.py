@@ -181,3 +181,28 @@ def test_double_backward_raises_on_compiled_backends():
     with pytest.raises(RuntimeError, match="gradual_update_backward is not differentiable: .*no double backward"):
         double_backward(layer, x)
     layer(x.requires_grad_()).sum().backward()  # create_graph=False is unaffected
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_fake_kernels_check_x_as_the_ops_do(backend):
+    """On the meta device (the fake kernels) a layer is refused for the same
+    input as on a real one, with the same message."""
+    if backend == "triton" and not gunn_ext.backends.INSTALL["triton_installed"]:
+        pytest.skip("triton is not installed")
+    from gunn_ext import ops, triton_backend
+    op = torch.ops.gunn_ext.gradual_update if backend == "native" else torch.ops.gunn_ext.triton_gradual_update
+    layer = GUNNLayer(6, 2).to("meta")
+    args = list(ops.layer_arguments(layer, torch.randn(2, 6, 3, 3, device="meta"), True))
+    for x, error, message in ((args[0].long(), TypeError, "x must be floating point"),
+                              (args[0][:0], ValueError, "x must not be empty")):
+        with pytest.raises(error, match=message):
+            op(x, *args[1:])
+    wrong = list(args)
+    wrong[6] = []
+    with pytest.raises(ValueError, match="segments must be a non-empty sequence"):
+        op(*wrong)
+    if backend == "triton":
+        double = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(TypeError, match="the triton backend supports float32, float16 and bfloat16"):
+            op(*double)
+        assert triton_backend.DTYPES == (torch.float32, torch.float16, torch.bfloat16)

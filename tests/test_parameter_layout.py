@@ -378,3 +378,26 @@ def test_no_copies_where_the_device_needs_none(monkeypatch):
     flats = {t.untyped_storage().data_ptr()
              for t in (layer.bn_weight, layer.bn_bias, layer.running_mean, layer.running_var)}
     assert seen and all(t.untyped_storage().data_ptr() in flats for t in seen)
+
+
+def test_a_lone_norm_under_torch_compile_computes_with_copies(aligned_on_cpu):
+    """A trace cannot read a view's offset, so a norm called on its own hands
+    batch norm copies of all its views there (backends other than inductor
+    call PyTorch's kernel), and its running statistics still reach the flat
+    storage."""
+    layer = _misaligned_layer(torch.float32)
+    norm = next(n for n in layer.norms() if not aligned(n.weight))
+    plain = nn.BatchNorm2d(norm.num_features)
+    plain.load_state_dict({name: getattr(norm, name).clone() for name in (
+        "weight", "bias", "running_mean", "running_var", "num_batches_tracked")})
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module.graph)
+        return graph_module.forward
+    x = torch.randn(3, norm.num_features, 4, 4)
+    assert torch.equal(torch.compile(norm, backend=record, fullgraph=True)(x), plain(x))
+    calls = [n for n in graphs[0].nodes if "batch_norm" in str(n.target)]
+    assert len(calls) == 1 and all(arg.target == "clone" for arg in calls[0].args[1:5])
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(norm, name), getattr(plain, name)), name

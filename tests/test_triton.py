@@ -304,3 +304,11 @@ def test_nan_shows_in_the_output(train):
     x = _input(4, SHAPES["5x6"])
     ours, theirs = twin(layer, "triton")(x), layer(x)
     assert ours.isnan().any() and torch.equal(ours.isnan(), theirs.isnan())
+
+
+@kernels
+def test_eval_backward_of_one_value_per_channel():
+    """Eval reads running statistics, so one value per channel is legal there,
+    in the backward too, as on the native op."""
+    layer = make_layer(channels=4, segments=2, backend="reference", dtype=torch.float32, device=DEVICE).eval()
+    run_and_compare(layer, twin(layer, "triton"), _input(4, (1, 1, 1)), train=False)

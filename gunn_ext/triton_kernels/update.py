@@ -25,11 +25,11 @@ from __future__ import annotations
 import torch
 
 from .. import conventions
+from ..triton_backend import check_input
 from ..parameter_layout import ParameterLayout, Slot, layout_of
 from . import launch
 from .launch import BNBackward, BNRelu, Image, NormVectors, Weights
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -65,13 +65,6 @@ class Norms:
         """The channels of a norm (or a run of norms) of the layout."""
         return self.all.slice(slot.offset, slot.numel)
 
-
-def _check(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, layout: ParameterLayout,
-           training: bool) -> None:
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"the triton backend supports float32, float16 and bfloat16 inputs, got "
-                        f"{x.dtype}; use backend='native' or 'reference'")
-    layout.check_arguments(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training)
 
 
 class Unit:
@@ -235,8 +228,9 @@ def _image(x: torch.Tensor) -> Image:
 def gradual_update_forward(x, conv_weight, bn_weight, bn_bias, running_mean, running_var,
                            segments, expansion, bottlenecks, shortcut, sequential, training, eps):
     """``(y, mean, var)`` as ``torch.ops.gunn_ext.gradual_update``."""
+    check_input(x)
     layout = layout_of(x.shape[1], tuple(segments), expansion, bottlenecks, shortcut)
-    _check(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, layout, training)
+    layout.check_arguments(x, conv_weight, bn_weight, bn_bias, running_mean, running_var, training)
     image = _image(x)
     conv_weight = conv_weight.detach().contiguous()
     if training:
@@ -259,8 +253,8 @@ def gradual_update_forward(x, conv_weight, bn_weight, bn_bias, running_mean, run
 def gradual_update_backward(grad_y, x, y, conv_weight, bn_weight, bn_bias, mean, var,
                             segments, expansion, bottlenecks, shortcut, sequential, training, eps):
     """``(dx, d conv_weight, d bn_weight, d bn_bias)`` by Algorithm 1, the parameter gradients flat."""
+    check_input(x)
     layout = layout_of(x.shape[1], tuple(segments), expansion, bottlenecks, shortcut)
-    _check(x, conv_weight, bn_weight, bn_bias, None, None, layout, True)
     layout.check_backward_arguments(grad_y, x, y, conv_weight, bn_weight, bn_bias, mean, var)
     image = _image(x)
     conv_weight = conv_weight.detach().contiguous()
