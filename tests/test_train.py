@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -131,6 +132,25 @@ def test_resume_into_another_folder_brings_the_log_and_spares_other_runs(tmp_pat
                               threads=1))
     assert_same_state(whole.model.state_dict(), resumed.model.state_dict())
     assert comparable(read_records(tmp_path / "copy")) == comparable(read_records(tmp_path / "whole"))
+
+
+def test_a_checkpoint_file_in_another_runs_folder_does_not_take_it_over(tmp_path):
+    fit(tiny_config(tmp_path / "x", epochs=1))
+    _stopped_run(tmp_path / "y", at_step=3, seed=1)
+    shutil.copy(tmp_path / "y" / ckpt.FILENAME, tmp_path / "x" / "y_step3.pt")
+    finished = ckpt.load(tmp_path / "x")
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        fit(TrainConfig(resume=str(tmp_path / "x" / "y_step3.pt"), progress=False))
+    assert ckpt.load(tmp_path / "x")["config"] == finished["config"]
+
+
+def test_out_may_start_with_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    _stopped_run("~/run", at_step=3)
+    assert (tmp_path / "run" / ckpt.FILENAME).exists() and not (tmp_path / "~").exists()
+    fit(TrainConfig(resume="~/run", out="~/run", progress=False, threads=1))
+    assert ckpt.load(tmp_path / "run")["position"]["global_step"] == 12
 
 
 def test_a_new_run_starts_a_new_log(tmp_path):

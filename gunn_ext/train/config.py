@@ -86,8 +86,7 @@ class TrainConfig:
         filled = dataclasses.replace(self, **{k: v for k, v in defaults.items()
                                               if getattr(self, k) is None})
         filled.milestones = tuple(float(m) for m in filled.milestones)
-        if filled.out is None:
-            filled.out = default_out(filled.model, filled.dataset)
+        filled.out = str(Path(filled.out or default_out(filled.model, filled.dataset)).expanduser())
         filled.check()
         return filled
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import signal
 import threading
@@ -137,12 +138,12 @@ class _Run:
     def __init__(self, config: TrainConfig, context: distributed.Context, on_step):
         self.context, self.on_step = context, on_step
         self.resumed = checkpoint.load(config.resume) if config.resume else None
-        # A resumed run goes on in its own folder unless --out names another.
-        self.resumed_dir = checkpoint.resolve(config.resume).parent if self.resumed is not None else None
+        # A resumed run goes on in its checkpoint's folder unless --out names another.
+        self.resumed_file = checkpoint.resolve(config.resume) if self.resumed is not None else None
         if self.resumed is not None:
             out = config.out
             config = merge_resumed(self.resumed["config"], config)
-            config.out = out if out is not None else str(self.resumed_dir)
+            config.out = out if out is not None else str(self.resumed_file.parent)
         self.config = config = config.resolved()
         self.run_dir = Path(config.out)
         if self.run_dir.exists() and not self.run_dir.is_dir():
@@ -183,8 +184,14 @@ class _Run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _continues(self, folder: Path) -> bool:
-        """Whether ``folder`` is the folder of the run this one resumes."""
-        return self.resumed_dir is not None and folder.resolve() == self.resumed_dir.resolve()
+        """Whether this run resumes the run of ``folder``: from its checkpoint,
+        or from another file there when it holds none."""
+        if self.resumed_file is None:
+            return False
+        own = folder / checkpoint.FILENAME
+        if own.exists():
+            return os.path.samefile(own, self.resumed_file)
+        return folder.resolve() == self.resumed_file.parent.resolve()
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -258,8 +265,9 @@ class _Run:
             if self.resumed is None:  # a new log, not one left by a run without a checkpoint
                 self.log.start()
             else:
-                if not self._continues(self.run_dir):  # into another folder: the log so far comes along
-                    self.log.start(copy_from=self.resumed_dir / self.log.path.name)
+                if not self._continues(self.run_dir):  # into another folder: a run's log so far comes along
+                    source = self.resumed_file.parent / self.log.path.name
+                    self.log.start(copy_from=source if self.resumed_file.name == checkpoint.FILENAME else None)
                 self.log.truncate_after(position.global_step, position.epoch)
             self._announce()
         with StopRequest() as stop:
