@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import arguments
+import report_json
 import seq_update
 from gunn_ext import GUNNLayer, backends
 
@@ -224,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                   "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                   "args": options, "machine": info,
                   "skipped": skipped, "profiles": rows}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        report_json.write(args.json, report)
         console.print(f"wrote {args.json}")
     return int(any(row["error"] for row in rows))
 

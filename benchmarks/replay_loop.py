@@ -29,18 +29,17 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuB
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+import report_json  # noqa: E402
 from arguments import positive_float, positive_int, positive_ints, torch_device  # noqa: E402
 import gunn_ext  # noqa: E402
 from gunn_ext import cuda_graphs  # noqa: E402
@@ -251,10 +250,8 @@ def main(argv=None) -> int:
 
 def write_report(args, config: dict, dry_run: bool, results: list, failures: list | None) -> None:
     """The JSON report; `failures` is None while backends are still to run."""
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"machine": machine(args.device), "config": config, "dry_run": dry_run,
-                   "results": results, "failures": failures, "complete": failures is not None}, f, indent=2)
+    report_json.write(args.json, {"machine": machine(args.device), "config": config, "dry_run": dry_run,
+                                  "results": results, "failures": failures, "complete": failures is not None})
 
 
 if __name__ == "__main__":

@@ -39,8 +39,6 @@ import argparse
 import contextlib
 import copy
 import datetime
-import json
-import math
 import os
 import platform
 import subprocess
@@ -59,6 +57,7 @@ from rich.table import Table
 
 import gunn_ext
 import plot_results
+import report_json
 from arguments import nonnegative_int, positive_int, torch_device
 from gunn_ext import GUNNLayer, SUNNLayer, conventions, cuda_graphs
 from gunn_ext.backends import NAMES as BACKEND_NAMES
@@ -538,23 +537,11 @@ def _sci(value: float | None) -> str:
     return "-" if value is None else f"{value:.2e}"
 
 
-def _json_values(value):
-    """``value`` with every NaN or infinity as None (JSON has no such numbers)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_values(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_values(v) for v in value]
-    return value
-
-
 def save_report(report: dict, args, plot, console) -> None:
-    """Writes ``report`` to ``args.json`` (NaN and infinity as null) and its
-    chart, drawn by ``plot``, to ``args.plot``."""
+    """Writes ``report`` to ``args.json`` (``report_json``) and its chart,
+    drawn by ``plot``, to ``args.plot``."""
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_json_values(report), indent=1, allow_nan=False) + "\n")
+        report_json.write(args.json, report)
         console.print(f"wrote {args.json}")
     if args.plot:
         plot(report, args.plot)

@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+import report_json
 from arguments import nonnegative_int, positive_float, positive_int, torch_device
 import gunn_ext
 from gunn_ext import conventions, cuda_graphs
@@ -175,12 +174,10 @@ def main(argv=None) -> int:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     console.print(f"{machine}, torch {torch.__version__}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "train_step", "date": datetime.now(timezone.utc).isoformat(),
-                       "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()},
-                       "parameters": params, "machine": machine,
-                       "torch": torch.__version__, "results": rows}, f, indent=1)
+        report_json.write(args.json, {
+            "benchmark": "train_step", "date": datetime.now(timezone.utc).isoformat(),
+            "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()},
+            "parameters": params, "machine": machine, "torch": torch.__version__, "results": rows})
     return 1 if failed else 0
 
 
