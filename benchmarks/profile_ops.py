@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
     console.print(seq_update.describe_machine(info))
     if args.json:
-        options = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
+        options = report_json.options(args)
         options["shapes"] = [str(s) for s in args.shapes]
         report = {"benchmark": "profile_ops",
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

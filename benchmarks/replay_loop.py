@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     warnings.filterwarnings("ignore", category=UserWarning)
-    config = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items() if k != "json"}
+    config = {k: v for k, v in report_json.options(args).items() if k != "json"}
     if dry_run:
         console.print("[bold]Dry run on the CPU[/]: CUDA graphs replay only CUDA tensors, so every call "
                       "runs eagerly; the bitwise checks compare two eager copies.")

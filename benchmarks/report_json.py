@@ -1,9 +1,12 @@
 """Writing the benchmarks' JSON reports: one format for every script."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
+
+import torch
 
 
 def finite(value):
@@ -16,6 +19,11 @@ def finite(value):
     if isinstance(value, (list, tuple)):
         return [finite(v) for v in value]
     return value
+
+
+def options(args: argparse.Namespace) -> dict:
+    """A script's parsed options as JSON values (paths and devices as text)."""
+    return {k: str(v) if isinstance(v, (Path, torch.device)) else v for k, v in vars(args).items()}
 
 
 def dumps(report) -> str:

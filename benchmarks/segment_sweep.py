@@ -34,6 +34,7 @@ from rich.table import Table
 import arguments
 import gunn_ext
 import plot_results
+import report_json
 import seq_update
 from gunn_ext.backends import NAMES as BACKEND_NAMES
 
@@ -162,7 +163,7 @@ def build_table(rows: list[dict], args: argparse.Namespace, info: dict) -> Table
 
 
 def build_report(rows: list[dict], args: argparse.Namespace, info: dict) -> dict:
-    options = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
+    options = report_json.options(args)
     return {
         "benchmark": "segment_sweep",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -462,7 +462,7 @@ def build_table(results: list[Result], work: Workload, args: argparse.Namespace,
 
 def build_report(results: list[Result], work: Workload, args: argparse.Namespace,
                  info: dict) -> dict:
-    arguments = {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()}
+    arguments = report_json.options(args)
     return {
         "benchmark": "seq_update",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     if args.json:
         report_json.write(args.json, {
             "benchmark": "train_step", "date": datetime.now(timezone.utc).isoformat(),
-            "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()},
+            "args": report_json.options(args),
             "parameters": params, "machine": machine, "torch": torch.__version__, "results": rows})
     return 1 if failed else 0
 

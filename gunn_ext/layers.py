@@ -38,8 +38,7 @@ import torch
 from torch import nn
 
 from . import backends
-from . import parameter_layout
-from .parameter_layout import ParameterLayout, alignment_step, needs_copy
+from .parameter_layout import ParameterLayout, aligned, alignment_step, needs_alignment
 
 __all__ = ["AlignedBatchNorm2d", "Bottleneck", "UpdateUnit", "UpdateUnits", "GUNNLayer", "SUNNLayer"]
 
@@ -52,21 +51,22 @@ _NORM_TENSORS = _NORM_VECTORS + ("num_batches_tracked",)
 class AlignedBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` whose tensors may be views into a layer's flat storage.
 
-    A view that :func:`~gunn_ext.parameter_layout.needs_copy` is replaced by
+    On a device that :func:`~gunn_ext.parameter_layout.needs_alignment`, a
+    view that is not :func:`~gunn_ext.parameter_layout.aligned` is replaced by
     an aligned copy for the call: cuDNN's channels-last kernels read these
-    tensors in 16-byte vectors and fault on such a view. Gradients reach the view through the
-    copy, and updated running statistics are written back to it. Registered
-    parameters and buffers (a module not in a layer) are used as they are.
+    tensors in 16-byte vectors and fault on such a view. Gradients reach the
+    view through the copy, and updated running statistics are written back to
+    it. Registered parameters and buffers (a module not in a layer) are used
+    as they are.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if (input.device.type not in parameter_layout.ALIGNED_DEVICE_TYPES
-                or self.__dict__.get(_ALIGNED_VIEWS)):
+        if not needs_alignment(input.device) or self.__dict__.get(_ALIGNED_VIEWS):
             return super().forward(input)
         # A trace cannot read a view's offset: copy every view there.
         compiling = torch.compiler.is_compiling()
         views = {name: t for name in _NORM_VECTORS
-                 if (t := self.__dict__.get(name)) is not None and (compiling or needs_copy(t))}
+                 if (t := self.__dict__.get(name)) is not None and (compiling or not aligned(t))}
         if not views:
             return super().forward(input)
         self.__dict__.update((name, t.clone()) for name, t in views.items())
@@ -377,7 +377,7 @@ def _aligned_split(flat: torch.Tensor, sizes: list[int]) -> tuple[tuple[torch.Te
     step = alignment_step(flat)
     gaps = [-size % step for size in sizes]
     pieces = flat.split_with_sizes(sizes)
-    if flat.device.type not in parameter_layout.ALIGNED_DEVICE_TYPES or not any(gaps):
+    if not needs_alignment(flat.device) or not any(gaps):
         return pieces, False
     zeros = flat.detach().new_zeros(step)
     padded = torch.cat([t for piece, gap in zip(pieces, gaps) for t in (piece, zeros[:gap])])

@@ -32,7 +32,7 @@ tensors start 8 bytes past a 16-byte boundary in every other unit. Library
 kernels may read a tensor in :data:`ALIGNMENT_BYTES` vectors (cuDNN's
 channels-last batch norm reads its weight, bias and running statistics so,
 and faults with "misaligned address" elsewhere), so where PyTorch computes
-on such a device (:data:`ALIGNED_DEVICE_TYPES`) with a view that is not
+on such a device (:func:`needs_alignment`) with a view that is not
 :func:`aligned`, the layer hands it an aligned copy
 (``gunn_ext.layers.AlignedBatchNorm2d``, ``UpdateUnits.split_views``).
 
@@ -52,7 +52,7 @@ import torch
 from . import conventions
 
 __all__ = ["ALIGNED_DEVICE_TYPES", "ALIGNMENT_BYTES", "Slot", "ParameterLayout", "aligned",
-           "alignment_step", "check_input", "needs_copy", "layout_of"]
+           "alignment_step", "check_input", "needs_alignment", "layout_of"]
 
 ALIGNMENT_BYTES = 16
 # The device types whose library kernels need aligned tensors (the CPU's do not).
@@ -65,9 +65,9 @@ def aligned(t: torch.Tensor) -> bool:
     return t.storage_offset() * t.element_size() % ALIGNMENT_BYTES == 0
 
 
-def needs_copy(t: torch.Tensor) -> bool:
-    """Whether library kernels need an aligned copy of ``t`` (on its device)."""
-    return t.device.type in ALIGNED_DEVICE_TYPES and not aligned(t)
+def needs_alignment(device: torch.device) -> bool:
+    """Whether library kernels on ``device`` need aligned tensors."""
+    return device.type in ALIGNED_DEVICE_TYPES
 
 
 def alignment_step(t: torch.Tensor) -> int:
