@@ -46,6 +46,7 @@ _NORM_VECTORS = ("weight", "bias", "running_mean", "running_var")
 # Set on a norm while UpdateUnits.split_views has given it aligned pieces.
 _ALIGNED_VIEWS = "_aligned_views"
 _NORM_TENSORS = _NORM_VECTORS + ("num_batches_tracked",)
+_RUNNING = ("running_mean", "running_var")
 
 
 class AlignedBatchNorm2d(nn.BatchNorm2d):
@@ -77,7 +78,7 @@ class AlignedBatchNorm2d(nn.BatchNorm2d):
             self.__dict__.update(views)
             if self.training:
                 with torch.no_grad():
-                    for name in ("running_mean", "running_var"):
+                    for name in _RUNNING:
                         if name in views:
                             views[name].copy_(copies[name])
 
@@ -138,6 +139,9 @@ class UpdateUnit(nn.Module):
 
 _FLAT_PARAMETERS = ("conv_weight", "bn_weight", "bn_bias")
 _FLAT_TENSORS = _FLAT_PARAMETERS + ("running_mean", "running_var", "num_batches_tracked")
+# (is a norm, attribute) -> the flat tensor holding it
+_FLAT_OF = {(False, "weight"): "conv_weight", (True, "weight"): "bn_weight", (True, "bias"): "bn_bias",
+            **{(True, name): name for name in ("running_mean", "running_var", "num_batches_tracked")}}
 
 
 class UpdateUnits(nn.ModuleList):
@@ -184,9 +188,10 @@ class UpdateUnits(nn.ModuleList):
                 delattr(norm, name)
             self._rows.append((conv, conv_slot, norm, norm_slot))
         self._norms = tuple(row[2] for row in self._rows)
-        # state_dict entries (key, module, attribute) in module registration order.
+        # state_dict entries (key, module, attribute, flat tensor, slot) in module registration order.
+        slots = {id(m): slot for row in self._rows for m, slot in (row[:2], row[2:])}
         self._state_entries = [
-            (f"{path}.{name}", module, name)
+            (f"{path}.{name}", module, name, _FLAT_OF[isinstance(module, nn.BatchNorm2d), name], slots[id(module)])
             for path, module in self.named_modules() if path
             for name in (("weight",) if isinstance(module, nn.Conv2d) else
                          _NORM_TENSORS if isinstance(module, nn.BatchNorm2d) else ())]
@@ -198,7 +203,11 @@ class UpdateUnits(nn.ModuleList):
 
     # Views ---------------------------------------------------------------
     def bind_views(self) -> None:
-        """Point every module's tensors at the current flat tensors."""
+        """Point every module's tensors at the current flat tensors.
+
+        A norm whose running statistics were set to None (``nn.BatchNorm2d``'s
+        way to use batch statistics in eval) keeps None."""
+        bound_running = self.__dict__.get("_bound_running", frozenset())
         with torch.enable_grad():  # the parameter views carry gradients to the flat ones
             for conv, conv_slot, norm, norm_slot in self._rows:
                 conv.__dict__["weight"] = conv_slot.of(self.conv_weight)
@@ -206,11 +215,27 @@ class UpdateUnits(nn.ModuleList):
                 norm.__dict__["bias"] = norm_slot.of(self.bn_bias)
         with torch.no_grad():
             for _, _, norm, norm_slot in self._rows:
-                for name in ("running_mean", "running_var"):
+                for name in _RUNNING:
                     flat = self._buffers[name]
-                    norm.__dict__[name] = None if flat is None else norm_slot.of(flat)
+                    removed = name in bound_running and norm.__dict__.get(name, flat) is None
+                    norm.__dict__[name] = None if flat is None or removed else norm_slot.of(flat)
                 counts = self._buffers["num_batches_tracked"]
                 norm.__dict__["num_batches_tracked"] = None if counts is None else counts[norm_slot.row]
+        self._bound_running = frozenset(name for name in _RUNNING if self._buffers[name] is not None)
+        self._binding = self._flat_binding()
+
+    def _flat_binding(self) -> tuple:
+        """What the views depend on: each flat tensor's identity, storage and
+        ``requires_grad`` (a view made while it was False never carries a gradient)."""
+        return tuple(None if t is None else (id(t), _address(t), t.requires_grad)
+                     for t in (self._parameters.get(n, self._buffers.get(n)) for n in _FLAT_TENSORS))
+
+    def ensure_bound(self) -> None:
+        """Rebinds the views if a flat tensor changed behind the module's back:
+        its ``.data`` replaced (``vector_to_parameters``), ``requires_grad``
+        turned on, or the tensor swapped without ``setattr``."""
+        if not torch.compiler.is_compiling() and self._flat_binding() != self.__dict__.get("_binding"):
+            self.bind_views()
 
     @contextlib.contextmanager
     def split_views(self):
@@ -222,6 +247,7 @@ class UpdateUnits(nn.ModuleList):
         after the block). Outside it they are ``narrow`` views, which stay
         valid when an optimizer updates the flat tensors in place
         (``split_with_sizes`` outputs do not)."""
+        self.ensure_bound()
         rows = self._rows
         convs = self.conv_weight.split_with_sizes([r[1].numel for r in rows])
         sizes = [r[3].numel for r in rows]
@@ -230,10 +256,14 @@ class UpdateUnits(nn.ModuleList):
         pieces = {name: _aligned_split(flat, sizes) for name, flat in flats.items() if flat is not None}
         saved = [(conv.__dict__["weight"], {name: norm.__dict__[name] for name in pieces})
                  for conv, _, norm, _ in rows]
+        # A module's tensor that is not a view of its flat tensor was put there by
+        # the caller (torch.func.functional_call, for example), or set to None: it stays.
         for k, (conv, conv_slot, norm, _) in enumerate(rows):
-            conv.__dict__["weight"] = convs[k].view(conv_slot.shape)
+            if _is_view_of(conv.__dict__["weight"], self.conv_weight):
+                conv.__dict__["weight"] = convs[k].view(conv_slot.shape)
             for name, (split, _) in pieces.items():
-                norm.__dict__[name] = split[k]
+                if _is_view_of(norm.__dict__[name], flats[name]):
+                    norm.__dict__[name] = split[k]
             norm.__dict__[_ALIGNED_VIEWS] = True
         try:
             yield
@@ -244,7 +274,7 @@ class UpdateUnits(nn.ModuleList):
                 norm.__dict__.pop(_ALIGNED_VIEWS, None)
             if any(norm.training for norm in self._norms):
                 with torch.no_grad():
-                    for name in ("running_mean", "running_var"):
+                    for name in _RUNNING:
                         if name in pieces and pieces[name][1]:
                             flats[name].copy_(torch.cat(pieces[name][0]))
 
@@ -270,7 +300,7 @@ class UpdateUnits(nn.ModuleList):
 
     def __deepcopy__(self, memo):
         # The views are not leaves, which deepcopy refuses: copy without them.
-        saved = [(m, {a: m.__dict__.pop(a) for a in _NORM_TENSORS if a in m.__dict__})
+        saved = [(m, {a: m.__dict__.pop(a) for a in _NORM_TENSORS if m.__dict__.get(a) is not None})
                  for row in self._rows for m in (row[0], row[2])]
         try:
             other = type(self).__new__(type(self))
@@ -303,18 +333,29 @@ class UpdateUnits(nn.ModuleList):
             row[2].eps = float(value)
 
     # state_dict: per-module keys ------------------------------------------
+    def _state_tensor(self, module: nn.Module, name: str, flat: str, slot) -> torch.Tensor | None:
+        """A state_dict entry's tensor: its slot of the flat tensor, which the
+        ops compute with (None where the module has none, as a norm whose
+        running statistics were set to None)."""
+        if module.__dict__.get(name) is None:
+            return None
+        tensor = self._parameters[flat] if flat in self._parameters else self._buffers[flat]
+        return tensor[slot.row] if name == "num_batches_tracked" else slot.of(tensor)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for key, module, name in self._state_entries:
-            value = module.__dict__[name]
+        self.ensure_bound()
+        for key, *entry in self._state_entries:
+            value = self._state_tensor(*entry)
             if value is not None:
                 destination[prefix + key] = value if keep_vars else value.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        self.ensure_bound()
         assign = local_metadata.get("assign_to_params_buffers", False)
         loaded = []  # (module, attribute, tensor)
-        for key, module, name in self._state_entries:
-            current = module.__dict__[name]
+        for key, *entry in self._state_entries:
+            current, name = self._state_tensor(*entry), entry[1]
             if current is None:
                 continue
             full = prefix + key
@@ -331,7 +372,7 @@ class UpdateUnits(nn.ModuleList):
                 error_msgs.append(f"size mismatch for {full}: copying a param with shape {value.shape} "
                                   f"from checkpoint, the shape in current model is {current.shape}.")
             else:
-                loaded.append((module, name, value))
+                loaded.append((entry, current, value))
         if strict:
             for key in state_dict:
                 if key.startswith(prefix) and key[len(prefix):].split(".", 1)[0] not in self._modules:
@@ -340,27 +381,23 @@ class UpdateUnits(nn.ModuleList):
             self._assign(loaded)
         else:
             with torch.no_grad():
-                for module, name, value in loaded:
-                    module.__dict__[name].copy_(value)
+                for _, current, value in loaded:
+                    current.copy_(value)
 
     def _assign(self, loaded) -> None:
         """``load_state_dict(assign=True)``: new flat tensors in the loaded tensors' dtype and device."""
         by_flat = {}
-        for module, name, value in loaded:
-            flat = ("conv_weight" if isinstance(module, nn.Conv2d) else
-                    {"weight": "bn_weight", "bias": "bn_bias"}.get(name, name))
-            by_flat.setdefault(flat, []).append((module, name, value))
+        for (_, name, flat, slot), _, value in loaded:
+            by_flat.setdefault(flat, []).append((name, slot, value))
         for flat_name, items in by_flat.items():
             old = getattr(self, flat_name)
             new = torch.empty(old.shape, dtype=items[0][2].dtype, device=items[0][2].device)
             if old.device.type != "meta" and new.device.type != "meta":
                 new.copy_(old.detach())
             with torch.no_grad():
-                offsets = {id(t): t.storage_offset() - old.storage_offset()
-                           for t in (module.__dict__[name] for module, name, _ in items)}
-                for module, name, value in items:
-                    current = module.__dict__[name]
-                    new.narrow(0, offsets[id(current)], current.numel()).copy_(value.reshape(-1))
+                for name, slot, value in items:
+                    target = new[slot.row] if name == "num_batches_tracked" else slot.of(new)
+                    target.copy_(value.reshape(target.shape))
             if flat_name in _FLAT_PARAMETERS:
                 setattr(self, flat_name, nn.Parameter(new, requires_grad=old.requires_grad))
             else:
@@ -382,6 +419,18 @@ def _aligned_split(flat: torch.Tensor, sizes: list[int]) -> tuple[tuple[torch.Te
     zeros = flat.detach().new_zeros(step)
     padded = torch.cat([t for piece, gap in zip(pieces, gaps) for t in (piece, zeros[:gap])])
     return padded.split_with_sizes([n for size, gap in zip(sizes, gaps) for n in (size, gap)])[::2], True
+
+
+def _address(t: torch.Tensor) -> int | None:
+    """``t``'s data pointer, or None for a tensor without storage (a functorch wrapper)."""
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        return None
+
+
+def _is_view_of(t: torch.Tensor | None, flat: torch.Tensor) -> bool:
+    return t is not None and t._base is flat
 
 
 def _require_batch_count(norm, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -513,6 +562,7 @@ class _SegmentedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backends.check_input(self, x)
+        self.units.ensure_bound()
         return backends.get(self.backend, x.device)(self, x)
 
     def extra_repr(self) -> str:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import importlib
 import warnings
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -136,8 +136,11 @@ def gradual_update(x, conv_weight, bn_weight, bn_bias, running_mean, running_var
         segments, expansion, bottlenecks, shortcut, sequential, training, eps)
 
 
-def update_running_stats(units, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """``nn.BatchNorm2d``'s running-statistics update, for all of a layer's norms at once.
+def update_running_stats(units, mean: torch.Tensor, var: torch.Tensor, count: int,
+                         statistics: bool = True) -> None:
+    """``nn.BatchNorm2d``'s running-statistics update, for all of a layer's norms at once:
+    the batch counted in ``num_batches_tracked``, then, with ``statistics``, the
+    running statistics moved.
 
     ``running = (1 - m) running + m batch``, with the unbiased batch variance
     ``var * count / (count - 1)``; ``m = 1 / num_batches_tracked`` when the
@@ -148,15 +151,16 @@ def update_running_stats(units, mean: torch.Tensor, var: torch.Tensor, count: in
     per-channel one.
     """
     running_mean, running_var = units.running_mean, units.running_var
-    if running_mean is None:
-        return
     counts = units.num_batches_tracked
+    if counts is not None:
+        with torch.no_grad():
+            counts.add_(1)
+    if not statistics or running_mean is None:
+        return
     momenta = [norm.momentum for norm in units.norms]
     if counts is None:  # as in nn.BatchNorm2d: without counts, a cumulative average does not move
         momenta = [0.0 if m is None else m for m in momenta]
     with torch.no_grad():
-        if counts is not None:
-            counts.add_(1)
         unbiased = var * (count / max(count - 1, 1))
         momentum = momenta[0]
         if momentum is None or momenta.count(momentum) != len(momenta):
@@ -195,19 +199,32 @@ def layer_arguments(layer, x: torch.Tensor, training: bool):
             float(units.eps))
 
 
-def norm_modes(units) -> tuple[bool, bool] | None:
-    """``(batch statistics, running-statistics update)`` of all of a layer's norms,
-    as ``nn.BatchNorm2d`` decides them per norm from its ``training`` and
-    ``track_running_stats`` (batch statistics in training or without running
-    statistics; an update in training when it tracks them); None when the
-    norms differ, which one op call cannot express."""
+class NormModes(NamedTuple):
+    """What one op call does with all of a layer's norms."""
+    batch_stats: bool  # normalise with the batch's statistics (else the running ones)
+    count: bool  # count the batch in num_batches_tracked
+    update: bool  # move the running statistics towards the batch's
+
+
+def norm_modes(units) -> NormModes | None:
+    """The modes of all of a layer's norms, as ``nn.BatchNorm2d`` decides them
+    per norm from its ``training``, its ``track_running_stats`` and whether it
+    has running statistics (a norm whose ``running_mean`` and ``running_var``
+    were set to None has none): batch statistics in training or without
+    running statistics; in training, when it tracks them, the batch counted
+    and the running statistics (if any) updated. None when the norms differ,
+    which one op call cannot express."""
     norms = units.norms
     trainings, trackings = {n.training for n in norms}, {n.track_running_stats for n in norms}
-    if len(trainings) != 1 or len(trackings) != 1:
+    missing = {(n.running_mean is None, n.running_var is None) for n in norms}
+    if len(trainings) != 1 or len(trackings) != 1 or len(missing) != 1:
         return None
-    training, tracking = trainings.pop(), trackings.pop()
-    has_running = units.running_mean is not None
-    return training or not has_running, training and tracking and has_running
+    no_mean, no_var = missing.pop()
+    if no_mean != no_var:  # nn.BatchNorm2d's own case (an error in eval)
+        return None
+    training, tracking, has_running = trainings.pop(), trackings.pop(), not no_mean
+    count = training and tracking
+    return NormModes(training or not has_running, count, count and has_running)
 
 
 def check_eps(eps: float, batch_stats: bool) -> None:
@@ -228,15 +245,15 @@ def run_layer_op(op: Callable, layer, x: torch.Tensor) -> torch.Tensor:
     modes = norm_modes(layer.units)
     if x.shape[0] == 0 or modes is None:
         if modes is None and not torch.compiler.is_compiling():
-            warn_once("the BatchNorms of a gunn_ext layer differ in training or track_running_stats, "
-                       "which one op call cannot express; such a layer runs on the reference backend")
+            warn_once("the BatchNorms of a gunn_ext layer differ in training, track_running_stats or "
+                       "having running statistics, which one op call cannot express; such a layer runs "
+                       "on the reference backend")
         return reference.gradual_update_reference(layer, x)
-    batch_stats, update = modes
-    arguments = layer_arguments(layer, x, batch_stats)
-    check_eps(arguments[-1], batch_stats)
+    arguments = layer_arguments(layer, x, modes.batch_stats)
+    check_eps(arguments[-1], modes.batch_stats)
     y, mean, var = op(*arguments)
-    if update:
-        update_running_stats(layer.units, mean, var, x.shape[0] * x.shape[2] * x.shape[3])
+    if modes.count:
+        update_running_stats(layer.units, mean, var, x.shape[0] * x.shape[2] * x.shape[3], modes.update)
     return y
 
 

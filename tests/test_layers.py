@@ -177,7 +177,7 @@ def test_batchnorms_frozen_in_eval_inside_a_training_layer(monkeypatch):
         assert_close(a, b, torch.float64, "frozen norms")
     assert layer.units.num_batches_tracked.sum() == 0
     layer.norms()[0].train()
-    with pytest.warns(RuntimeWarning, match="differ in training or track_running_stats"):
+    with pytest.warns(RuntimeWarning, match="differ in training, track_running_stats"):
         ours, theirs = run_both(layer, x)
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)

@@ -228,6 +228,107 @@ def test_a_module_called_alone_backpropagates_into_the_flat_parameter():
     assert grad[inside].abs().sum() > 0 and not grad[~inside].any()
 
 
+def _state_dict_is_the_flat_tensors(layer):
+    state = layer.state_dict()
+    return all(torch.equal(state[f"units.{key}"], layer.units._state_tensor(*entry))
+               for key, *entry in layer.units._state_entries) and all(
+        torch.equal(state[f"units.{key}"].flatten(), getattr(layer, name)[slot.offset:slot.offset + slot.numel])
+        for key, _, _, name, slot in layer.units._state_entries if name != "num_batches_tracked")
+
+
+def test_state_dict_follows_data_assigned_to_a_flat_tensor():
+    """``vector_to_parameters`` replaces each parameter's ``.data``: checkpoints,
+    loading and the modules follow the new storage."""
+    layer, source = make_layer(channels=6, segments=3, seed=1), make_layer(channels=6, segments=3, seed=2)
+    nn.utils.vector_to_parameters(torch.arange(sum(p.numel() for p in layer.parameters()),
+                                               dtype=torch.float64), layer.parameters())
+    assert _state_dict_is_the_flat_tensors(layer)
+    assert torch.equal(layer.state_dict()["units.0.shortcut_conv.weight"].flatten()[:3],
+                       torch.arange(3, dtype=torch.float64))
+    layer.load_state_dict(source.state_dict())
+    for name in ("conv_weight", "bn_weight", "bn_bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(layer, name), getattr(source, name)), name
+    assert _modules_share_flat_storage(layer)
+
+
+def test_the_state_dict_is_what_the_ops_compute_with():
+    """A module's view given other data (``conv.weight.data = ...``) changes
+    neither the layer's computation nor its checkpoint."""
+    layer = make_layer(channels=6, segments=3)
+    layer.units[0].bottlenecks[0].conv1.weight.data = torch.zeros(4, 6, 1, 1, dtype=torch.float64)
+    assert _state_dict_is_the_flat_tensors(layer)
+    assert layer.state_dict()["units.0.bottlenecks.0.conv1.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_views_carry_gradients_after_unfreezing(backend):
+    """Views made while the flat tensors were frozen (a conversion of a frozen
+    layer) carry gradients once the layer is unfrozen and called."""
+    layer = make_layer(channels=6, segments=3, backend=backend)
+    layer.requires_grad_(False)
+    layer.to(torch.float64)
+    layer.requires_grad_(True)
+    layer(torch.randn(2, 6, 3, 3, dtype=torch.float64)).sum().backward()
+    conv = layer.units[1].bottlenecks[0].conv2
+    assert conv.weight.grad_fn is not None
+    layer.zero_grad(set_to_none=True)
+    conv(torch.randn(2, conv.in_channels, 4, 4, dtype=torch.float64)).square().sum().backward()
+    assert layer.conv_weight.grad is not None and layer.conv_weight.grad.abs().sum() > 0
+
+
+def _remove_running_statistics(norms):
+    """``nn.BatchNorm2d``'s recipe for batch statistics in eval."""
+    for norm in norms:
+        norm.track_running_stats = False
+        norm.running_mean = norm.running_var = None
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_norms_without_running_statistics_use_batch_statistics_in_eval(backend):
+    layer = make_layer(channels=6, segments=3, backend=backend).eval()
+    x = torch.randn(4, 6, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        batch_stats = twin(layer, "reference").train()(x)
+    running = layer.running_mean.clone()
+    _remove_running_statistics(layer.norms())
+    for other in (layer, copy.deepcopy(layer), layer.to(torch.float64)):
+        assert all(n.running_mean is None and n.running_var is None for n in other.norms())
+        assert_close(other(x), batch_stats, torch.float64, f"{backend} eval output")
+        assert not any(k.endswith(("running_mean", "running_var")) for k in other.state_dict())
+    assert torch.equal(layer.running_mean, running)
+
+
+def test_norms_that_differ_in_having_running_statistics_run_on_the_reference():
+    layer = make_layer(channels=6, segments=3, backend="native").eval()
+    _remove_running_statistics(layer.norms()[:2])
+    x = torch.randn(4, 6, 3, 3, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="having running statistics"):
+        y = layer(x)
+    assert_close(y, twin(layer, "reference")(x), torch.float64, "output")
+
+
+def test_a_batch_is_counted_without_running_statistics():
+    """``nn.BatchNorm2d`` counts a training batch whenever it tracks running
+    statistics and has a count, with or without the statistics themselves."""
+    layers = [make_layer(channels=6, segments=3, backend=b) for b in ("reference", "native")]
+    for layer in layers:
+        layer.units.running_mean = layer.units.running_var = None
+        layer(torch.randn(4, 6, 3, 3, dtype=torch.float64))
+        assert torch.equal(layer.num_batches_tracked, torch.ones_like(layer.num_batches_tracked))
+
+
+def test_functional_call_with_module_keys_on_the_reference():
+    layer = make_layer(channels=6, segments=3).eval()
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+    key = "units.1.bottlenecks.0.conv2.weight"
+    replaced = {key: torch.zeros_like(layer.state_dict()[key])}
+    expected = copy.deepcopy(layer)
+    with torch.no_grad():
+        expected.units[1].bottlenecks[0].conv2.weight.zero_()
+    assert_close(torch.func.functional_call(layer, replaced, (x,)), expected(x), torch.float64, "output")
+    assert _state_dict_is_the_flat_tensors(layer) and layer.units[1].bottlenecks[0].conv2.weight.abs().sum() > 0
+
+
 def test_training_with_an_optimizer_across_backends():
     """Steps of SGD through the reference backend (modules, split views) and the
     native one (flat tensors) keep the two layers equal."""
