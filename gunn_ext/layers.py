@@ -278,10 +278,25 @@ class UpdateUnits(nn.ModuleList):
                         if name in pieces and pieces[name][1]:
                             flats[name].copy_(torch.cat(pieces[name][0]))
 
+    @contextlib.contextmanager
+    def _unbound(self):
+        """Within the block the modules hold no views (a norm's None stays),
+        and afterwards views of the flat tensors then current: ``copy.deepcopy``
+        refuses views, and ``torch.utils.swap_tensors`` a tensor that views
+        still reference."""
+        for conv, _, norm, _ in self._rows:
+            for module in (conv, norm):
+                for name in _NORM_TENSORS:
+                    if module.__dict__.get(name) is not None:
+                        del module.__dict__[name]
+        try:
+            yield
+        finally:
+            self.bind_views()
+
     def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
-        self.bind_views()
-        return result
+        with self._unbound():
+            return super()._apply(fn, recurse)
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
@@ -299,16 +314,10 @@ class UpdateUnits(nn.ModuleList):
         self.bind_views()
 
     def __deepcopy__(self, memo):
-        # The views are not leaves, which deepcopy refuses: copy without them.
-        saved = [(m, {a: m.__dict__.pop(a) for a in _NORM_TENSORS if m.__dict__.get(a) is not None})
-                 for row in self._rows for m in (row[0], row[2])]
-        try:
+        with self._unbound():
             other = type(self).__new__(type(self))
             memo[id(self)] = other
             other.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-        finally:
-            for module, values in saved:
-                module.__dict__.update(values)
         return other
 
     # BatchNorm options ---------------------------------------------------

@@ -195,11 +195,19 @@ def test_load_state_dict_assign_from_meta():
     assert_close(target.eval()(x), source.eval()(x), torch.float64, "output after assign")
 
 
-@pytest.mark.parametrize("convert", ["double", "half", "to", "deepcopy", "save"])
+@pytest.mark.parametrize("convert", ["double", "half", "to", "swap", "deepcopy", "save"])
 def test_conversions_rebind_the_views(convert):
     layer = make_layer(channels=6, segments=3, dtype=torch.float32)
     if convert == "double":
         other = layer.double()
+    elif convert == "swap":  # PyTorch's conversion for tensor subclasses, which views must not block
+        swap = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            other = layer.double()
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(swap)
+        assert other.conv_weight.dtype == torch.float64
     elif convert == "half":
         other = layer.half()
     elif convert == "to":
