@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
@@ -26,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 import report_json
+import seq_update
 from arguments import nonnegative_int, positive_float, positive_int, torch_device
 import gunn_ext
 from gunn_ext import conventions, cuda_graphs
@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     template = build_model(args.model, num_classes=args.num_classes, width=args.width,
                            segment_channels=args.segment_channels)
     params = sum(p.numel() for p in template.parameters())
+    machine = seq_update.machine_info(device)  # the load average before the run
     rows, failed = [], False
     with conventions.float32_products(args.tf32):
         for name in names:
@@ -171,8 +172,7 @@ def main(argv=None) -> int:
         table.add_row(r["backend"], f"{r['step_ms']:.1f}", f"{r['images_per_s']:.0f}", speedup, peak)
     console = Console(width=120)
     console.print(table)
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    console.print(f"{machine}, torch {torch.__version__}")
+    console.print(seq_update.describe_machine(machine))
     if args.json:
         report_json.write(args.json, {
             "benchmark": "train_step", "date": datetime.now(timezone.utc).isoformat(),
