@@ -362,7 +362,7 @@ class UpdateUnits(nn.ModuleList):
                               unexpected_keys, error_msgs):
         self.ensure_bound()
         assign = local_metadata.get("assign_to_params_buffers", False)
-        loaded = []  # (module, attribute, tensor)
+        loaded = []  # (state entry, its tensor now, the loaded tensor)
         for key, *entry in self._state_entries:
             current, name = self._state_tensor(*entry), entry[1]
             if current is None:
