@@ -222,20 +222,6 @@ class UpdateUnits(nn.ModuleList):
                 counts = self._buffers["num_batches_tracked"]
                 norm.__dict__["num_batches_tracked"] = None if counts is None else counts[norm_slot.row]
         self._bound_running = frozenset(name for name in _RUNNING if self._buffers[name] is not None)
-        self._binding = self._flat_binding()
-
-    def _flat_binding(self) -> tuple:
-        """What the views depend on: each flat tensor's identity, storage and
-        ``requires_grad`` (a view made while it was False never carries a gradient)."""
-        return tuple(None if t is None else (id(t), _address(t), t.requires_grad)
-                     for t in (self._parameters.get(n, self._buffers.get(n)) for n in _FLAT_TENSORS))
-
-    def ensure_bound(self) -> None:
-        """Rebinds the views if a flat tensor changed behind the module's back:
-        its ``.data`` replaced (``vector_to_parameters``), ``requires_grad``
-        turned on, or the tensor swapped without ``setattr``."""
-        if not torch.compiler.is_compiling() and self._flat_binding() != self.__dict__.get("_binding"):
-            self.bind_views()
 
     @contextlib.contextmanager
     def split_views(self):
@@ -246,8 +232,8 @@ class UpdateUnits(nn.ModuleList):
         padded copy (one ``torch.cat``; running statistics written back
         after the block). Outside it they are ``narrow`` views, which stay
         valid when an optimizer updates the flat tensors in place
-        (``split_with_sizes`` outputs do not)."""
-        self.ensure_bound()
+        (``split_with_sizes`` outputs do not). A norm whose running statistics
+        were set to None keeps None."""
         rows = self._rows
         convs = self.conv_weight.split_with_sizes([r[1].numel for r in rows])
         sizes = [r[3].numel for r in rows]
@@ -256,13 +242,10 @@ class UpdateUnits(nn.ModuleList):
         pieces = {name: _aligned_split(flat, sizes) for name, flat in flats.items() if flat is not None}
         saved = [(conv.__dict__["weight"], {name: norm.__dict__[name] for name in pieces})
                  for conv, _, norm, _ in rows]
-        # A module's tensor that is not a view of its flat tensor was put there by
-        # the caller (torch.func.functional_call, for example), or set to None: it stays.
         for k, (conv, conv_slot, norm, _) in enumerate(rows):
-            if _is_view_of(conv.__dict__["weight"], self.conv_weight):
-                conv.__dict__["weight"] = convs[k].view(conv_slot.shape)
+            conv.__dict__["weight"] = convs[k].view(conv_slot.shape)
             for name, (split, _) in pieces.items():
-                if _is_view_of(norm.__dict__[name], flats[name]):
+                if norm.__dict__[name] is not None:
                     norm.__dict__[name] = split[k]
             norm.__dict__[_ALIGNED_VIEWS] = True
         try:
@@ -352,7 +335,6 @@ class UpdateUnits(nn.ModuleList):
         return tensor[slot.row] if name == "num_batches_tracked" else slot.of(tensor)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self.ensure_bound()
         for key, *entry in self._state_entries:
             value = self._state_tensor(*entry)
             if value is not None:
@@ -360,7 +342,6 @@ class UpdateUnits(nn.ModuleList):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        self.ensure_bound()
         assign = local_metadata.get("assign_to_params_buffers", False)
         loaded = []  # (state entry, its tensor now, the loaded tensor)
         for key, *entry in self._state_entries:
@@ -428,18 +409,6 @@ def _aligned_split(flat: torch.Tensor, sizes: list[int]) -> tuple[tuple[torch.Te
     zeros = flat.detach().new_zeros(step)
     padded = torch.cat([t for piece, gap in zip(pieces, gaps) for t in (piece, zeros[:gap])])
     return padded.split_with_sizes([n for size, gap in zip(sizes, gaps) for n in (size, gap)])[::2], True
-
-
-def _address(t: torch.Tensor) -> int | None:
-    """``t``'s data pointer, or None for a tensor without storage (a functorch wrapper)."""
-    try:
-        return t.data_ptr()
-    except RuntimeError:
-        return None
-
-
-def _is_view_of(t: torch.Tensor | None, flat: torch.Tensor) -> bool:
-    return t is not None and t._base is flat
 
 
 def _require_batch_count(norm, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -571,7 +540,6 @@ class _SegmentedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backends.check_input(self, x)
-        self.units.ensure_bound()
         return backends.get(self.backend, x.device)(self, x)
 
     def extra_repr(self) -> str:
