@@ -240,12 +240,16 @@ class UpdateUnits(nn.ModuleList):
         flats = {"weight": self.bn_weight, "bias": self.bn_bias,
                  "running_mean": self._buffers["running_mean"], "running_var": self._buffers["running_var"]}
         pieces = {name: _aligned_split(flat, sizes) for name, flat in flats.items() if flat is not None}
+        for conv, _, norm, _ in rows:
+            _check_unregistered(conv, "weight")
+            for name in pieces:
+                _check_unregistered(norm, name)
         saved = [(conv.__dict__["weight"], {name: norm.__dict__[name] for name in pieces})
                  for conv, _, norm, _ in rows]
         for k, (conv, conv_slot, norm, _) in enumerate(rows):
             conv.__dict__["weight"] = convs[k].view(conv_slot.shape)
             for name, (split, _) in pieces.items():
-                if norm.__dict__[name] is not None:
+                if name not in _RUNNING or norm.__dict__[name] is not None:
                     norm.__dict__[name] = split[k]
             norm.__dict__[_ALIGNED_VIEWS] = True
         try:
@@ -327,11 +331,12 @@ class UpdateUnits(nn.ModuleList):
     # state_dict: per-module keys ------------------------------------------
     def _state_tensor(self, module: nn.Module, name: str, flat: str, slot) -> torch.Tensor | None:
         """A state_dict entry's tensor: its slot of the flat tensor, which the
-        ops compute with (None where the module has none, as a norm whose
-        running statistics were set to None)."""
-        if module.__dict__.get(name) is None:
-            return None
+        ops compute with (None where there is none: no flat tensor, or a norm
+        whose running statistics were set to None)."""
+        _check_unregistered(module, name)
         tensor = self._parameters[flat] if flat in self._parameters else self._buffers[flat]
+        if tensor is None or (name in _RUNNING and module.__dict__.get(name) is None):
+            return None
         return tensor[slot.row] if name == "num_batches_tracked" else slot.of(tensor)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -409,6 +414,16 @@ def _aligned_split(flat: torch.Tensor, sizes: list[int]) -> tuple[tuple[torch.Te
     zeros = flat.detach().new_zeros(step)
     padded = torch.cat([t for piece, gap in zip(pieces, gaps) for t in (piece, zeros[:gap])])
     return padded.split_with_sizes([n for size, gap in zip(sizes, gaps) for n in (size, gap)])[::2], True
+
+
+def _check_unregistered(module: nn.Module, name: str) -> None:
+    """A unit module's tensor is a view of the layer's flat storage; one
+    registered on the module itself (``conv.weight = nn.Parameter(t)``)
+    would be saved and computed with by some paths and not others."""
+    if name in module._parameters or name in module._buffers:
+        raise ValueError(f"a {type(module).__name__} of a gunn_ext layer was given its own {name!r}; its "
+                         f"tensors are views of the layer's flat tensors (units.conv_weight, units.bn_weight, "
+                         f"...): set those instead")
 
 
 def _require_batch_count(norm, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -310,6 +310,26 @@ def test_a_batch_is_counted_without_running_statistics():
         assert torch.equal(layer.num_batches_tracked, torch.ones_like(layer.num_batches_tracked))
 
 
+def test_tensors_put_on_unit_modules_are_ignored_or_refused():
+    """The flat tensors are the layer's state: a tensor set on a module is
+    ignored by every backend, and a parameter registered on one is refused
+    where it would be saved or computed with."""
+    layer = make_layer(channels=6, segments=3).eval()
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+    expected, state = layer(x), layer.state_dict()
+    norm = layer.units[0].bottlenecks[0].bn1
+    norm.weight = None
+    layer.units[1].bottlenecks[0].conv2.weight = torch.zeros(4, 4, 3, 3, dtype=torch.float64)
+    for backend in ("reference", "native"):
+        layer.backend = backend
+        assert_close(layer(x), expected, torch.float64, backend)
+    assert state.keys() == layer.state_dict().keys()
+    layer.units[0].bottlenecks[0].conv1.weight = nn.Parameter(torch.zeros(4, 6, 1, 1, dtype=torch.float64))
+    for call in (layer.state_dict, lambda: twin(layer, "reference")(x)):
+        with pytest.raises(ValueError, match="was given its own 'weight'"):
+            call()
+
+
 def test_training_with_an_optimizer_across_backends():
     """Steps of SGD through the reference backend (modules, split views) and the
     native one (flat tensors) keep the two layers equal."""
