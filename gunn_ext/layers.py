@@ -141,7 +141,7 @@ _FLAT_PARAMETERS = ("conv_weight", "bn_weight", "bn_bias")
 _FLAT_TENSORS = _FLAT_PARAMETERS + ("running_mean", "running_var", "num_batches_tracked")
 # (is a norm, attribute) -> the flat tensor holding it
 _FLAT_OF = {(False, "weight"): "conv_weight", (True, "weight"): "bn_weight", (True, "bias"): "bn_bias",
-            **{(True, name): name for name in ("running_mean", "running_var", "num_batches_tracked")}}
+            **{(True, name): name for name in _RUNNING + ("num_batches_tracked",)}}
 
 
 class UpdateUnits(nn.ModuleList):
@@ -220,7 +220,8 @@ class UpdateUnits(nn.ModuleList):
                     removed = name in bound_running and norm.__dict__.get(name, flat) is None
                     norm.__dict__[name] = None if flat is None or removed else norm_slot.of(flat)
                 counts = self._buffers["num_batches_tracked"]
-                norm.__dict__["num_batches_tracked"] = None if counts is None else counts[norm_slot.row]
+                norm.__dict__["num_batches_tracked"] = (None if counts is None else
+                                                        _slot_view(counts, "num_batches_tracked", norm_slot))
         self._bound_running = frozenset(name for name in _RUNNING if self._buffers[name] is not None)
 
     @contextlib.contextmanager
@@ -337,7 +338,7 @@ class UpdateUnits(nn.ModuleList):
         tensor = self._parameters[flat] if flat in self._parameters else self._buffers[flat]
         if tensor is None or (name in _RUNNING and module.__dict__.get(name) is None):
             return None
-        return tensor[slot.row] if name == "num_batches_tracked" else slot.of(tensor)
+        return _slot_view(tensor, name, slot)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         for key, *entry in self._state_entries:
@@ -391,7 +392,7 @@ class UpdateUnits(nn.ModuleList):
                 new.copy_(old.detach())
             with torch.no_grad():
                 for name, slot, value in items:
-                    target = new[slot.row] if name == "num_batches_tracked" else slot.of(new)
+                    target = _slot_view(new, name, slot)
                     target.copy_(value.reshape(target.shape))
             if flat_name in _FLAT_PARAMETERS:
                 setattr(self, flat_name, nn.Parameter(new, requires_grad=old.requires_grad))
@@ -414,6 +415,12 @@ def _aligned_split(flat: torch.Tensor, sizes: list[int]) -> tuple[tuple[torch.Te
     zeros = flat.detach().new_zeros(step)
     padded = torch.cat([t for piece, gap in zip(pieces, gaps) for t in (piece, zeros[:gap])])
     return padded.split_with_sizes([n for size, gap in zip(sizes, gaps) for n in (size, gap)])[::2], True
+
+
+def _slot_view(flat: torch.Tensor, name: str, slot) -> torch.Tensor:
+    """A module tensor's view of its flat tensor: a norm's count is one element
+    of ``num_batches_tracked`` (its row), every other tensor its slot."""
+    return flat[slot.row] if name == "num_batches_tracked" else slot.of(flat)
 
 
 def _check_unregistered(module: nn.Module, name: str) -> None:
