@@ -38,9 +38,9 @@ copies of its activations (the input for the forward; ``grad_y``, ``x``,
 ``y`` and the statistics for the backward), allocated outside inference
 mode so that any call may copy into them, contiguous unless the activation
 is contiguous or channels_last (the layout the eager op gives it). Layers
-whose parameters have been freed, or given new storage in place
-(``module.to()`` sets ``param.data``), are dropped when a new layer is seen,
-and :meth:`GraphReplay.clear` drops every graph at once (those a replay
+whose parameters have been freed are dropped at the engine's next call (or
+:meth:`GraphReplay.stats`), those given new storage in place
+(``module.to()`` sets ``param.data``) when a new layer is seen, and :meth:`GraphReplay.clear` drops every graph at once (those a replay
 still runs, once it has run), so memory stays bounded by capacity x live
 layers x passes. A key seen for the first time is captured at
 once (after one eager warm-up run on the static inputs, which compiles and
@@ -280,12 +280,13 @@ class _Captured:
 class _Layer:
     """The graphs of one layer identity in one pass, least recently used first."""
 
-    def __init__(self, identity: tuple, parameters: list):
+    def __init__(self, identity: tuple, parameters: list, on_free: Callable):
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self.evicted: OrderedDict[tuple, None] = OrderedDict()
         self.recaptures = 0  # evicted keys captured again since the last replay
         self.identity = identity
-        self.parameters = [None if p is None else [weakref.ref(t) for t in _tensors(p)] for p in parameters]
+        self.parameters = [None if p is None else [weakref.ref(t, on_free) for t in _tensors(p)]
+                           for p in parameters]
 
     def alive(self) -> bool:
         """Whether its parameters still exist as they were: not freed, and not
@@ -349,11 +350,13 @@ class GraphReplay:
         self.capacity = CAPACITY if capacity is None else capacity
         self.layers: OrderedDict[tuple, _Layer] = OrderedDict()
         self.retired: list[_Captured] = []  # dropped graphs whose last replay may still be running
+        self.freed = False  # a cached layer's parameter was freed since the last check
         self.counts = {"captures": 0, "replays": 0, "eager": 0}
         self.warned_thrash = False
 
     def stats(self) -> Counts:
         with _LOCK:
+            self._drop_dead_layers()
             return Counts(**self.counts, cached=sum(len(layer.graphs) for layer in self.layers.values()),
                           layers=len(self.layers))
 
@@ -384,7 +387,7 @@ class GraphReplay:
         return not self.graph_type.stream_is_capturing()
 
     def _run(self, args: tuple):
-        self._prune_retired()
+        self._drop_dead_layers()
         activation_slots, parameter_slots = self._roles(args)
         activations = _flat([args[i] for i in activation_slots])
         parameters = [args[i] for i in parameter_slots]
@@ -421,11 +424,24 @@ class GraphReplay:
         return self.roles
 
     def _new_layer(self, identity: tuple, parameters: list) -> _Layer:
-        for dead in [i for i, layer in self.layers.items() if not layer.alive()]:
-            self.retired += self.layers.pop(dead).graphs.values()
-        self._prune_retired()
-        layer = self.layers[identity] = _Layer(identity, parameters)
+        self.freed = True  # a new layer may be an old one's parameters given new storage in place
+        self._drop_dead_layers()
+        layer = self.layers[identity] = _Layer(identity, parameters, self._parameter_freed)
         return layer
+
+    def _parameter_freed(self, _ref) -> None:
+        # A weakref callback runs wherever the last reference goes, even inside
+        # a call of this engine: it only flags, the next call or stats() drops.
+        self.freed = True
+
+    def _drop_dead_layers(self) -> None:
+        """Retires the graphs of layers whose parameters were freed or moved,
+        then frees the retired graphs that no replay still uses."""
+        if self.freed:
+            self.freed = False
+            for dead in [i for i, layer in self.layers.items() if not layer.alive()]:
+                self.retired += self.layers.pop(dead).graphs.values()
+        self._prune_retired()
 
     def _prune_retired(self) -> None:
         """Frees the dropped graphs that no replay still uses."""

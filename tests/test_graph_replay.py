@@ -159,6 +159,25 @@ def test_replaced_parameters_recapture_and_dead_layers_are_dropped():
     assert stats.layers == 1, "the layers of freed or moved parameters are still cached"
 
 
+def test_graphs_of_a_deleted_layer_are_dropped_at_the_next_call():
+    """Deleting a model frees its graphs at the engine's next call, also when
+    that call is another layer's that is already cached (no new layer)."""
+    kept, gone = make_layer(channels=6, segments=2), make_layer(channels=6, segments=3)
+    replay = native_engine("forward", capacity=8)
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        for layer in (kept, gone, kept):
+            replay(*ops.layer_arguments(layer, x, True))
+        assert replay.stats().layers == 2
+        graphs = [weakref.ref(entry.graph) for layer in replay.layers.values() for entry in layer.graphs.values()]
+        del gone
+        args = ops.layer_arguments(kept, x, True)
+        assert same(replay(*args), torch.ops.gunn_ext.gradual_update(*args))
+    stats = replay.stats()
+    assert (stats.layers, stats.cached, stats.captures, stats.replays) == (1, 1, 2, 2), stats
+    assert sum(ref() is not None for ref in graphs) == 1, "the deleted layer's graph is still held"
+
+
 def test_precision_switches_set_through_either_api():
     """PyTorch's fp32_precision switches, set to values its legacy getters
     refuse to read (matmuls in TF32, convolutions in IEEE), are read and keyed;
