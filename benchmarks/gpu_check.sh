@@ -11,8 +11,8 @@
 # 420), each step under `timeout`, most valuable first: build, batch norm at
 # offsets into flat tensors, CUDA tests (the Triton warm-up compiling beside
 # them; a test that loses the CUDA context is left out of a rerun and
-# diagnosed after graph replay), the GUNN-15 shapes on
-# every backend, P = N, the profile and graph replay, then the rest,
+# diagnosed after the profile), the GUNN-15 shapes on every backend, P = N,
+# graph replay over a training loop and the profile, then the rest,
 # torch.compile last. A failing step is recorded and the next one runs. The
 # summary (benchmarks/check_summary.py, also summary.md) is printed last.
 # GUNN_SKIP_INSTALL=1 uses the gunn_ext already importable (dry runs, or a
@@ -159,31 +159,31 @@ if [[ "$HAVE_CUDA" == "1" ]]; then
       --json "$RESULTS/bench_${name}_${dtype}$SUFFIX.json"
   }
   # fp32 at 240/20 32x32 and 360/30 8x8 on every backend (the first run
-  # autotunes the Triton kernels), 240/20 in TF32 and in channels_last, P = N, the kernel profile (also at P = 40
-  # and P = N), graph replay over a training loop, the diagnosis of a test
-  # that lost the CUDA context, eval, a GUNN-15 training step (also at P = N), the segment
-  # sweep, the Triton tests, bf16, the 300/25 shape, graph replay off;
-  # torch.compile of the reference last, as it takes minutes.
+  # autotunes the Triton kernels), P = N, graph replay over a training loop,
+  # the kernel profile (also at P = 40 and P = N), the diagnosis of a test
+  # that lost the CUDA context, 240/20 in TF32 and in channels_last, eval, a
+  # GUNN-15 training step (also at P = N), the segment sweep, the Triton
+  # tests, bf16, the 300/25 shape, graph replay off; torch.compile of the
+  # reference last, as it takes minutes.
   SUFFIX=""
   bench_shape float32 "${SHAPES[0]}" 60 "${BENCH[@]}" --no-compile
   bench_shape float32 "${SHAPES[2]}" 40 "${BENCH[@]}" --no-compile
+  run_step bench_PeqN_float32 50 "${BENCH[@]}" --no-compile --backends reference,native --segments 240 \
+    --channels 240 --size 32 --batch 64 --dtype float32 --device cuda --repeats 10 --warmup 8 \
+    --json "$RESULTS/bench_PeqN_float32.json"
+  for backend in native triton; do
+    run_step "replay_loop_$backend" 90 "$PYTHON" "$ROOT/benchmarks/replay_loop.py" --backends "$backend" \
+      --json "$RESULTS/replay_loop_$backend.json"
+  done
+  run_step profile_ops 90 "$PYTHON" "$ROOT/benchmarks/profile_ops.py" --device cuda --batch 64 \
+    --shapes 240/20/32 360/30/8 240/40/32 240/240/32 --json "$RESULTS/profile_ops.json"
+  diagnose_fault
   # The same 240/20 with every float32 product in TF32, as the reference's convolutions already are.
   SUFFIX="_tf32"
   bench_shape float32 "${SHAPES[0]}" 40 "${BENCH[@]}" --no-compile --tf32
   # The same in channels_last, the native op's layout (the others' inputs are NCHW).
   SUFFIX="_channels_last"
   bench_shape float32 "${SHAPES[0]}" 30 "${BENCH[@]}" --no-compile --backends reference,native --channels-last
-  SUFFIX=""
-  run_step bench_PeqN_float32 50 "${BENCH[@]}" --no-compile --backends reference,native --segments 240 \
-    --channels 240 --size 32 --batch 64 --dtype float32 --device cuda --repeats 10 --warmup 8 \
-    --json "$RESULTS/bench_PeqN_float32.json"
-  run_step profile_ops 90 "$PYTHON" "$ROOT/benchmarks/profile_ops.py" --device cuda --batch 64 \
-    --shapes 240/20/32 360/30/8 240/40/32 240/240/32 --json "$RESULTS/profile_ops.json"
-  for backend in native triton; do
-    run_step "replay_loop_$backend" 90 "$PYTHON" "$ROOT/benchmarks/replay_loop.py" --backends "$backend" \
-      --json "$RESULTS/replay_loop_$backend.json"
-  done
-  diagnose_fault
   SUFFIX="_eval"
   bench_shape float32 "${SHAPES[2]}" 30 "${BENCH[@]}" --no-compile --mode eval
   run_step train_gunn15 60 "$PYTHON" "$ROOT/benchmarks/train_step.py" --model gunn15 --batch 64 \
