@@ -147,6 +147,26 @@ def test_blocks_of_small_units(emulated_op, kind, segments):
     run_and_compare(layer, emulated, x, train=False)
 
 
+@pytest.mark.parametrize("segments", [40, [3, 1, 20, 2, 2, 12]], ids=["P=N", "uneven"])
+def test_blocks_of_small_units_float32(emulated_op, segments):
+    """In float32, where the unit kernels add the in-block terms themselves,
+    the emulated op is as close to float64 truth as the reference in float32:
+    output, input gradient, every parameter gradient and the running
+    statistics."""
+    truth = make_layer(channels=40, segments=segments)
+    emulated = Emulated(twin(truth, "reference").float(), emulated_op)
+    x = torch.randn(2, 40, 6, 5, dtype=torch.float64)
+    grad = torch.randn_like(x)
+    single = (x.float(), grad.float())
+    ours = forward_backward(emulated, *single)
+    assert all(t.dtype == torch.float32 for t in ours), [t.dtype for t in ours]
+    theirs = forward_backward(twin(truth, "reference").float(), *single)
+    check_against_truth(ours, theirs, forward_backward(truth, x, grad), torch.float32)
+    for (name, r), e in zip(truth.named_buffers(), emulated.buffers()):
+        if r.is_floating_point():
+            assert relative_norm(e, r) <= LOW_PRECISION[torch.float32], f"buffer {name}"
+
+
 @pytest.mark.parametrize("channels, segments, expansion, height", [(6, [1, 2, 3], 1, 40), (16, [8, 8], 2, 48)],
                          ids=["narrow", "widest"])
 def test_many_row_chunks(emulated_op, channels, segments, expansion, height):
