@@ -111,6 +111,12 @@ UnitMatrix columns_of(const Tensor& m, int64_t from) {
   return {static_cast<char*>(m.data_ptr()) + from * m.element_size(), m.stride(0)};
 }
 
+// The address of m[row, col] of a 2-D tensor.
+const void* element(const Tensor& m, int64_t row, int64_t col) {
+  return static_cast<const char*>(m.const_data_ptr()) +
+         (row * m.stride(0) + col * m.stride(1)) * m.element_size();
+}
+
 // A slot's values in a contiguous flat tensor.
 void* slot_data(const Tensor& flat, const Slot& slot) {
   return static_cast<char*>(flat.data_ptr()) + slot.offset * flat.element_size();
@@ -386,6 +392,10 @@ struct Block {
     const int64_t from = offsets[j + 1 - first];
     return t.narrow(dim, from, offsets.back() - from);
   }
+  // The same for the whole-unit kernels, without a view: segment j's columns
+  // of a [rows, F] block matrix, and how many rows of `weight` follow j's.
+  UnitMatrix columns(const Tensor& t, int64_t j) const { return columns_of(t, offsets[j - first]); }
+  int64_t later_rows(int64_t j) const { return offsets.back() - offsets[j + 1 - first]; }
 };
 
 std::vector<Block> blocks_of(const ParameterLayout& layout, const Tensor& conv_weight) {
@@ -399,11 +409,6 @@ std::vector<Block> blocks_of(const ParameterLayout& layout, const Tensor& conv_w
       b.starts.push_back(b.end);
       ++b.last;
     } while (b.last < count && b.width() + layout.segments[b.last] <= kMaxBlockColumns);
-    std::vector<Tensor> weights;
-    for (int64_t j = b.first; j < b.last; ++j) {
-      weights.push_back(layout.first_gemm(j, 0).of(conv_weight));
-    }
-    b.weight = b.single() ? weights[0] : at::cat(weights);
     if (!b.single()) {
       const int64_t stride = layout.first_gemm(b.first + 1, 0).offset - layout.first_gemm(b.first, 0).offset;
       bool equal = true;
@@ -412,6 +417,19 @@ std::vector<Block> blocks_of(const ParameterLayout& layout, const Tensor& conv_w
                 layout.first_gemm(j, 0).offset - layout.first_gemm(j - 1, 0).offset == stride;
       }
       if (equal) b.slot_stride = stride;
+    }
+    if (b.single()) {
+      b.weight = layout.first_gemm(b.first, 0).of(conv_weight);
+    } else if (b.slot_stride > 0) {  // the slots, stacked: one gather, no view per segment
+      const int64_t rows = b.offsets[1], cols = layout.channels;
+      b.weight = conv_weight
+                     .as_strided({b.count(), rows, cols}, {b.slot_stride, cols, 1},
+                                 conv_weight.storage_offset() + layout.first_gemm(b.first, 0).offset)
+                     .reshape({b.offsets.back(), cols});
+    } else {
+      std::vector<Tensor> weights;
+      for (int64_t j = b.first; j < b.last; ++j) weights.push_back(layout.first_gemm(j, 0).of(conv_weight));
+      b.weight = at::cat(weights);
     }
     blocks.push_back(std::move(b));
     i = blocks.back().last;
@@ -447,7 +465,7 @@ Tensor fixed_product(const Block& b, const Tensor& before, const Tensor& after, 
 
 // pre1_i += S_i[:, begin:end] W_i[:, begin:end]^T, with `columns` the block's
 // columns of the state as segment i finds them ([rows, width], contiguous).
-void block_columns(const Block& b, int64_t i, const Tensor& columns, Tensor& pre1) {
+void block_columns(const Block& b, int64_t i, const Tensor& columns, const Tensor& pre1) {
   if (!b.single()) pre1.addmm_(columns, b.of(b.weight, i, 0).narrow(1, b.begin, b.width()).t());
 }
 
@@ -488,21 +506,19 @@ void add_own_columns(BlockTerms& t, const Block& b, int64_t i, const ParameterLa
   t.original = columns_of(original, b.begin);
   t.columns = b.width();
   t.seen = layout.starts[i] - b.begin;
-  const Tensor w = b.of(b.weight, i, 0);
-  t.weight = columns_of(w, b.begin).data;
-  t.weight_ld = w.stride(0);
+  t.weight = element(b.weight, b.offsets[i - b.first], b.begin);
+  t.weight_ld = b.weight.stride(0);
 }
 
 // Segment i's later terms: the first-GEMM gradients of the block's later
 // segments (columns of d1) and their weights on the segment's channels.
 void add_later_terms(BlockTerms& t, const Block& b, int64_t i, const ParameterLayout& layout,
                      const Tensor& d1) {
-  const Tensor later_d1 = b.after(d1, i);
-  const Tensor weight = b.after(b.weight, i, 0).narrow(1, layout.starts[i], layout.segments[i]);
-  t.later_d1 = columns_of(later_d1, 0);
-  t.later = later_d1.size(1);
-  t.later_weight = weight.data_ptr();
-  t.later_ld = weight.stride(0);
+  const int64_t from = b.offsets[i + 1 - b.first];
+  t.later_d1 = columns_of(d1, from);
+  t.later = b.later_rows(i);
+  t.later_weight = element(b.weight, from, layout.starts[i]);
+  t.later_ld = b.weight.stride(0);
 }
 
 // dW_i[:, begin:start_i] += d1_i^T (y - x)[:, begin:start_i] for every
@@ -604,15 +620,14 @@ ForwardResult gradual_update(const Tensor& x, const Tensor& conv_weight, const T
     Tensor columns = own_columns && !in_kernels ? state.narrow(1, b.begin, b.width()).clone() : Tensor();
     for (int64_t i = b.first; i < b.last; ++i) {
       const int64_t start = layout.starts[i], n = layout.segments[i];
-      Tensor pre1 = b.of(pre, i);
-      if (columns.defined()) block_columns(b, i, columns, pre1);
+      if (columns.defined()) block_columns(b, i, columns, b.of(pre, i));
       const Unit unit(layout, training, convs, norms, shape, kernels, i);
-      if (unit.whole()) {
-        SmallUnit small = unit.small(columns_of(pre1, 0), buffers);
+      if (unit.whole()) {  // raw pointers: no tensor, view or library call per segment
+        SmallUnit small = unit.small(b.columns(pre, i), buffers);
         if (in_kernels) add_own_columns(small.block, b, i, layout, state, state);
         kernels.unit_forward(small, training, columns_of(state, start));
       } else {
-        unit.forward(pre1, state.narrow(1, start, n), training);
+        unit.forward(b.of(pre, i), state.narrow(1, start, n), training);
       }
       if (columns.defined() && i + 1 < b.last) {
         columns.narrow(1, start - b.begin, n).copy_(state.narrow(1, start, n));
@@ -682,32 +697,33 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
     const Tensor d1 = at::empty({rows, b->offsets.back()}, x.options());
     for (int64_t i = b->last - 1; i >= b->first; --i) {
       const int64_t start = layout.starts[i], n = layout.segments[i];
-      Tensor pre1 = b->of(pre, i);
       if (columns.defined()) {
         columns.narrow(1, start - b->begin, n).copy_(original.narrow(1, start, n));
-        block_columns(*b, i, columns, pre1);
+        block_columns(*b, i, columns, b->of(pre, i));
       }
       const Unit unit(layout, training, convs, norms, shape, kernels, i);
-      Tensor grad_unit = read_from.narrow(1, start, n);
       const bool later = sequential && i + 1 < b->last;  // the block's later segments, not yet in grad
       const bool whole = unit.whole();
-      const bool later_in_kernels =
-          later && whole && small_terms(kernels, shape, b->after(b->weight, i, 0).size(0), n);
+      const bool later_in_kernels = later && whole && small_terms(kernels, shape, b->later_rows(i), n);
+      // dL/dU: grad's columns, or a new matrix with the later terms added by the library.
+      Tensor grad_unit;
       if (later && !later_in_kernels) {
         const Tensor weight = b->after(b->weight, i, 0).narrow(1, start, n);
-        grad_unit = at::addmm(grad_unit, b->after(d1, i), weight);
+        grad_unit = at::addmm(read_from.narrow(1, start, n), b->after(d1, i), weight);
       }
-      if (whole) {
-        SmallUnit small = unit.small(columns_of(pre1, 0), buffers);
+      if (whole) {  // raw pointers: no tensor, view or library call per segment
+        SmallUnit small = unit.small(b->columns(pre, i), buffers);
         if (in_kernels) add_own_columns(small.block, *b, i, layout, updated, original);
         if (later_in_kernels) add_later_terms(small.block, *b, i, layout, d1);
         kernels.unit_forward(small, false, UnitMatrix{});
-        kernels.unit_backward(small, columns_of(grad_unit, 0), columns_of(b->of(d1, i), 0),
-                              slot_data(grad_convs, layout.conv2(i, 0)),
+        kernels.unit_backward(small, grad_unit.defined() ? columns_of(grad_unit, 0) : columns_of(read_from, start),
+                              b->columns(d1, i), slot_data(grad_convs, layout.conv2(i, 0)),
                               slot_data(grad_convs, layout.conv3(i, 0)), unit.unit_norms(grads));
         continue;
       }
-      unit.backward(unit.forward(pre1, Tensor(), false), grad_unit, b->of(d1, i), grad_convs, grads);
+      if (!grad_unit.defined()) grad_unit = read_from.narrow(1, start, n);
+      unit.backward(unit.forward(b->of(pre, i), Tensor(), false), grad_unit, b->of(d1, i), grad_convs,
+                    grads);
     }
     // The block's first-GEMM gradients: dW = d1^T (state), then g += d1 W (Eq. 6).
     Tensor dw = b->single() ? layout.first_gemm(b->first, 0).of(grad_convs)
