@@ -40,9 +40,10 @@ mode so that any call may copy into them, contiguous unless the activation
 is contiguous or channels_last (the layout the eager op gives it). Layers
 whose parameters have been freed are dropped at the engine's next call (or
 :meth:`GraphReplay.stats`), those given new storage in place
-(``module.to()`` sets ``param.data``) when a new layer is seen, and :meth:`GraphReplay.clear` drops every graph at once (those a replay
-still runs, once it has run), so memory stays bounded by capacity x live
-layers x passes. A key seen for the first time is captured at
+(``module.to()`` sets ``param.data``) when a new layer is seen, and
+:meth:`GraphReplay.clear` drops every graph at once (those a replay still
+runs, once it has run), so memory stays bounded by capacity x live layers x
+passes. A key seen for the first time is captured at
 once (after one eager warm-up run on the static inputs, which compiles and
 tunes kernels outside the capture and gives the call its result); an evicted
 key seen again is captured again. A layer that recaptures more evicted keys in a
