@@ -401,8 +401,11 @@ struct Block {
 std::vector<Block> blocks_of(const ParameterLayout& layout, const Tensor& conv_weight) {
   std::vector<Block> blocks;
   const int64_t count = static_cast<int64_t>(layout.segments.size());
+  blocks.reserve(count);  // a call's allocations do not grow with the segments
   for (int64_t i = 0; i < count;) {
     Block b{i, i, layout.starts[i], layout.starts[i], {0}, {layout.starts[i]}, Tensor()};
+    b.offsets.reserve(kMaxBlockColumns + 1);
+    b.starts.reserve(kMaxBlockColumns + 1);
     do {
       b.end += layout.segments[b.last];
       b.offsets.push_back(b.offsets.back() + layout.first_gemm(b.last, 0).shape[0]);

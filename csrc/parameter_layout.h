@@ -14,6 +14,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/SmallVector.h>
 
 #include <optional>
 #include <vector>
@@ -23,10 +24,11 @@
 namespace gunn_ext {
 
 // `shape` stored at offset .. offset + numel() of a flat tensor; `row` is its
-// row in the table above.
+// row in the table above. Slots are made per segment and call: the shape is
+// held inline, not on the heap.
 struct Slot {
   int64_t offset;
-  std::vector<int64_t> shape;
+  c10::SmallVector<int64_t, 4> shape;
   int64_t row;
 
   int64_t numel() const {
@@ -53,6 +55,9 @@ class ParameterLayout {
     TORCH_CHECK_VALUE(!this->segments.empty(), "gunn_ext: segments must be a non-empty sequence of ints >= 1, got ",
                 segments);
     int64_t total = 0;
+    starts.reserve(this->segments.size());  // a call's allocations do not grow with the segments
+    unit_convs_.reserve(this->segments.size() + 1);
+    unit_norms_.reserve(this->segments.size() + 1);
     unit_convs_.push_back(0);
     unit_norms_.push_back(0);
     for (int64_t n : this->segments) {

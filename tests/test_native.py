@@ -1,6 +1,11 @@
 """The compiled ``native`` backend against the pure-PyTorch reference."""
 import collections
+import json
+import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -320,6 +325,60 @@ def test_small_units_run_whole_in_the_op_own_kernels(kind):
     more = calls[64] - calls[32]
     assert not more, f"per 32 segments more: {dict(more)}"
     assert calls[64]["aten::mm"] > 0  # the blocks' GEMMs are counted
+
+
+_COUNT_MALLOC = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stddef.h>
+static unsigned long long calls;
+static void* (*next_malloc)(size_t);
+unsigned long long malloc_calls(void) { return calls; }
+void* malloc(size_t size) {
+  if (!next_malloc) next_malloc = (void* (*)(size_t))dlsym(RTLD_NEXT, "malloc");
+  __atomic_add_fetch(&calls, 1, __ATOMIC_RELAXED);
+  return next_malloc(size);
+}
+"""
+
+_HEAP_CALLS = """
+import ctypes, json, sys, torch
+from conftest import make_layer
+calls = ctypes.CDLL(None).malloc_calls
+calls.restype = ctypes.c_ulonglong
+torch.set_num_threads(1)
+x = torch.randn(2, 64, 3, 3, dtype=torch.float64)
+counts = {}
+for p in (32, 64):
+    layer = make_layer(sys.argv[1], channels=64, segments=p, backend="native")
+    layer(x).sum().backward()
+    before = calls()
+    layer(x).sum().backward()
+    counts[p] = calls() - before
+print(json.dumps(counts))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or shutil.which("cc") is None,
+                    reason="counts malloc calls through an LD_PRELOAD library (Linux, a C compiler)")
+@pytest.mark.parametrize("kind", ["gunn", "sunn"])
+def test_a_segment_more_allocates_nothing(kind, tmp_path):
+    """On few rows a segment more makes no heap allocation in a training step
+    (forward and backward, the layer's host code, the op and its kernels):
+    the kernels' small scratch lives on the stack and a call's own
+    bookkeeping is sized once. malloc calls, counted in a process of their
+    own, at P = 32 and P = 64 of 64 channels."""
+    source, library = tmp_path / "count_malloc.c", tmp_path / "libcount_malloc.so"
+    source.write_text(_COUNT_MALLOC)
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", str(source), "-o", str(library), "-ldl"], check=True)
+    env = {**os.environ, "LD_PRELOAD": str(library),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", _HEAP_CALLS, kind], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    counts = {int(p): n for p, n in json.loads(run.stdout.strip().splitlines()[-1]).items()}
+    assert counts[32] > 0, counts  # the counter sees the process's allocations
+    assert counts[64] <= counts[32], f"malloc calls per step at P = 32 and P = 64: {counts}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

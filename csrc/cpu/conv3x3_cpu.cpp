@@ -23,7 +23,6 @@
 
 #include <algorithm>
 #include <utility>
-#include <vector>
 
 #include "fused_kernels_cpu.h"
 
@@ -51,11 +50,11 @@ struct PaddedImage {
 // The columns of a [rows, C] matrix (unit column stride) as C planes of a
 // PaddedImage, in the arithmetic type, zeros around each image.
 template <typename acc_t, typename scalar_t>
-std::vector<acc_t> padded_planes_of(const Mat& m, const ImageShape& s) {
+Scratch<acc_t> padded_planes_of(const Mat& m, const ImageShape& s) {
   const PaddedImage padded(s);
   const int64_t W = s.width, cols = m.cols, ld = m.ld;
   const scalar_t* p = m.ptr<scalar_t>();
-  std::vector<acc_t> planes(cols * padded.plane, acc_t(0));
+  Scratch<acc_t> planes(cols * padded.plane, acc_t(0));
   at::parallel_for(0, s.batch * s.height, task_grain(cols * W), [&](int64_t begin, int64_t end) {
     for (int64_t line = begin; line < end; ++line) {
       const int64_t b = line / s.height, h = line % s.height;
@@ -76,7 +75,7 @@ std::vector<acc_t> padded_planes_of(const Mat& m, const ImageShape& s) {
 // loop runs over every padded line of a task at once (the padding positions
 // computed along, and dropped). Parallel over padded lines.
 template <typename scalar_t, typename Tap>
-void correlate(const std::vector<at::opmath_type<scalar_t>>& in, int64_t a_n, int64_t b_n,
+void correlate(const Scratch<at::opmath_type<scalar_t>>& in, int64_t a_n, int64_t b_n,
                Tap tap, int sign, const ImageShape& s, const Mat& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const PaddedImage padded(s);
@@ -86,7 +85,7 @@ void correlate(const std::vector<at::opmath_type<scalar_t>>& in, int64_t a_n, in
   at::parallel_for(0, padded.lines, grain, [&](int64_t begin, int64_t end) {
     const auto [q0, q1] = padded.positions(begin, end);
     if (q0 >= q1) return;
-    std::vector<acc_t> acc(q1 - q0);
+    Scratch<acc_t> acc(q1 - q0);
     for (int64_t ob = 0; ob < b_n; ++ob) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t ia = 0; ia < a_n; ++ia) {
@@ -112,14 +111,14 @@ void correlate(const std::vector<at::opmath_type<scalar_t>>& in, int64_t a_n, in
 // zero off the images and x zero around them. Fixed chunks of padded lines,
 // each one dot per (co, ci, t), combined in chunk order in double.
 template <typename scalar_t>
-void weight_grad(const std::vector<at::opmath_type<scalar_t>>& dy,
-                 const std::vector<at::opmath_type<scalar_t>>& x, int64_t cout, int64_t cin,
+void weight_grad(const Scratch<at::opmath_type<scalar_t>>& dy,
+                 const Scratch<at::opmath_type<scalar_t>>& x, int64_t cout, int64_t cin,
                  const ImageShape& s, void* dw) {
   const PaddedImage padded(s);
   const int64_t size = cout * cin * 9;  // dw's layout: [co][ci][t]
   const int64_t chunks = sum_chunks(padded.lines, size * padded.width);
   const int64_t per_chunk = (padded.lines + chunks - 1) / chunks;
-  std::vector<double> partial(chunks * size, 0.0);
+  Scratch<double> partial(chunks * size, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const auto [q0, q1] = padded.positions(k * per_chunk, (k + 1) * per_chunk);
@@ -158,14 +157,14 @@ inline int64_t neighbour(int64_t p, int64_t t, int sign, const ImageShape& s) {
 // out[p, b] = sum_t sum_a in[p + sign d_t, a] w[t][a][b], pixel by pixel
 // along channels; `packed` holds w as 9 [a_n, b_n] matrices.
 template <typename scalar_t>
-void correlate_pixels(const Mat& in, const std::vector<at::opmath_type<scalar_t>>& packed,
+void correlate_pixels(const Mat& in, const Scratch<at::opmath_type<scalar_t>>& packed,
                       int64_t a_n, int64_t b_n, int sign, const ImageShape& s, const Mat& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rows = s.rows(), ldi = in.ld, ldo = out.ld;
   const scalar_t* pi = in.ptr<scalar_t>();
   scalar_t* po = out.ptr<scalar_t>();
   at::parallel_for(0, rows, task_grain(9 * a_n * b_n), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(b_n);
+    Scratch<acc_t> acc(b_n);
     for (int64_t p = begin; p < end; ++p) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t t = 0; t < 9; ++t) {
@@ -214,9 +213,9 @@ void weight_grad_pixels(const Mat& dy, const Mat& x, int64_t cout, int64_t cin,
 // w[co, ci, t] as 9 matrices [t][a][b]: [ci][co] (forward) or, transposed,
 // [co][ci] (input gradient).
 template <typename acc_t, typename scalar_t>
-std::vector<acc_t> packed_taps(const void* w, int64_t cout, int64_t cin, bool transposed) {
+Scratch<acc_t> packed_taps(const void* w, int64_t cout, int64_t cin, bool transposed) {
   const scalar_t* p = static_cast<const scalar_t*>(w);
-  std::vector<acc_t> packed(9 * cin * cout);
+  Scratch<acc_t> packed(9 * cin * cout);
   for (int64_t co = 0; co < cout; ++co)
     for (int64_t ci = 0; ci < cin; ++ci)
       for (int64_t t = 0; t < 9; ++t) {
@@ -228,9 +227,9 @@ std::vector<acc_t> packed_taps(const void* w, int64_t cout, int64_t cin, bool tr
 
 // w[co, ci, t] in the arithmetic type.
 template <typename acc_t, typename scalar_t>
-std::vector<acc_t> weights_of(const void* w, int64_t cout, int64_t cin) {
+Scratch<acc_t> weights_of(const void* w, int64_t cout, int64_t cin) {
   const scalar_t* p = static_cast<const scalar_t*>(w);
-  return std::vector<acc_t>(p, p + cout * cin * 9);
+  return Scratch<acc_t>(p, p + cout * cin * 9);
 }
 
 }  // namespace

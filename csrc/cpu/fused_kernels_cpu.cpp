@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <limits>
-#include <vector>
 
 #include "../bn_math.h"
 #include "fused_kernels_cpu.h"
@@ -19,13 +18,13 @@
 namespace gunn_ext {
 
 template <typename stat_t>
-static std::vector<BNChannel<double>> channels_of(const Norm& norm) {
+static Scratch<BNChannel<double>> channels_of(const Norm& norm) {
   const int64_t c = norm.length;
   const stat_t* mean = norm.data<stat_t>(norm.mean);
   const stat_t* var = norm.data<stat_t>(norm.var);
   const stat_t* weight = norm.data<stat_t>(norm.weight);
   const stat_t* bias = norm.data<stat_t>(norm.bias);
-  std::vector<BNChannel<double>> out(c);
+  Scratch<BNChannel<double>> out(c);
   for (int64_t j = 0; j < c; ++j) {
     // invstd in the statistics' own precision, as on the GPU.
     const stat_t invstd = bn_invstd<stat_t>(var[j], static_cast<stat_t>(norm.eps));
@@ -34,12 +33,12 @@ static std::vector<BNChannel<double>> channels_of(const Norm& norm) {
   return out;
 }
 
-std::vector<BNChannel<double>> norm_channels(const Norm& norm) {
+Scratch<BNChannel<double>> norm_channels(const Norm& norm) {
   return norm.mean.scalar_type() == at::kDouble ? channels_of<double>(norm)
                                                 : channels_of<float>(norm);
 }
 
-void store_stats(const Norm& run, const at::Tensor& t, const std::vector<double>& values,
+void store_stats(const Norm& run, const at::Tensor& t, const Scratch<double>& values,
                  int64_t from) {
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "store_stats", [&] {
     scalar_t* p = run.data<scalar_t>(t);
@@ -48,8 +47,8 @@ void store_stats(const Norm& run, const at::Tensor& t, const std::vector<double>
 }
 
 // The run of one of a Norm's tensors, read as doubles.
-static std::vector<double> as_doubles(const Norm& run, const at::Tensor& t) {
-  std::vector<double> out(run.length);
+static Scratch<double> as_doubles(const Norm& run, const at::Tensor& t) {
+  Scratch<double> out(run.length);
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "as_doubles", [&] {
     const scalar_t* p = run.data<scalar_t>(t);
     for (int64_t j = 0; j < run.length; ++j) out[j] = double(p[j]);
@@ -57,12 +56,12 @@ static std::vector<double> as_doubles(const Norm& run, const at::Tensor& t) {
   return out;
 }
 
-InputGradCoefficients input_grad_coefficients(const std::vector<BNChannel<double>>& ch,
+InputGradCoefficients input_grad_coefficients(const Scratch<BNChannel<double>>& ch,
                                               const Norm& grads, int64_t rows, bool training) {
   const int64_t cols = static_cast<int64_t>(ch.size());
   const auto s_dy = as_doubles(grads, grads.bias), s_dyx = as_doubles(grads, grads.weight);
-  InputGradCoefficients k{std::vector<double>(cols), std::vector<double>(cols),
-                          std::vector<double>(cols)};
+  InputGradCoefficients k{Scratch<double>(cols), Scratch<double>(cols),
+                          Scratch<double>(cols)};
   for (int64_t j = 0; j < cols; ++j) {
     const double mean_dy = training ? s_dy[j] / double(rows) : 0.0;
     const double mean_dy_xhat = training ? s_dyx[j] / double(rows) : 0.0;
@@ -80,8 +79,8 @@ void column_stats(const Mat& x, const Norm& stats) {
   const int64_t rows = x.rows, cols = x.cols, ld = x.ld;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.dtype, "column_stats", [&] {
     const scalar_t* px = x.ptr<scalar_t>();
-    std::vector<double> shift(px, px + cols);
-    std::vector<double> sums;
+    Scratch<double> shift(px, px + cols);
+    Scratch<double> sums;
     with_cols(cols, [&](auto C) {
       sums = column_sums(rows, 2 * cols, [&](int64_t r, double* acc) {
         const scalar_t* row = px + r * ld;
@@ -92,7 +91,7 @@ void column_stats(const Mat& x, const Norm& stats) {
         }
       });
     });
-    std::vector<double> mu(cols), sq(cols);
+    Scratch<double> mu(cols), sq(cols);
     for (int64_t j = 0; j < cols; ++j) {
       const double m = sums[j] / double(rows);
       mu[j] = shift[j] + m;
@@ -128,7 +127,7 @@ void bn_add(const Mat& out, bool accumulate, const Mat& x1, const Norm& norm1, c
   const int64_t ldo = out.ld, ld1 = x1.ld, ld2 = x2.ld;
   const auto ch1 = norm_channels(norm1);
   // The second term is bn2(x2), or x2 itself (scale 1, shift 0).
-  std::vector<BNChannel<double>> ch2(cols, BNChannel<double>{0.0, 1.0, 1.0, 0.0});
+  Scratch<BNChannel<double>> ch2(cols, BNChannel<double>{0.0, 1.0, 1.0, 0.0});
   if (norm2) ch2 = norm_channels(*norm2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.dtype, "bn_add", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -165,7 +164,7 @@ void bn_backward_reduce(const Mat& dy, const Mat& x, const Norm& norm, bool has_
     const scalar_t* px = x.ptr<scalar_t>();
     const scalar_t* pd = dy.ptr<scalar_t>();
     // sum(dy' * xhat) = invstd * (sum(dy' * x) - mean * sum(dy')), accumulated in double.
-    std::vector<double> sums;
+    Scratch<double> sums;
     with_cols(cols, [&](auto C) {
       sums = column_sums(rows, 2 * cols, [&](int64_t r, double* acc) {
         const scalar_t* xr = px + r * ldx;
@@ -194,7 +193,7 @@ void bn_backward_apply(const Mat& dy, const Mat& x, const Norm& norm, bool has_r
     using acc_t = at::opmath_type<scalar_t>;
     const Affine<acc_t> bn(ch);
     const acc_t *sc = bn.scale.data(), *sh = bn.shift.data();
-    const std::vector<acc_t> ka(a.begin(), a.end()), kb(b.begin(), b.end()), kc(c.begin(), c.end());
+    const Scratch<acc_t> ka(a.begin(), a.end()), kb(b.begin(), b.end()), kc(c.begin(), c.end());
     const scalar_t* px = x.ptr<scalar_t>();
     const scalar_t* pd = dy.ptr<scalar_t>();
     scalar_t* po = dx.ptr<scalar_t>();

@@ -3,13 +3,13 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
+#include <c10/util/SmallVector.h>
 
 #include <algorithm>
 
 #include <ATen/Parallel.h>
 
 #include <type_traits>
-#include <vector>
 
 #include "../bn_math.h"
 #include "../fused_kernels.h"
@@ -22,6 +22,12 @@ namespace gunn_ext {
 // workers spin between loops), about the time of 2k values; a pass over a
 // few channels of 2048 rows is then worth splitting.
 constexpr int64_t kTaskWork = int64_t(1) << 11;
+
+// The kernels' host scratch (per-channel coefficients, packed weights,
+// per-task sums): up to 1 KiB inline, so that the few values a narrow
+// segment needs take no heap allocation; larger ones go to the heap.
+template <typename T>
+using Scratch = c10::SmallVector<T, std::max<size_t>(1, 1024 / sizeof(T))>;
 
 // Items per parallel task, for items of `work_per_item` each.
 inline int64_t task_grain(int64_t work_per_item) {
@@ -53,17 +59,17 @@ inline int64_t sum_chunks(int64_t rows, int64_t work_per_row) {
 
 // Sums, for every column j, f(row pointer, acc) over all rows, in double.
 template <typename F>
-inline std::vector<double> column_sums(int64_t rows, int64_t width, F f) {
+inline Scratch<double> column_sums(int64_t rows, int64_t width, F f) {
   const int64_t chunks = sum_chunks(rows, 2 * width);
   const int64_t per_chunk = (rows + chunks - 1) / chunks;
-  std::vector<double> partial(chunks * width, 0.0);
+  Scratch<double> partial(chunks * width, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const int64_t r1 = std::min(rows, (k + 1) * per_chunk);
       for (int64_t r = k * per_chunk; r < r1; ++r) f(r, partial.data() + k * width);
     }
   });
-  std::vector<double> total(width, 0.0);
+  Scratch<double> total(width, 0.0);
   for (int64_t k = 0; k < chunks; ++k)
     for (int64_t j = 0; j < width; ++j) total[j] += partial[k * width + j];
   return total;
@@ -97,8 +103,8 @@ void each_row(int64_t rows, int64_t cols, F f) {
 // bn(x) = x * scale + shift, per channel, in the arithmetic type.
 template <typename acc_t>
 struct Affine {
-  std::vector<acc_t> scale, shift;
-  explicit Affine(const std::vector<BNChannel<double>>& ch) : scale(ch.size()), shift(ch.size()) {
+  Scratch<acc_t> scale, shift;
+  explicit Affine(const Scratch<BNChannel<double>>& ch) : scale(ch.size()), shift(ch.size()) {
     for (size_t j = 0; j < ch.size(); ++j) {
       scale[j] = acc_t(ch[j].scale());
       shift[j] = acc_t(ch[j].shift());
@@ -107,19 +113,19 @@ struct Affine {
 };
 
 // A norm's channels in double.
-std::vector<BNChannel<double>> norm_channels(const Norm& norm);
+Scratch<BNChannel<double>> norm_channels(const Norm& norm);
 
 // values[from, from + run.length) into the run of one of a Norm's tensors,
 // in its dtype (float or double).
-void store_stats(const Norm& run, const at::Tensor& t, const std::vector<double>& values,
+void store_stats(const Norm& run, const at::Tensor& t, const Scratch<double>& values,
                  int64_t from = 0);
 
 // BN backward's input gradient per column, dx = a dy' + b x + c (bn_math.h),
 // from the parameter gradients (dbias, dweight) in `grads`.
 struct InputGradCoefficients {
-  std::vector<double> a, b, c;
+  Scratch<double> a, b, c;
 };
-InputGradCoefficients input_grad_coefficients(const std::vector<BNChannel<double>>& ch,
+InputGradCoefficients input_grad_coefficients(const Scratch<BNChannel<double>>& ch,
                                               const Norm& grads, int64_t rows, bool training);
 
 // a dy' + b x + c; in eval (b = c = 0) a dy' alone, so that an infinite x

@@ -23,7 +23,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "fused_kernels_cpu.h"
 
@@ -51,11 +50,11 @@ struct Buffers {
 // out[r, o] = base[r, o] + sum_k in[k] w[o][k] for every row r, with w an
 // [O, K] matrix and in = input(r, buffer) row r's K inputs.
 template <typename scalar_t, typename acc_t, typename Input>
-void add_row_products(const Mat& base, const Mat& out, const std::vector<acc_t>& w, int64_t K,
+void add_row_products(const Mat& base, const Mat& out, const Scratch<acc_t>& w, int64_t K,
                       Input input) {
   const int64_t O = out.cols;
   at::parallel_for(0, out.rows, task_grain(K * O), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buffer(K);
+    Scratch<acc_t> buffer(K);
     for (int64_t r = begin; r < end; ++r) {
       const acc_t* in = input(r, buffer.data());
       const scalar_t* b = base.ptr<scalar_t>() + r * base.ld;
@@ -73,7 +72,7 @@ void add_own_columns(const SmallUnit& u, const Mat& pre1) {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t C = t.columns, F = pre1.cols;
     const scalar_t* pw = static_cast<const scalar_t*>(t.weight);
-    std::vector<acc_t> w(F * C);
+    Scratch<acc_t> w(F * C);
     for (int64_t f = 0; f < F; ++f)
       for (int64_t c = 0; c < C; ++c) w[f * C + c] = acc_t(pw[f * t.weight_ld + c]);
     const Mat updated = mat(t.updated, pre1.rows, C, u.dtype);
@@ -95,7 +94,7 @@ void add_later_terms(const SmallUnit& u, const Mat& grad_unit, const Mat& out) {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t L = t.later, n = out.cols;
     const scalar_t* pw = static_cast<const scalar_t*>(t.later_weight);
-    std::vector<acc_t> w(n * L);  // [o][f]
+    Scratch<acc_t> w(n * L);  // [o][f]
     for (int64_t f = 0; f < L; ++f)
       for (int64_t o = 0; o < n; ++o) w[o * L + f] = acc_t(pw[f * t.later_ld + o]);
     const Mat d1 = mat(t.later_d1, out.rows, L, u.dtype);
@@ -119,11 +118,11 @@ void bn_relu_matmul(const Mat& pre, const Norm& norm, const Mat& act, const void
     const Affine<acc_t> bn(ch);
     const scalar_t* pw = static_cast<const scalar_t*>(w);
     const bool dots = O < 4;
-    std::vector<acc_t> packed(K * O);  // [o][k] for dot products, else [k][o]
+    Scratch<acc_t> packed(K * O);  // [o][k] for dot products, else [k][o]
     for (int64_t k = 0; k < K; ++k)
       for (int64_t o = 0; o < O; ++o) packed[dots ? o * K + k : k * O + o] = acc_t(pw[o * K + k]);
     at::parallel_for(0, pre.rows, task_grain(K * O), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(O);
+      Scratch<acc_t> acc(O);
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* pr = pre.ptr<scalar_t>() + r * pre.ld;
         scalar_t* ar = act.ptr<scalar_t>() + r * act.ld;
@@ -161,10 +160,10 @@ void last_conv_backward(const SmallUnit& u, const Mat& g, const Buffers& tape, c
   const auto k3 = input_grad_coefficients(ch3, grads.bn3, rows, u.training);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.dtype, "unit_last_conv_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<acc_t> a3(k3.a.begin(), k3.a.end()), b3(k3.b.begin(), k3.b.end()),
+    const Scratch<acc_t> a3(k3.a.begin(), k3.a.end()), b3(k3.b.begin(), k3.b.end()),
         c3(k3.c.begin(), k3.c.end());
     const scalar_t* pw = static_cast<const scalar_t*>(u.conv3);
-    const std::vector<acc_t> w3(pw, pw + n * mid);  // [o][k]
+    const Scratch<acc_t> w3(pw, pw + n * mid);  // [o][k]
     const Affine<acc_t> bn2(ch2);
     const Mat &pre3 = tape.d, &act2 = tape.c, &pre2 = tape.b, &d3 = grad.d, &d_act2 = grad.a;
     // sums: dW3 [o][k], then bn2's sum(dy') and sum(dy' (x - mean)).
