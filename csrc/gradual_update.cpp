@@ -106,16 +106,13 @@ Tensor aligned_as_new(const Tensor& m) {
   return reinterpret_cast<uintptr_t>(m.data_ptr()) % c10::gAlignment == 0 ? m : m.clone();
 }
 
-// Columns from `from` on of a [rows, C] matrix, for the whole-unit kernels.
-UnitMatrix columns_of(const Tensor& m, int64_t from) {
-  return {static_cast<char*>(m.data_ptr()) + from * m.element_size(), m.stride(0)};
+// The address of m[row, col] of a 2-D tensor.
+char* element(const Tensor& m, int64_t row, int64_t col) {
+  return static_cast<char*>(m.data_ptr()) + (row * m.stride(0) + col * m.stride(1)) * m.element_size();
 }
 
-// The address of m[row, col] of a 2-D tensor.
-const void* element(const Tensor& m, int64_t row, int64_t col) {
-  return static_cast<const char*>(m.const_data_ptr()) +
-         (row * m.stride(0) + col * m.stride(1)) * m.element_size();
-}
+// Columns from `from` on of a [rows, C] matrix, for the whole-unit kernels.
+UnitMatrix columns_of(const Tensor& m, int64_t from) { return {element(m, 0, from), m.stride(0)}; }
 
 // A slot's values in a contiguous flat tensor.
 void* slot_data(const Tensor& flat, const Slot& slot) {
@@ -387,15 +384,14 @@ struct Block {
     const int64_t k = j - first;
     return t.narrow(dim, offsets[k], offsets[k + 1] - offsets[k]);
   }
-  // The columns (rows) of segments after j.
+  // The columns (rows) of segments after j: from later_start(j) on, later_rows(j) of them.
   Tensor after(const Tensor& t, int64_t j, int64_t dim = 1) const {
-    const int64_t from = offsets[j + 1 - first];
-    return t.narrow(dim, from, offsets.back() - from);
+    return t.narrow(dim, later_start(j), later_rows(j));
   }
-  // The same for the whole-unit kernels, without a view: segment j's columns
-  // of a [rows, F] block matrix, and how many rows of `weight` follow j's.
+  int64_t later_start(int64_t j) const { return offsets[j + 1 - first]; }
+  int64_t later_rows(int64_t j) const { return offsets.back() - later_start(j); }
+  // Segment j's columns of a [rows, F] block matrix, for the whole-unit kernels (no view).
   UnitMatrix columns(const Tensor& t, int64_t j) const { return columns_of(t, offsets[j - first]); }
-  int64_t later_rows(int64_t j) const { return offsets.back() - offsets[j + 1 - first]; }
 };
 
 std::vector<Block> blocks_of(const ParameterLayout& layout, const Tensor& conv_weight) {
@@ -517,11 +513,18 @@ void add_own_columns(BlockTerms& t, const Block& b, int64_t i, const ParameterLa
 // segments (columns of d1) and their weights on the segment's channels.
 void add_later_terms(BlockTerms& t, const Block& b, int64_t i, const ParameterLayout& layout,
                      const Tensor& d1) {
-  const int64_t from = b.offsets[i + 1 - b.first];
-  t.later_d1 = columns_of(d1, from);
+  t.later_d1 = columns_of(d1, b.later_start(i));
   t.later = b.later_rows(i);
-  t.later_weight = element(b.weight, from, layout.starts[i]);
+  t.later_weight = element(b.weight, b.later_start(i), layout.starts[i]);
   t.later_ld = b.weight.stride(0);
+}
+
+// dL/dU of segment i with the block's later terms added by the library:
+// g[:, c_i] + d1[:, later] W[later, c_i], a new [rows, n] matrix.
+Tensor later_terms(const Block& b, int64_t i, const ParameterLayout& layout, const Tensor& g,
+                   const Tensor& d1) {
+  const int64_t start = layout.starts[i], n = layout.segments[i];
+  return at::addmm(g.narrow(1, start, n), b.after(d1, i), b.after(b.weight, i, 0).narrow(1, start, n));
 }
 
 // dW_i[:, begin:start_i] += d1_i^T (y - x)[:, begin:start_i] for every
@@ -709,22 +712,21 @@ BackwardResult gradual_update_backward(const Tensor& grad_y, const Tensor& x, co
       const bool whole = unit.whole();
       const bool later_in_kernels = later && whole && small_terms(kernels, shape, b->later_rows(i), n);
       // dL/dU: grad's columns, or a new matrix with the later terms added by the library.
-      Tensor grad_unit;
-      if (later && !later_in_kernels) {
-        const Tensor weight = b->after(b->weight, i, 0).narrow(1, start, n);
-        grad_unit = at::addmm(read_from.narrow(1, start, n), b->after(d1, i), weight);
-      }
+      const bool library_terms = later && !later_in_kernels;
       if (whole) {  // raw pointers: no tensor, view or library call per segment
+        Tensor grad_unit;  // only where the library adds the later terms
+        if (library_terms) grad_unit = later_terms(*b, i, layout, read_from, d1);
         SmallUnit small = unit.small(b->columns(pre, i), buffers);
         if (in_kernels) add_own_columns(small.block, *b, i, layout, updated, original);
         if (later_in_kernels) add_later_terms(small.block, *b, i, layout, d1);
         kernels.unit_forward(small, false, UnitMatrix{});
-        kernels.unit_backward(small, grad_unit.defined() ? columns_of(grad_unit, 0) : columns_of(read_from, start),
-                              b->columns(d1, i), slot_data(grad_convs, layout.conv2(i, 0)),
+        const UnitMatrix g = library_terms ? columns_of(grad_unit, 0) : columns_of(read_from, start);
+        kernels.unit_backward(small, g, b->columns(d1, i), slot_data(grad_convs, layout.conv2(i, 0)),
                               slot_data(grad_convs, layout.conv3(i, 0)), unit.unit_norms(grads));
         continue;
       }
-      if (!grad_unit.defined()) grad_unit = read_from.narrow(1, start, n);
+      const Tensor grad_unit =
+          library_terms ? later_terms(*b, i, layout, read_from, d1) : read_from.narrow(1, start, n);
       unit.backward(unit.forward(b->of(pre, i), Tensor(), false), grad_unit, b->of(d1, i), grad_convs,
                     grads);
     }

@@ -293,21 +293,19 @@ _LIBRARY_CALLS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::convolution"
                   "aten::copy_", "aten::clone", "aten::add_", "aten::mul_", "aten::sub", "aten::cat")
 
 
-def _library_calls(layer, x, backward=True):
-    """Calls of each of _LIBRARY_CALLS in one forward (+ backward) of ``layer``."""
+def _aten_calls(layer, x, backward=True):
+    """Calls of each ATen op in one forward (+ backward) of ``layer``."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         y = layer(x)
         if backward:
             y.sum().backward()
-    counts = {e.key: e.count for e in prof.key_averages()}
-    return {key: counts.get(key, 0) for key in _LIBRARY_CALLS}
-
-
-def _aten_calls(layer, x):
-    """Calls of each ATen op in one forward + backward of ``layer``."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        layer(x).sum().backward()
     return collections.Counter({e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")})
+
+
+def _library_calls(layer, x, backward=True):
+    """Calls of each of _LIBRARY_CALLS in one forward (+ backward) of ``layer``."""
+    calls = _aten_calls(layer, x, backward)
+    return {key: calls[key] for key in _LIBRARY_CALLS}
 
 
 @pytest.mark.parametrize("kind", ["gunn", "sunn"])
